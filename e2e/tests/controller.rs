@@ -1,0 +1,340 @@
+//! The controller process against the real API server: Inventory status, Events, spec
+//! ownership, metrics, and leader election between replicas.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+use outrider::api::Inventory;
+
+use crate::support::*;
+
+fn ready_reason(inv: &Inventory) -> Option<(String, String)> {
+    let status = inv.status.as_ref()?;
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+async fn wait_ready(api: &Api<Inventory>, name: &str, status: &str, reason: &str) -> Inventory {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} Ready={status}/{reason}"),
+        || async {
+            let inv = api.get_opt(name).await.ok().flatten()?;
+            (ready_reason(&inv) == Some((status.into(), reason.into()))).then_some(inv)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn inventory_without_secret_turns_ready_when_the_secret_appears() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-secret");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let client = client().await;
+    let api: Api<Inventory> = Api::namespaced(client.clone(), &ns);
+
+    let out = kubectl_stdin(
+        &kc,
+        &["apply", "-f", "-"],
+        &inventory_yaml("fleet", &ns, "fleet-ssh", 3),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inv = wait_ready(&api, "fleet", "False", "SecretNotFound").await;
+    let status = inv.status.expect("status");
+    assert_eq!(status.hosts, 3);
+    assert_eq!(status.observed_generation, inv.metadata.generation);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert!(
+        ready.message.contains("fleet-ssh"),
+        "message should name the Secret: {}",
+        ready.message
+    );
+
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    eventually(
+        Duration::from_secs(30),
+        "a SecretNotFound Warning Event",
+        || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("SecretNotFound")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("fleet")
+                })
+                .map(|_| ())
+        },
+    )
+    .await;
+
+    // the controller watches Secrets: no restart, no resync wait
+    let out = kubectl_stdin(&kc, &["apply", "-f", "-"], &secret_yaml("fleet-ssh", &ns));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inv = wait_ready(&api, "fleet", "True", "Resolved").await;
+    let text = serde_json::to_string(&inv.status).expect("status json");
+    assert!(
+        !text.contains("not-a-real-key"),
+        "Secret data leaked into status: {text}"
+    );
+}
+
+#[tokio::test]
+async fn secret_missing_a_key_is_reported_as_secret_invalid() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-badsecret");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: only-key, namespace: {ns}}}\nstringData: {{ssh-privatekey: x}}\n"
+    );
+    assert!(
+        kubectl_stdin(&kc, &["apply", "-f", "-"], &secret)
+            .status
+            .success()
+    );
+    assert!(
+        kubectl_stdin(
+            &kc,
+            &["apply", "-f", "-"],
+            &inventory_yaml("fleet", &ns, "only-key", 1)
+        )
+        .status
+        .success()
+    );
+    let inv = wait_ready(&api, "fleet", "False", "SecretInvalid").await;
+    let msg = &inv.status.expect("status").conditions[0].message;
+    assert!(
+        msg.contains("known_hosts"),
+        "message should name the missing key: {msg}"
+    );
+}
+
+#[tokio::test]
+async fn controller_never_writes_spec_so_apply_and_diff_see_no_drift() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-drift");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    let manifest = format!(
+        "{}---\n{}",
+        secret_yaml("fleet-ssh", &ns),
+        inventory_yaml("fleet", &ns, "fleet-ssh", 5)
+    );
+    let out = kubectl_stdin(&kc, &["apply", "--server-side", "-f", "-"], &manifest);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = wait_ready(&api, "fleet", "True", "Resolved").await;
+
+    let out = kubectl_stdin(&kc, &["diff", "--server-side", "-f", "-"], &manifest);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "kubectl diff found drift:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = kubectl_stdin(&kc, &["apply", "--server-side", "-f", "-"], &manifest);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = api.get("fleet").await.expect("get");
+    assert_eq!(
+        before.metadata.generation, after.metadata.generation,
+        "re-apply changed the spec"
+    );
+    assert_eq!(
+        before.metadata.resource_version, after.metadata.resource_version,
+        "re-apply changed the object"
+    );
+    let managers: Vec<_> = after
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.manager.as_deref() == Some("outrider"))
+        .collect();
+    assert!(
+        !managers.is_empty(),
+        "status should be owned by field manager outrider"
+    );
+    for m in managers {
+        assert_eq!(
+            m.subresource.as_deref(),
+            Some("status"),
+            "outrider must only manage status: {m:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn metrics_endpoint_counts_inventory_reconciles() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-metrics");
+    let controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    assert!(
+        kubectl_stdin(
+            &kc,
+            &["apply", "-f", "-"],
+            &inventory_yaml("fleet", &ns, "none", 1)
+        )
+        .status
+        .success()
+    );
+    wait_ready(&api, "fleet", "False", "SecretNotFound").await;
+    let url = controller.metrics_url();
+    let body = eventually(
+        Duration::from_secs(30),
+        "reconcile counter on /metrics",
+        || async {
+            let body = http_get(&url).await?;
+            let n: f64 = body
+                .lines()
+                .find(|l| l.starts_with("outrider_reconciles_total{kind=\"Inventory\"}"))?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            (n >= 1.0).then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body.contains("outrider_reconcile_duration_seconds_bucket"),
+        "{body}"
+    );
+    assert!(body.contains("outrider_leader 1"), "{body}");
+    let health = http_get(&format!(
+        "http://127.0.0.1:{}/healthz",
+        controller.metrics_port
+    ))
+    .await;
+    assert_eq!(health.as_deref(), Some("ok"));
+    let ready = http_get(&format!(
+        "http://127.0.0.1:{}/readyz",
+        controller.metrics_port
+    ))
+    .await;
+    assert_eq!(ready.as_deref(), Some("ok"));
+}
+
+async fn lease_holder(api: &Api<Lease>, name: &str) -> Option<String> {
+    api.get_opt(name)
+        .await
+        .ok()
+        .flatten()?
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
+
+#[tokio::test]
+async fn one_leader_at_a_time_and_a_standby_takes_over_after_kill_9() {
+    const LEASE_SECS: u64 = 6;
+    let kc = kubeconfig();
+    let ns = namespace("leader");
+    let client = client().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let api: Api<Inventory> = Api::namespaced(client.clone(), &ns);
+    let extra = ["--lease-duration", "6"];
+    let a = ControllerProcess::start(&ns, "outrider-ha", "replica-a", &extra);
+    let b = ControllerProcess::start(&ns, "outrider-ha", "replica-b", &extra);
+
+    let first = eventually(Duration::from_secs(60), "a Lease holder", || {
+        lease_holder(&leases, "outrider-ha")
+    })
+    .await;
+    assert!(
+        first == "replica-a" || first == "replica-b",
+        "unexpected holder {first}"
+    );
+    // exactly one replica reports leadership, and it is the Lease holder
+    let (mut leader, standby) = if first == a.identity { (a, b) } else { (b, a) };
+    let leader_url = leader.metrics_url();
+    eventually(
+        Duration::from_secs(20),
+        "leader metric on the holder",
+        || async {
+            http_get(&leader_url)
+                .await
+                .filter(|m| m.contains("outrider_leader 1"))
+        },
+    )
+    .await;
+    let standby_url = standby.metrics_url();
+    let standby_metrics = eventually(Duration::from_secs(20), "standby metrics", || {
+        http_get(&standby_url)
+    })
+    .await;
+    assert!(
+        standby_metrics.contains("outrider_leader 0"),
+        "standby claims leadership:\n{standby_metrics}"
+    );
+    assert!(
+        !standby_metrics.contains("outrider_reconciles_total{kind=\"Inventory\"}"),
+        "standby reconciled"
+    );
+
+    assert!(
+        kubectl_stdin(
+            &kc,
+            &["apply", "-f", "-"],
+            &inventory_yaml("before", &ns, "none", 1)
+        )
+        .status
+        .success()
+    );
+    wait_ready(&api, "before", "False", "SecretNotFound").await;
+
+    leader.kill9();
+    let killed_at = Instant::now();
+    assert!(
+        kubectl_stdin(
+            &kc,
+            &["apply", "-f", "-"],
+            &inventory_yaml("after", &ns, "none", 1)
+        )
+        .status
+        .success()
+    );
+    let new_holder = eventually(
+        Duration::from_secs(LEASE_SECS + 30),
+        "a new Lease holder",
+        || async {
+            lease_holder(&leases, "outrider-ha")
+                .await
+                .filter(|h| *h == standby.identity)
+        },
+    )
+    .await;
+    wait_ready(&api, "after", "False", "SecretNotFound").await;
+    let took = killed_at.elapsed();
+    assert_eq!(new_holder, standby.identity);
+    assert!(
+        took <= Duration::from_secs(LEASE_SECS + 5),
+        "takeover took {took:?}, more than the Lease duration + 5s\nstandby log:\n{}",
+        standby.log_text()
+    );
+
+    // a graceful stop hands the Lease back at once instead of letting it expire
+    let mut standby = standby;
+    let code = standby.terminate();
+    assert!(
+        code.success(),
+        "SIGTERM exit: {code:?}\n{}",
+        standby.log_text()
+    );
+    eventually(Duration::from_secs(10), "the Lease released", || async {
+        lease_holder(&leases, "outrider-ha")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}

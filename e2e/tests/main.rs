@@ -1,0 +1,7 @@
+//! Cluster tests: a real etcd + kube-apiserver + controller-manager + scheduler + kwok,
+//! started on loopback by `e2e/cluster.sh`, with the `outrider` binary as the controller.
+
+mod api;
+mod chart;
+mod controller;
+mod support;

@@ -1,0 +1,322 @@
+//! Harness for the cluster tests: the real control plane from `e2e/cluster.sh`, kubectl
+//! from `e2e/bin`, and controller processes started from the built binary.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The admin kubeconfig of the test cluster, bringing the cluster up on first use.
+/// A missing tool fails the test with the command that provides it, never skips it.
+pub fn kubeconfig() -> PathBuf {
+    static UP: OnceLock<PathBuf> = OnceLock::new();
+    UP.get_or_init(|| {
+        let dir = std::env::var("OUTRIDER_CLUSTER_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo().join("e2e/.cluster"));
+        let out = Command::new(repo().join("e2e/cluster.sh"))
+            .arg("up")
+            .env("OUTRIDER_CLUSTER_DIR", &dir)
+            .output()
+            .expect("running e2e/cluster.sh (is bash installed?)");
+        assert!(
+            out.status.success(),
+            "e2e/cluster.sh up failed (build the tools with `make tools`):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = dir.join("kubeconfig");
+        assert!(
+            path.exists(),
+            "cluster.sh up did not write {}",
+            path.display()
+        );
+        // CRDs are installed once for all tests, from the checked-in crds/ (what users apply)
+        let out = kubectl(
+            &path,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=e2e",
+                "-f",
+                "crds/",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "installing crds/ failed: {}",
+            stderr(&out)
+        );
+        let names: Vec<String> = outrider::api::crds()
+            .iter()
+            .map(|c| format!("crd/{}", c.metadata.name.as_deref().unwrap_or_default()))
+            .collect();
+        let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+        args.extend(names.iter().map(String::as_str));
+        let out = kubectl(&path, &args);
+        assert!(
+            out.status.success(),
+            "CRDs not established: {}",
+            stderr(&out)
+        );
+        path
+    })
+    .clone()
+}
+
+pub async fn client() -> Client {
+    let path = kubeconfig();
+    let kc = Kubeconfig::read_from(&path).expect("reading the test kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("kube client")
+}
+
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new(repo().join("e2e/bin/kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("running e2e/bin/kubectl (run `make tools`)")
+}
+
+/// kubectl with a manifest on stdin.
+pub fn kubectl_stdin(kubeconfig: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(repo().join("e2e/bin/kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running e2e/bin/kubectl (run `make tools`)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("writing kubectl stdin");
+    child.wait_with_output().expect("kubectl output")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh namespace per test, so tests run in parallel without seeing each other.
+pub fn namespace(prefix: &str) -> String {
+    let ns = format!("{prefix}-{}", std::process::id() % 100_000);
+    let out = kubectl(&kubeconfig(), &["create", "namespace", &ns]);
+    assert!(
+        out.status.success() || stderr(&out).contains("AlreadyExists"),
+        "create ns: {}",
+        stderr(&out)
+    );
+    ns
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free loopback port")
+}
+
+/// A controller process started from the crate's binary; killed when dropped.
+pub struct ControllerProcess {
+    pub child: Child,
+    pub metrics_port: u16,
+    pub identity: String,
+    pub log: PathBuf,
+}
+
+impl ControllerProcess {
+    /// Starts `outrider controller` watching `namespace`, electing on `lease` in `namespace`.
+    pub fn start(namespace: &str, lease: &str, identity: &str, extra: &[&str]) -> Self {
+        Self::start_with(&kubeconfig(), namespace, namespace, lease, identity, extra)
+    }
+
+    /// Starts the controller with its own kubeconfig (e.g. a ServiceAccount's), watching
+    /// `namespace` and electing on `lease` in `lease_namespace`.
+    pub fn start_with(
+        kubeconfig: &Path,
+        namespace: &str,
+        lease_namespace: &str,
+        lease: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Self {
+        let metrics_port = free_port();
+        let log = repo().join(format!("target/e2e-logs/{namespace}-{identity}.log"));
+        std::fs::create_dir_all(log.parent().expect("log dir")).expect("log dir");
+        let file = std::fs::File::create(&log).expect("controller log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_outrider"))
+            .args([
+                "controller",
+                "--watch-namespace",
+                namespace,
+                "--lease-name",
+                lease,
+                "--lease-namespace",
+                lease_namespace,
+            ])
+            .args([
+                "--identity",
+                identity,
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,outrider=debug")
+            .stdout(Stdio::null())
+            .stderr(file.try_clone().expect("log fd"))
+            .spawn()
+            .expect("starting the outrider binary");
+        Self {
+            child,
+            metrics_port,
+            identity: identity.to_string(),
+            log,
+        }
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to release the Lease.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller did not exit within 30s of SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn http_get(url: &str) -> Option<String> {
+    let resp = reqwest::get(url).await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.text().await.ok()
+}
+
+/// An Inventory manifest with `hosts` hosts, using Secret `secret`.
+pub fn inventory_yaml(name: &str, namespace: &str, secret: &str, hosts: usize) -> String {
+    let mut y = format!(
+        "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  ssh:\n    user: deploy\n    secretRef: {{name: {secret}}}\n  hosts:\n"
+    );
+    for i in 0..hosts {
+        y.push_str(&format!(
+            "    - {{name: host-{i}, address: 127.0.10.{}, labels: {{role: web}}}}\n",
+            i + 1
+        ));
+    }
+    y
+}
+
+pub fn secret_yaml(name: &str, namespace: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\ntype: Opaque\nstringData:\n  ssh-privatekey: not-a-real-key\n  known_hosts: \"[127.0.10.1]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2QfZcD8P0yDGXk6vA9JbX9Qv6m3Q0YtW8cJ4t0Vn1Q\"\n"
+    )
+}
+
+/// helm from `e2e/bin` against the test cluster.
+pub fn helm(args: &[&str]) -> Output {
+    Command::new(repo().join("e2e/bin/helm"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("running e2e/bin/helm (run `make tools`)")
+}
+
+/// A kubeconfig that authenticates as ServiceAccount `sa` in `namespace` (a bound token),
+/// so a process runs with exactly the RBAC the chart grants.
+pub fn service_account_kubeconfig(namespace: &str, sa: &str) -> PathBuf {
+    let admin = kubeconfig();
+    let out = kubectl(
+        &admin,
+        &["create", "token", sa, "-n", namespace, "--duration=1h"],
+    );
+    assert!(out.status.success(), "create token: {}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    let text = std::fs::read_to_string(&admin).expect("admin kubeconfig");
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig yaml");
+    let users = config["users"].as_sequence_mut().expect("users");
+    users.truncate(1);
+    let mut user = serde_yaml::Mapping::new();
+    user.insert("token".into(), token.into());
+    users[0]["user"] = serde_yaml::Value::Mapping(user);
+    let path = repo().join(format!("target/e2e-logs/{namespace}-{sa}.kubeconfig"));
+    std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write kubeconfig");
+    path
+}

@@ -1,0 +1,103 @@
+//! Types every kind shares: target selection, references, durations and conditions.
+//!
+//! Validation lives in the schema (patterns, ranges, CEL) so the API server rejects a
+//! bad object with a message that names the field, before any controller sees it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Go-style duration accepted everywhere a spec says how long: `300ms`, `30s`, `5m`, `1h30m`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+/// DNS-1123 label: what host, stage, check and rule names must look like.
+pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// Byte size with an optional binary or decimal suffix: `1048576`, `1Mi`, `512Mi`, `2G`.
+pub const BYTE_SIZE_PATTERN: &str = r"^[0-9]+(Ki|Mi|Gi|Ti|k|K|M|G|T)?$";
+/// An IPv4 or IPv6 CIDR (or single address). The exact parse is re-checked by the engine.
+pub const CIDR_PATTERN: &str = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(/([0-9]|[12][0-9]|3[0-2]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))?)$";
+
+/// An `http://` or `https://` URL (sinks, HTTP probes). Reachability is the controller's to check.
+pub const URL_PATTERN: &str = r"^https?://[^\s]+$";
+
+/// CEL for an IntOrString that sizes a batch: an integer `>= 1` or a percentage `1%`..`100%`.
+pub const POSITIVE_INT_OR_PERCENT_RULE: &str =
+    "type(self) == int ? self >= 1 : self.matches('^([1-9][0-9]?|100)%$')";
+/// CEL for an IntOrString failure budget: an integer `>= 0` or a percentage `0%`..`100%`.
+pub const NON_NEGATIVE_INT_OR_PERCENT_RULE: &str =
+    "type(self) == int ? self >= 0 : self.matches('^([0-9]|[1-9][0-9]|100)%$')";
+
+/// A string duration validated by the schema (see [`DURATION_PATTERN`]).
+///
+/// Kept as the user wrote it so status and `kubectl get -o yaml` round-trip unchanged;
+/// [`DurationString::to_std`] parses it when the engine needs a value.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DurationString(pub String);
+
+impl DurationString {
+    /// Parses with Kubernetes' own `metav1.Duration` rules.
+    pub fn to_std(&self) -> Result<std::time::Duration, kube::core::duration::ParseError> {
+        let d: kube::core::Duration = self.0.parse()?;
+        Ok(d.into())
+    }
+}
+
+impl From<&str> for DurationString {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl JsonSchema for DurationString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "DurationString".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "maxLength": 32,
+            "description": "a duration such as 300ms, 30s, 5m or 1h30m",
+        })
+    }
+}
+
+/// A reference to an object of a known kind in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct LocalObjectReference {
+    /// Name of the object, in the namespace of the referring resource.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Which Inventory hosts a resource acts on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Targets {
+    /// The Inventory that lists the hosts and how to reach them.
+    pub inventory_ref: LocalObjectReference,
+    /// Optional label selector over the Inventory's hosts; all hosts when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// Schema for a `conditions` field: standard `metav1.Condition`s as a list keyed by `type`,
+/// so server-side apply merges them by type instead of replacing the list.
+pub fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema.insert("maxItems".into(), 16.into());
+    schema
+}
+
+/// Fields every status carries.
+pub trait HasConditions {
+    fn conditions(&self) -> &[Condition];
+}

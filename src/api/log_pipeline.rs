@@ -1,0 +1,404 @@
+//! `LogPipeline`: what the node agent (a DaemonSet) tails, how it parses and enriches the
+//! records, and where it ships them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    BYTE_SIZE_PATTERN, DNS1123_LABEL_PATTERN, DurationString, LocalObjectReference, URL_PATTERN,
+    conditions_schema,
+};
+
+/// Log shipping from node files to Loki, Elasticsearch, HTTP or files, with no silent loss:
+/// when a sink is down the agent buffers, then blocks, and resumes from its checkpoint.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "outrider.dev",
+    version = "v1alpha1",
+    kind = "LogPipeline",
+    plural = "logpipelines",
+    namespaced,
+    status = "LogPipelineStatus",
+    shortname = "lp",
+    category = "outrider",
+    doc = "Node log shipping: files tailed, parsed and enriched by the node agent and shipped to sinks",
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.nodes.desired"
+    ),
+    printcolumn(
+        name = "Nodes-Ready",
+        type_ = "integer",
+        json_path = ".status.nodes.ready"
+    ),
+    printcolumn(
+        name = "Updated",
+        type_ = "integer",
+        json_path = ".status.nodes.updated"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LogPipelineSpec {
+    /// Nodes whose agent runs this pipeline; every node when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// Files to tail. Names are unique.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
+    pub inputs: Vec<Input>,
+    /// Fields added to every record (values may not be overridden by the log line).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = {"type": "string", "maxLength": 1024}
+    ))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 63 && k.matches('^[A-Za-z_][A-Za-z0-9_.]*$'))")
+        .message("field names must match [A-Za-z_][A-Za-z0-9_.]* (at most 63 characters)"))]
+    pub fields: BTreeMap<String, String>,
+    /// Filters applied in order; a record must pass every one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub filters: Vec<Filter>,
+    /// Sinks; every record goes to every output. Names are unique.
+    #[schemars(length(min = 1, max = 8))]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
+    pub outputs: Vec<Output>,
+    /// Batching and buffering towards the outputs.
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// Files tailed on each node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("self.parser != 'regex' || has(self.pattern)")
+        .message("pattern is required when parser is regex")
+        .field_path(".pattern"),
+    validation = Rule::new("!has(self.pattern) || self.parser == 'regex'")
+        .message("pattern is only used with parser regex")
+        .field_path(".pattern"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Input {
+    /// Unique name (DNS-1123 label); recorded as the `input` field and in metrics.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
+    pub name: String,
+    /// Absolute paths or globs (`/var/log/app/*.log`) on the node.
+    #[schemars(
+        length(min = 1, max = 32),
+        inner(length(min = 1, max = 1024), regex(pattern = r"^/"))
+    )]
+    pub paths: Vec<String>,
+    /// File name globs skipped even when a path matches (`*.gz`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
+    pub exclude: Vec<String>,
+    /// Joins continuation lines (stack traces) to the line that starts a record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiline: Option<Multiline>,
+    /// How a line becomes fields.
+    #[serde(default)]
+    pub parser: Parser,
+    /// Regular expression with named groups, for `parser: regex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub pattern: Option<String>,
+}
+
+/// Multiline joining.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Multiline {
+    /// Regular expression matching the first line of a record.
+    #[schemars(length(min = 1, max = 1024))]
+    pub start_pattern: String,
+    /// A pending record is emitted when no line followed for this long.
+    #[serde(default = "default_flush_timeout")]
+    pub flush_timeout: DurationString,
+}
+
+fn default_flush_timeout() -> DurationString {
+    DurationString("1s".into())
+}
+
+/// Line parser.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Parser {
+    /// The line is the `message` field.
+    #[default]
+    None,
+    /// The line is a JSON object; its keys become fields (`message` when not JSON).
+    Json,
+    /// `pattern`'s named groups become fields.
+    Regex,
+    /// Container runtime (CRI) log format; partial lines are joined.
+    Cri,
+}
+
+/// A filter: exactly one of include or exclude.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.include) != has(self.exclude)")
+    .message("exactly one of include or exclude must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct Filter {
+    /// Keep only records that match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<RecordMatch>,
+    /// Drop records that match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<RecordMatch>,
+}
+
+/// A regular expression tested against one field.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordMatch {
+    /// Field tested; the `message` field when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub field: Option<String>,
+    /// Regular expression (unanchored).
+    #[schemars(length(min = 1, max = 1024))]
+    pub pattern: String,
+}
+
+/// A sink: exactly one of loki, elasticsearch, http, file or stdout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("[has(self.loki), has(self.elasticsearch), has(self.http), has(self.file), has(self.stdout)].exists_one(x, x)")
+    .message("exactly one of loki, elasticsearch, http, file or stdout must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct Output {
+    /// Unique name (DNS-1123 label); used in metrics and checkpoints.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
+    pub name: String,
+    /// Grafana Loki push API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loki: Option<LokiSink>,
+    /// Elasticsearch bulk API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elasticsearch: Option<ElasticsearchSink>,
+    /// Generic HTTP POST of newline-delimited JSON records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSink>,
+    /// Appends newline-delimited JSON records to a file on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileSink>,
+    /// Writes newline-delimited JSON records to the agent's stdout (debugging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<StdoutSink>,
+}
+
+/// Loki sink.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LokiSink {
+    /// Base URL (`/loki/api/v1/push` is appended).
+    #[schemars(length(min = 1, max = 2048), regex(pattern = URL_PATTERN))]
+    pub url: String,
+    /// Stream labels; values may use `{{field}}` templates (`{{node}}`, `{{service}}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 16,
+        "additionalProperties" = {"type": "string", "maxLength": 256}
+    ))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 63 && k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+        .message("label names must match [A-Za-z_][A-Za-z0-9_]* (at most 63 characters)"))]
+    pub labels: BTreeMap<String, String>,
+    /// Tenant sent as `X-Scope-OrgID` (multi-tenant Loki).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub tenant_id: Option<String>,
+    /// Secret with `username` and `password` (basic auth) or `token` (bearer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+}
+
+/// Elasticsearch sink.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticsearchSink {
+    /// Base URL (`/_bulk` is appended).
+    #[schemars(length(min = 1, max = 2048), regex(pattern = URL_PATTERN))]
+    pub url: String,
+    /// Index (or data stream) written to.
+    #[schemars(
+        length(min = 1, max = 255),
+        regex(pattern = r"^[a-z0-9][a-z0-9._+-]*$")
+    )]
+    pub index: String,
+    /// Secret with `username` and `password` (basic auth) or `apiKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+}
+
+/// Generic HTTP sink.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSink {
+    /// URL that receives each batch as a POST of `application/x-ndjson`.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = URL_PATTERN))]
+    pub url: String,
+    /// Secret with `username` and `password` (basic auth) or `token` (bearer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+}
+
+/// File sink.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileSink {
+    /// Absolute path on the node.
+    #[schemars(length(min = 2, max = 1024), regex(pattern = r"^/"))]
+    pub path: String,
+}
+
+/// Stdout sink; takes no settings (`stdout: {}`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct StdoutSink {}
+
+/// Batching and buffering.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// When a batch is sent: whichever limit is reached first.
+    #[serde(default)]
+    pub batch: BatchSettings,
+    /// Records waiting for the outputs.
+    #[serde(default)]
+    pub buffer: BufferSettings,
+}
+
+/// Batch limits.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSettings {
+    /// Most records per batch.
+    #[serde(default = "default_max_events")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_events: u32,
+    /// Most bytes per batch (`1Mi`).
+    #[serde(default = "default_max_bytes")]
+    #[schemars(length(min = 1, max = 16), regex(pattern = BYTE_SIZE_PATTERN))]
+    pub max_bytes: String,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "default_max_wait")]
+    pub max_wait: DurationString,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_events: default_max_events(),
+            max_bytes: default_max_bytes(),
+            max_wait: default_max_wait(),
+        }
+    }
+}
+
+fn default_max_events() -> u32 {
+    1000
+}
+
+fn default_max_bytes() -> String {
+    "1Mi".into()
+}
+
+fn default_max_wait() -> DurationString {
+    DurationString("1s".into())
+}
+
+/// Buffer between the readers and the outputs. When full, reading pauses (backpressure);
+/// records are never dropped silently.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BufferSettings {
+    /// Where buffered records live.
+    #[serde(default, rename = "type")]
+    pub type_: BufferType,
+    /// Buffer capacity (`512Mi`).
+    #[serde(default = "default_buffer_size")]
+    #[schemars(length(min = 1, max = 16), regex(pattern = BYTE_SIZE_PATTERN))]
+    pub max_size: String,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        Self {
+            type_: BufferType::default(),
+            max_size: default_buffer_size(),
+        }
+    }
+}
+
+fn default_buffer_size() -> String {
+    "64Mi".into()
+}
+
+/// Buffer medium.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BufferType {
+    /// In the agent's memory: lost on agent restart, re-read from the checkpoint.
+    #[default]
+    Memory,
+    /// On the node's disk under the agent's state directory: survives restarts.
+    Disk,
+}
+
+/// Rollout state of the pipeline on the nodes. Written by the controller only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogPipelineStatus {
+    /// `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `sha256:<hex>` of the rendered agent configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 80))]
+    pub config_hash: Option<String>,
+    /// Agent nodes per state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodeCounts>,
+    /// Ready (every selected node ships with the current configuration), Progressing and
+    /// Degraded (an output is failing).
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Agent nodes per state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    /// Nodes selected by `nodeSelector` that run an agent.
+    #[serde(default)]
+    pub desired: u32,
+    /// Agents shipping without errors.
+    #[serde(default)]
+    pub ready: u32,
+    /// Agents running the configuration with the current `configHash`.
+    #[serde(default)]
+    pub updated: u32,
+}

@@ -1,0 +1,96 @@
+//! Checks on an inventory that no schema can express and that must hold wherever an
+//! inventory comes from (the API server, or a file given to `outrider plan run`).
+
+use std::collections::HashSet;
+
+/// Secret key holding the SSH private key (the `kubernetes.io/ssh-auth` convention).
+pub const KEY_PRIVATE_KEY: &str = "ssh-privatekey";
+/// Secret key holding the `known_hosts` lines hosts are verified against.
+pub const KEY_KNOWN_HOSTS: &str = "known_hosts";
+/// Optional Secret key with the private key's passphrase.
+pub const KEY_PASSPHRASE: &str = "passphrase";
+
+/// Why an inventory cannot be used as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InventoryProblem {
+    #[error("host name {0:?} is listed more than once; host names must be unique")]
+    DuplicateHost(String),
+    #[error("the inventory lists no hosts")]
+    NoHosts,
+}
+
+/// Why the credentials Secret cannot be used. Messages name keys, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretProblem {
+    #[error("Secret {0:?} has no key {1:?}")]
+    MissingKey(String, &'static str),
+    #[error("Secret {0:?} key {1:?} is empty")]
+    EmptyKey(String, &'static str),
+}
+
+/// Rejects duplicate or missing host names.
+pub fn check_hosts<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<usize, InventoryProblem> {
+    let mut seen = HashSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            return Err(InventoryProblem::DuplicateHost(name.to_string()));
+        }
+    }
+    if seen.is_empty() {
+        return Err(InventoryProblem::NoHosts);
+    }
+    Ok(seen.len())
+}
+
+/// Checks that the Secret carries what SSH needs: a private key always, and `known_hosts`
+/// unless unknown hosts may be trusted on first use. `lookup` returns a key's value length.
+pub fn check_secret(
+    secret_name: &str,
+    strict_host_keys: bool,
+    lookup: impl Fn(&str) -> Option<usize>,
+) -> Result<(), SecretProblem> {
+    let mut required = vec![KEY_PRIVATE_KEY];
+    if strict_host_keys {
+        required.push(KEY_KNOWN_HOSTS);
+    }
+    for key in required {
+        match lookup(key) {
+            None => return Err(SecretProblem::MissingKey(secret_name.to_string(), key)),
+            Some(0) => return Err(SecretProblem::EmptyKey(secret_name.to_string(), key)),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_host_names_are_rejected_by_name() {
+        assert_eq!(
+            check_hosts(["web-1", "web-2", "web-1"]),
+            Err(InventoryProblem::DuplicateHost("web-1".into()))
+        );
+        assert_eq!(check_hosts(["web-1", "web-2"]), Ok(2));
+        assert_eq!(check_hosts([]), Err(InventoryProblem::NoHosts));
+    }
+
+    #[test]
+    fn strict_policy_needs_known_hosts_accept_new_does_not() {
+        let only_key = |k: &str| (k == KEY_PRIVATE_KEY).then_some(10);
+        assert_eq!(
+            check_secret("s", true, only_key),
+            Err(SecretProblem::MissingKey("s".into(), KEY_KNOWN_HOSTS))
+        );
+        assert_eq!(check_secret("s", false, only_key), Ok(()));
+        let empty_key = |k: &str| (k == KEY_PRIVATE_KEY).then_some(0);
+        assert_eq!(
+            check_secret("s", false, empty_key),
+            Err(SecretProblem::EmptyKey("s".into(), KEY_PRIVATE_KEY))
+        );
+    }
+}

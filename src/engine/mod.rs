@@ -1,0 +1,5 @@
+//! The operations themselves, independent of Kubernetes: plain Rust values in, results out,
+//! so the controller, `outrider plan run` and the tests share one implementation.
+//! Nothing here imports `kube`.
+
+pub mod inventory;

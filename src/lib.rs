@@ -1,0 +1,8 @@
+//! Outrider: a Kubernetes operator for day-2 operations on machines outside the cluster.
+//!
+//! Layers (data flows one way): [`api`] → [`controller`] → [`engine`] → transports.
+
+pub mod api;
+pub mod controller;
+pub mod engine;
+pub mod telemetry;

@@ -1,0 +1,188 @@
+//! The `outrider` binary: one executable, several roles.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use outrider::controller::{self, Context, leader};
+use outrider::telemetry::{self, LogFormat, Metrics, Readiness};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "outrider",
+    version,
+    about = "Day-2 operations on machines outside the cluster, from Kubernetes"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTRIDER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print every CustomResourceDefinition as multi-document YAML (what crds/ holds).
+    Crd,
+    /// Run the operator.
+    Controller(ControllerArgs),
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "OUTRIDER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(long, env = "OUTRIDER_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Elect a leader among replicas on a Lease; disable only for a single local process.
+    #[arg(long, env = "OUTRIDER_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader election Lease.
+    #[arg(
+        long,
+        env = "OUTRIDER_LEASE_NAME",
+        default_value = "outrider-controller"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease (the pod's namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a leader holds the Lease without renewing it.
+    #[arg(long, env = "OUTRIDER_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Unique identity of this replica (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!(
+                "{}",
+                outrider::api::crds_yaml().context("rendering the CRDs")?
+            );
+            Ok(())
+        }
+        Command::Controller(args) => {
+            // kube's TLS uses rustls; exactly one crypto provider must be installed before
+            // the first TLS connection, or a second provider pulled in later would panic.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            telemetry::init_tracing(cli.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run_controller(args))
+        }
+    }
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("loading Kubernetes client configuration")?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let ready = Readiness::default();
+    let (addr, server) =
+        telemetry::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    tracing::info!(%addr, "serving /metrics /healthz /readyz");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+
+    client
+        .apiserver_version()
+        .await
+        .context("reaching the Kubernetes API server")?;
+    ready.set(true);
+
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        Some(identity.clone()),
+        args.watch_namespace,
+    ));
+
+    if !args.leader_elect {
+        controller::run(ctx, shutdown).await;
+        return Ok(());
+    }
+    let config = leader::LeaderConfig {
+        lease_name: args.lease_name,
+        namespace: args.lease_namespace,
+        identity: identity.clone(),
+        duration_secs: args.lease_duration.max(2),
+        grace_secs: (args.lease_duration / 3).max(1),
+    };
+    tracing::info!(%identity, lease = %config.lease_name, "waiting for leadership");
+    let Some(mut leadership) = leader::acquire(client, &config, &shutdown).await? else {
+        tracing::info!("shut down before becoming leader");
+        return Ok(());
+    };
+    tracing::info!(%identity, "became leader");
+    metrics.leader.set(1);
+    let stop = shutdown.child_token();
+    let lost = tokio::select! {
+        _ = controller::run(ctx, stop.clone()) => false,
+        _ = leadership.lost() => true,
+    };
+    if lost {
+        // Another replica may already be reconciling: stop at once and let the pod restart
+        // as a candidate, rather than race it.
+        metrics.leader.set(0);
+        anyhow::bail!(
+            "lost the leader Lease {}; exiting so a fresh candidate can rejoin",
+            config.lease_name
+        );
+    }
+    metrics.leader.set(0);
+    leadership.release().await?;
+    tracing::info!("released leadership, bye");
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrider".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight reconciles");
+    shutdown.cancel();
+}

@@ -1,0 +1,259 @@
+//! Logs, metrics and the health endpoints every role serves.
+//!
+//! One [`Metrics`] registry is built in `main` and shared; `/metrics`, `/healthz` and
+//! `/readyz` are served from [`serve`] on the address the operator configures.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Installs the global tracing subscriber; `RUST_LOG` overrides the default filter.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,kube_lease_manager=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Labels of per-kind metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Labels of error metrics: the kind and a short static category (never user data).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+    pub category: String,
+}
+
+/// The operator's metrics. Cheap to clone: every family is reference-counted.
+#[derive(Clone)]
+pub struct Metrics {
+    pub reconciles: Family<KindLabel, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Family<KindLabel, Histogram>,
+    pub queue_depth: Family<KindLabel, Gauge>,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `outrider` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+            }),
+            queue_depth: Family::default(),
+            leader: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("outrider");
+        r.register(
+            "reconciles",
+            "Reconciles started, per kind",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconciles that failed, per kind and error category",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile, per kind",
+            m.reconcile_duration.clone(),
+        );
+        r.register(
+            "reconcile_queue_depth",
+            "Objects changed but not yet reconciled, per kind",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
+        m
+    }
+
+    /// Counts a reconcile and returns a guard that records its duration when dropped,
+    /// so no early return can forget to.
+    pub fn reconcile_started(&self, kind: &str) -> ReconcileTimer {
+        let label = KindLabel {
+            kind: kind.to_string(),
+        };
+        self.reconciles.get_or_create(&label).inc();
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.reconcile_duration.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Counts a failed reconcile under a static category.
+    pub fn reconcile_failed(&self, kind: &str, category: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels {
+                kind: kind.to_string(),
+                category: category.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Records a reconcile's duration on drop.
+pub struct ReconcileTimer {
+    start: Instant,
+    histogram: Histogram,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Readiness shared between the process and `/readyz`.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    ready: Readiness,
+}
+
+/// Errors of the health/metrics server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Binds `addr` and returns the bound address plus the server future, so callers (and
+/// tests using port 0) learn the real port before serving starts.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Readiness,
+) -> Result<(SocketAddr, impl Future<Output = Result<(), ServeError>>), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { registry, ready });
+    Ok((local, async move {
+        axum::serve(listener, app).await.map_err(ServeError::Serve)
+    }))
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics failed: {e}"),
+        ),
+    }
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.ready.get() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_timer_records_one_observation_per_reconcile() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        {
+            let _t = metrics.reconcile_started("Inventory");
+        }
+        metrics.reconcile_failed("Inventory", "secret");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains(r#"outrider_reconciles_total{kind="Inventory"} 1"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"outrider_reconcile_duration_seconds_count{kind="Inventory"} 1"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"outrider_reconcile_errors_total{kind="Inventory",category="secret"} 1"#
+            ),
+            "{out}"
+        );
+    }
+}
