@@ -5,4 +5,6 @@
 pub mod api;
 pub mod controller;
 pub mod engine;
+pub mod ssh;
+pub mod targets;
 pub mod telemetry;

@@ -13,10 +13,12 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
     let kc = kubeconfig();
     let release_ns = namespace("chart");
     let watched = namespace("chart-watched");
+    // cluster-scoped names (ClusterRole) carry the release name: unique per run
+    let release = format!("outrider-{}", std::process::id() % 100_000);
     let out = helm(&[
         "upgrade",
         "--install",
-        "outrider",
+        &release,
         "charts/outrider",
         "-n",
         &release_ns,
@@ -37,7 +39,7 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
         &[
             "get",
             "deploy",
-            "outrider",
+            &release,
             "-n",
             &release_ns,
             "-o",
@@ -53,7 +55,7 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
 
     // the chart's pods run on kwok's simulated nodes, so run the same binary locally with the
     // chart's ServiceAccount: anything its RBAC lacks fails here
-    let sa_config = service_account_kubeconfig(&release_ns, "outrider");
+    let sa_config = service_account_kubeconfig(&release_ns, &release);
     let controller =
         ControllerProcess::start_with(&sa_config, &watched, &release_ns, "outrider-sa", "sa", &[]);
     let manifest = format!(
@@ -83,6 +85,6 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
         "the controller hit RBAC denials:\n{log}"
     );
 
-    let out = helm(&["uninstall", "outrider", "-n", &release_ns, "--wait"]);
+    let out = helm(&["uninstall", &release, "-n", &release_ns, "--wait"]);
     assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
 }

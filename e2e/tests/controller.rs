@@ -79,10 +79,11 @@ async fn inventory_without_secret_turns_ready_when_the_secret_appears() {
     // the controller watches Secrets: no restart, no resync wait
     let out = kubectl_stdin(&kc, &["apply", "-f", "-"], &secret_yaml("fleet-ssh", &ns));
     assert!(out.status.success(), "{}", stderr(&out));
-    let inv = wait_ready(&api, "fleet", "True", "Resolved").await;
+    let inv = wait_ready(&api, "fleet", "True", "AllReachable").await;
+    assert_eq!(inv.status.as_ref().and_then(|s| s.reachable), Some(3));
     let text = serde_json::to_string(&inv.status).expect("status json");
     assert!(
-        !text.contains("not-a-real-key"),
+        !text.contains("PRIVATE KEY"),
         "Secret data leaked into status: {text}"
     );
 }
@@ -131,7 +132,7 @@ async fn controller_never_writes_spec_so_apply_and_diff_see_no_drift() {
     );
     let out = kubectl_stdin(&kc, &["apply", "--server-side", "-f", "-"], &manifest);
     assert!(out.status.success(), "{}", stderr(&out));
-    let before = wait_ready(&api, "fleet", "True", "Resolved").await;
+    let before = wait_ready(&api, "fleet", "True", "AllReachable").await;
 
     let out = kubectl_stdin(&kc, &["diff", "--server-side", "-f", "-"], &manifest);
     assert_eq!(
@@ -170,6 +171,84 @@ async fn controller_never_writes_spec_so_apply_and_diff_see_no_drift() {
             "outrider must only manage status: {m:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_host_on_a_closed_port_is_listed_unreachable_and_the_rest_count_as_reachable() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-reach");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // five hosts on the real sshd, the sixth on a loopback port nothing listens on
+    let inventory = format!(
+        "{}    - {{name: down, address: 127.0.0.1, port: {closed}}}\n",
+        inventory_yaml("fleet", &ns, "fleet-ssh", 5)
+    );
+    let manifest = format!("{}---\n{}", secret_yaml("fleet-ssh", &ns), inventory);
+    let out = kubectl_stdin(&kc, &["apply", "-f", "-"], &manifest);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inv = wait_ready(&api, "fleet", "False", "HostsUnreachable").await;
+    let status = inv.status.expect("status");
+    assert_eq!((status.hosts, status.reachable), (6, Some(5)));
+    assert_eq!(status.unreachable.len(), 1, "{:?}", status.unreachable);
+    assert_eq!(status.unreachable[0].host, "down");
+    assert_eq!(status.unreachable[0].reason, "Unreachable");
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert!(
+        ready
+            .message
+            .contains("1 of 6 hosts unreachable: down (Unreachable)"),
+        "{}",
+        ready.message
+    );
+}
+
+#[tokio::test]
+async fn accept_new_records_and_then_pins_first_seen_host_keys() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-tofu");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    // a Secret with the key but no known_hosts: only AcceptNew can work
+    let key: String = hosts()
+        .private_key
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: key-only, namespace: {ns}}}\nstringData:\n  ssh-privatekey: |\n{key}"
+    );
+    let inventory = inventory_yaml("fleet", &ns, "key-only", 2).replace(
+        "    user: root\n",
+        "    user: root\n    hostKeyPolicy: AcceptNew\n",
+    );
+    let out = kubectl_stdin(
+        &kc,
+        &["apply", "-f", "-"],
+        &format!("{secret}---\n{inventory}"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inv = wait_ready(&api, "fleet", "True", "AllReachable").await;
+    let accepted = inv.status.expect("status").accepted_host_keys;
+    assert_eq!(
+        accepted.iter().map(|k| k.host.as_str()).collect::<Vec<_>>(),
+        ["host-0", "host-1"]
+    );
+    assert!(
+        accepted
+            .iter()
+            .all(|k| k.fingerprint.starts_with("SHA256:")),
+        "{accepted:?}"
+    );
 }
 
 #[tokio::test]

@@ -4,4 +4,6 @@
 mod api;
 mod chart;
 mod controller;
+#[path = "../../tests/support/sshd.rs"]
+mod sshd;
 mod support;

@@ -267,23 +267,63 @@ pub async fn http_get(url: &str) -> Option<String> {
     resp.text().await.ok()
 }
 
-/// An Inventory manifest with `hosts` hosts, using Secret `secret`.
+/// One real sshd for all cluster tests (it answers on every 127.x address) and a user key
+/// it accepts for root.
+pub struct TestHosts {
+    pub server: crate::sshd::Sshd,
+    pub private_key: String,
+    _keys: tempfile::TempDir,
+}
+
+pub fn hosts() -> &'static TestHosts {
+    static HOSTS: OnceLock<TestHosts> = OnceLock::new();
+    HOSTS.get_or_init(|| {
+        let server = crate::sshd::Sshd::start();
+        let keys = tempfile::tempdir().expect("tempdir");
+        let (private_key, public_key) =
+            crate::sshd::user_key(keys.path(), "ed25519", None, "openssh");
+        server.authorize("root", &public_key);
+        TestHosts {
+            server,
+            private_key,
+            _keys: keys,
+        }
+    })
+}
+
+/// Loopback address of test host `i`.
+pub fn host_addr(i: usize) -> String {
+    format!("127.0.10.{}", i + 1)
+}
+
+/// An Inventory manifest with `hosts` hosts on the test sshd, using Secret `secret`.
 pub fn inventory_yaml(name: &str, namespace: &str, secret: &str, hosts: usize) -> String {
+    let port = self::hosts().server.port;
     let mut y = format!(
-        "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  ssh:\n    user: deploy\n    secretRef: {{name: {secret}}}\n  hosts:\n"
+        "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  ssh:\n    user: root\n    port: {port}\n    connectTimeout: 5s\n    secretRef: {{name: {secret}}}\n  probe: {{interval: 30s}}\n  hosts:\n"
     );
     for i in 0..hosts {
         y.push_str(&format!(
-            "    - {{name: host-{i}, address: 127.0.10.{}, labels: {{role: web}}}}\n",
-            i + 1
+            "    - {{name: host-{i}, address: {}, labels: {{role: web}}}}\n",
+            host_addr(i)
         ));
     }
     y
 }
 
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// A Secret with the test user key and known_hosts pinning test hosts 0..16.
 pub fn secret_yaml(name: &str, namespace: &str) -> String {
+    let h = hosts();
+    let addrs: Vec<String> = (0..16).map(host_addr).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\ntype: Opaque\nstringData:\n  ssh-privatekey: not-a-real-key\n  known_hosts: \"[127.0.10.1]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2QfZcD8P0yDGXk6vA9JbX9Qv6m3Q0YtW8cJ4t0Vn1Q\"\n"
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\ntype: Opaque\nstringData:\n  ssh-privatekey: |\n{}  known_hosts: |\n{}",
+        indent(&h.private_key),
+        indent(&h.server.known_hosts_for(&refs))
     )
 }
 

@@ -47,6 +47,39 @@ pub struct InventorySpec {
     #[schemars(length(min = 1, max = 10000))]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
     pub hosts: Vec<Host>,
+    /// How often every host is probed (connect, authenticate, run `true`).
+    #[serde(default)]
+    pub probe: ProbeSettings,
+}
+
+/// Reachability probing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeSettings {
+    /// Interval between probes of the whole inventory.
+    #[serde(default = "default_probe_interval")]
+    pub interval: DurationString,
+    /// Hosts probed at once.
+    #[serde(default = "default_probe_concurrency")]
+    #[schemars(range(min = 1, max = 500))]
+    pub concurrency: u32,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            interval: default_probe_interval(),
+            concurrency: default_probe_concurrency(),
+        }
+    }
+}
+
+fn default_probe_interval() -> DurationString {
+    DurationString("5m".into())
+}
+
+fn default_probe_concurrency() -> u32 {
+    50
 }
 
 /// SSH connection settings shared by all hosts of an inventory.
@@ -180,8 +213,40 @@ pub struct InventoryStatus {
     /// Hosts that answered the last reachability probe (absent until probed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reachable: Option<u32>,
-    /// Ready: the SSH Secret resolves and the host list is valid.
+    /// Hosts that failed the last probe, with the reason (at most 50 listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 50))]
+    pub unreachable: Vec<UnreachableHost>,
+    /// Host keys trusted on first use (`hostKeyPolicy: AcceptNew`). They are pinned: a later
+    /// change of key is refused like any mismatch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 10000))]
+    pub accepted_host_keys: Vec<AcceptedHostKey>,
+    /// Ready: the SSH Secret resolves, the host list is valid and every host answered.
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// A host the last probe could not use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnreachableHost {
+    pub host: String,
+    /// Unreachable, HostKeyUnknown, HostKeyMismatch, AuthFailed, TimedOut, …
+    pub reason: String,
+    #[schemars(length(max = 1024))]
+    pub message: String,
+}
+
+/// A host key accepted on first use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptedHostKey {
+    pub host: String,
+    /// `SHA256:…`, as `ssh-keygen -lf` prints it.
+    pub fingerprint: String,
+    /// The known_hosts line that pins it.
+    #[schemars(length(max = 16384))]
+    pub known_hosts_line: String,
 }

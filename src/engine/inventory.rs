@@ -2,6 +2,11 @@
 //! inventory comes from (the API server, or a file given to `outrider plan run`).
 
 use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::ssh::{Command, Endpoint, Fleet};
 
 /// Secret key holding the SSH private key (the `kubernetes.io/ssh-auth` convention).
 pub const KEY_PRIVATE_KEY: &str = "ssh-privatekey";
@@ -63,6 +68,72 @@ pub fn check_secret(
         }
     }
     Ok(())
+}
+
+/// One host the probe could not use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub host: String,
+    /// Short CamelCase reason (`Unreachable`, `HostKeyMismatch`, `AuthFailed`, …).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A host key trusted on first use during the probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedKey {
+    pub host: String,
+    pub fingerprint: String,
+    pub known_hosts_line: String,
+}
+
+/// What one reachability probe of an inventory found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub total: usize,
+    pub reachable: usize,
+    /// Sorted by host name.
+    pub failures: Vec<ProbeFailure>,
+    pub accepted: Vec<AcceptedKey>,
+}
+
+/// Probes every host (connect, verify the host key, authenticate, run `true`) with the
+/// fleet's concurrency, all within `deadline`.
+pub async fn probe(fleet: &Fleet, endpoints: Vec<Endpoint>, deadline: Duration) -> ProbeReport {
+    let total = endpoints.len();
+    let per_host = fleet.config().connect_timeout + Duration::from_secs(10);
+    let mut results = fleet.run(endpoints, deadline, move |session| async move {
+        let cmd = Command::argv(["true"]).timeout(per_host).capture(512, 512);
+        session
+            .exec(&cmd)
+            .await?
+            .check(&session.endpoint().name)
+            .map(|_| ())
+    });
+    let mut report = ProbeReport {
+        total,
+        ..Default::default()
+    };
+    while let Some(r) = results.next().await {
+        if let Some((fingerprint, known_hosts_line)) = r.accepted_host_key {
+            report.accepted.push(AcceptedKey {
+                host: r.endpoint.name.clone(),
+                fingerprint,
+                known_hosts_line,
+            });
+        }
+        match r.result {
+            Ok(()) => report.reachable += 1,
+            Err(e) => report.failures.push(ProbeFailure {
+                host: r.endpoint.name.clone(),
+                reason: e.reason(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    report.failures.sort_by(|a, b| a.host.cmp(&b.host));
+    report.accepted.sort_by(|a, b| a.host.cmp(&b.host));
+    report
 }
 
 #[cfg(test)]

@@ -1,0 +1,378 @@
+//! One SSH connection per host: TCP + handshake under a timeout, retried when a busy sshd
+//! resets the handshake; the host key checked against `known_hosts`; public-key auth.
+//! Channels (exec, upload) are opened on the one connection for as long as a run lasts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use russh::client::{self, AuthResult, Handle};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+
+use super::known_hosts::{self, HostKeyVerdict, KnownHosts};
+use super::{ClientConfig, Endpoint, Error, HostKeyPolicy};
+
+/// Credentials decoded once per run and shared by every connection.
+pub struct Credentials {
+    key: Arc<PrivateKey>,
+    known_hosts: KnownHosts,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("key", &self.key.algorithm())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Decodes an OpenSSH or PEM private key (optionally encrypted) and parses `known_hosts`.
+    pub fn new(
+        private_key: &str,
+        passphrase: Option<&str>,
+        known_hosts_text: &str,
+    ) -> Result<Self, Error> {
+        let key = russh::keys::decode_secret_key(private_key, passphrase).map_err(|e| {
+            Error::BadKey(match (passphrase, &e) {
+                (None, russh::keys::Error::KeyIsEncrypted) => {
+                    "it is encrypted and no passphrase was given".to_string()
+                }
+                _ => e.to_string(),
+            })
+        })?;
+        let known_hosts =
+            KnownHosts::parse(known_hosts_text).map_err(|e| Error::BadKnownHosts(e.to_string()))?;
+        Ok(Self {
+            key: Arc::new(key),
+            known_hosts,
+        })
+    }
+}
+
+/// What the host-key check concluded, read back after the handshake.
+#[derive(Debug, Clone)]
+enum Verdict {
+    Trusted,
+    AcceptedNew { fingerprint: String, line: String },
+    Refused(Error),
+}
+
+pub(crate) struct Verifier {
+    host: String,
+    address: String,
+    port: u16,
+    policy: HostKeyPolicy,
+    credentials: Arc<Credentials>,
+    verdict: Arc<Mutex<Option<Verdict>>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            PublicKeyOrCertificate::Certificate(_) => {
+                self.set(Verdict::Refused(Error::Protocol {
+                    host: self.host.clone(),
+                    message:
+                        "the server offered a host certificate; only plain host keys are supported"
+                            .into(),
+                }));
+                return Ok(false);
+            }
+        };
+        let fingerprint = known_hosts::fingerprint(key);
+        let verdict = match self
+            .credentials
+            .known_hosts
+            .verify(&self.address, self.port, key)
+        {
+            HostKeyVerdict::Trusted => Verdict::Trusted,
+            HostKeyVerdict::Unknown if self.policy == HostKeyPolicy::AcceptNew => {
+                Verdict::AcceptedNew {
+                    line: known_hosts::known_hosts_line(&self.address, self.port, key),
+                    fingerprint,
+                }
+            }
+            HostKeyVerdict::Unknown => Verdict::Refused(Error::HostKeyUnknown {
+                host: self.host.clone(),
+                fingerprint,
+            }),
+            HostKeyVerdict::Mismatch { expected } => Verdict::Refused(Error::HostKeyMismatch {
+                host: self.host.clone(),
+                presented: fingerprint,
+                expected: expected.join(", "),
+            }),
+            HostKeyVerdict::Revoked => Verdict::Refused(Error::HostKeyRevoked {
+                host: self.host.clone(),
+                fingerprint,
+            }),
+        };
+        let ok = !matches!(verdict, Verdict::Refused(_));
+        self.set(verdict);
+        Ok(ok)
+    }
+}
+
+impl Verifier {
+    fn set(&self, v: Verdict) {
+        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+}
+
+/// An authenticated connection to one host.
+pub struct Session {
+    pub(crate) handle: Handle<Verifier>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) config: Arc<ClientConfig>,
+    /// Kept alive for as long as this session tunnels through it.
+    _jump: Option<Arc<Session>>,
+    /// Under `AcceptNew`: the fingerprint and known_hosts line of a key accepted on first use.
+    pub accepted_host_key: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn russh_config(config: &ClientConfig) -> Arc<client::Config> {
+    Arc::new(client::Config {
+        keepalive_interval: Some(config.keepalive),
+        keepalive_max: 3,
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Errors worth another handshake attempt: the server dropped us before auth (MaxStartups).
+fn is_transient(e: &russh::Error) -> bool {
+    match e {
+        russh::Error::IO(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+        ),
+        russh::Error::Disconnect | russh::Error::HUP | russh::Error::Version => true,
+        _ => false,
+    }
+}
+
+impl Session {
+    /// Connects, verifies the host key and authenticates, through the jump host if any.
+    pub async fn connect(
+        config: Arc<ClientConfig>,
+        credentials: Arc<Credentials>,
+        endpoint: &Endpoint,
+        jump: Option<Arc<Session>>,
+    ) -> Result<Session, Error> {
+        let attempts = config.handshake_attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::connect_once(&config, &credentials, endpoint, jump.clone()).await {
+                Err((e, true)) if attempt < attempts => {
+                    let base = Duration::from_millis(100) * 2u32.pow(attempt.min(6));
+                    let delay = base.mul_f64(rand::rng().random_range(0.5..1.5));
+                    tracing::debug!(host = %endpoint.name, attempt, error = %e, ?delay, "handshake reset, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err((e, _)) => return Err(e),
+                Ok(session) => return Ok(session),
+            }
+        }
+    }
+
+    /// One attempt; the bool says whether a retry may help.
+    async fn connect_once(
+        config: &Arc<ClientConfig>,
+        credentials: &Arc<Credentials>,
+        endpoint: &Endpoint,
+        jump: Option<Arc<Session>>,
+    ) -> Result<Session, (Error, bool)> {
+        let host = endpoint.name.clone();
+        let verdict = Arc::new(Mutex::new(None));
+        let verifier = Verifier {
+            host: host.clone(),
+            address: endpoint.address.clone(),
+            port: endpoint.port,
+            policy: config.host_key_policy,
+            credentials: credentials.clone(),
+            verdict: verdict.clone(),
+        };
+        let unreachable = |reason: String| Error::Unreachable {
+            host: host.clone(),
+            reason,
+        };
+        // Ok(Err(_)) is a transport failure before SSH started; Err(_) from SSH itself.
+        let handshake = async {
+            let stream = match &jump {
+                None => {
+                    let addr = (endpoint.address.as_str(), endpoint.port);
+                    match tokio::net::TcpStream::connect(addr).await {
+                        Ok(tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            client::connect_stream(russh_config(config), tcp, verifier).await
+                        }
+                        Err(e) => {
+                            return Ok(Err(unreachable(format!(
+                                "cannot connect to {}:{}: {e}",
+                                endpoint.address, endpoint.port
+                            ))));
+                        }
+                    }
+                }
+                Some(j) => {
+                    let tunnel = j
+                        .handle
+                        .channel_open_direct_tcpip(
+                            endpoint.address.clone(),
+                            u32::from(endpoint.port),
+                            "127.0.0.1",
+                            0,
+                        )
+                        .await;
+                    match tunnel {
+                        Ok(channel) => {
+                            client::connect_stream(
+                                russh_config(config),
+                                channel.into_stream(),
+                                verifier,
+                            )
+                            .await
+                        }
+                        Err(e) => {
+                            return Ok(Err(unreachable(format!(
+                                "jump host {} cannot reach {}:{}: {e}",
+                                j.endpoint.name, endpoint.address, endpoint.port
+                            ))));
+                        }
+                    }
+                }
+            };
+            stream.map(Ok)
+        };
+        let result = tokio::time::timeout(config.connect_timeout, handshake).await;
+        let verdict = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut handle = match result {
+            Err(_) => {
+                let reason = format!(
+                    "connect and handshake to {}:{} took longer than {:?}",
+                    endpoint.address, endpoint.port, config.connect_timeout
+                );
+                return Err((unreachable(reason), false));
+            }
+            Ok(Ok(Err(transport))) => return Err((transport, false)),
+            Ok(Err(e)) => {
+                if let Some(Verdict::Refused(err)) = verdict {
+                    return Err((err, false));
+                }
+                let transient = is_transient(&e);
+                let message = format!(
+                    "handshake with {}:{} failed: {e}",
+                    endpoint.address, endpoint.port
+                );
+                let err = if transient {
+                    unreachable(message)
+                } else {
+                    Error::Protocol {
+                        host: host.clone(),
+                        message,
+                    }
+                };
+                return Err((err, transient));
+            }
+            Ok(Ok(Ok(handle))) => handle,
+        };
+        let accepted_host_key = match verdict {
+            Some(Verdict::AcceptedNew { fingerprint, line }) => Some((fingerprint, line)),
+            _ => None,
+        };
+        authenticate(&mut handle, config, credentials, &host)
+            .await
+            .map_err(|e| (e, false))?;
+        Ok(Session {
+            handle,
+            endpoint: endpoint.clone(),
+            config: config.clone(),
+            _jump: jump,
+            accepted_host_key,
+        })
+    }
+
+    /// Connects to the configured jump host (verified like any host).
+    pub async fn connect_jump(
+        config: Arc<ClientConfig>,
+        credentials: Arc<Credentials>,
+    ) -> Result<Option<Arc<Session>>, Error> {
+        let Some(j) = config.jump_host.clone() else {
+            return Ok(None);
+        };
+        let mut jump_config = (*config).clone();
+        jump_config.user = j.user.clone();
+        jump_config.jump_host = None;
+        let endpoint = Endpoint::new(format!("jump host {}", j.address), j.address, j.port);
+        let session = Self::connect(Arc::new(jump_config), credentials, &endpoint, None).await?;
+        Ok(Some(Arc::new(session)))
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+async fn authenticate(
+    handle: &mut Handle<Verifier>,
+    config: &ClientConfig,
+    credentials: &Credentials,
+    host: &str,
+) -> Result<(), Error> {
+    let auth_failed = |reason: String| Error::AuthFailed {
+        host: host.to_string(),
+        user: config.user.clone(),
+        reason,
+    };
+    let hash = if credentials.key.algorithm().is_rsa() {
+        // OpenSSH >= 8.8 refuses SHA-1 RSA signatures: ask the server, never fall back silently.
+        match handle.best_supported_rsa_hash().await {
+            Ok(Some(Some(alg))) => Some(alg),
+            Ok(Some(None)) => {
+                return Err(auth_failed(
+                    "the server accepts only SHA-1 (ssh-rsa) RSA signatures, which are refused as insecure; \
+                     use an ed25519 or ECDSA key"
+                        .into(),
+                ));
+            }
+            Ok(None) | Err(_) => Some(HashAlg::Sha256),
+        }
+    } else {
+        None
+    };
+    let key = PrivateKeyWithHashAlg::new(credentials.key.clone(), hash);
+    match handle.authenticate_publickey(config.user.clone(), key).await {
+        Ok(AuthResult::Success) => Ok(()),
+        Ok(AuthResult::Failure { .. }) => Err(auth_failed(
+            "the server rejected the key from the Secret's ssh-privatekey (is its public key in authorized_keys?)".into(),
+        )),
+        Err(e) => Err(auth_failed(format!("protocol error during authentication: {e}"))),
+    }
+}

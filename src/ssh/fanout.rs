@@ -1,0 +1,141 @@
+//! One action on many hosts: bounded concurrency, a separate (smaller) bound on concurrent
+//! handshakes — they cost the server far more CPU than the commands, and a stock sshd
+//! drops handshakes past `MaxStartups` — an overall deadline, and results yielded as each
+//! host finishes. Dropping the stream cancels the run and closes every connection.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::client::{Credentials, Session};
+use super::{ClientConfig, Endpoint, Error};
+
+/// The outcome for one host.
+#[derive(Debug)]
+pub struct HostResult<T> {
+    pub endpoint: Endpoint,
+    pub result: Result<T, Error>,
+    /// Under `AcceptNew`: `(fingerprint, known_hosts line)` of a key trusted on first use.
+    pub accepted_host_key: Option<(String, String)>,
+}
+
+/// Shared settings and credentials for running actions across hosts.
+#[derive(Clone)]
+pub struct Fleet {
+    config: Arc<ClientConfig>,
+    credentials: Arc<Credentials>,
+    /// Hosts in flight at once.
+    pub concurrency: usize,
+    /// Handshakes in flight at once.
+    pub handshakes: usize,
+    /// Hosts in flight at once through one jump host.
+    pub per_jump_host: usize,
+    jump: Arc<OnceCell<Result<Option<Arc<Session>>, Error>>>,
+}
+
+impl Fleet {
+    pub fn new(config: ClientConfig, credentials: Credentials) -> Self {
+        Self {
+            config: Arc::new(config),
+            credentials: Arc::new(credentials),
+            concurrency: 50,
+            handshakes: 16,
+            per_jump_host: 32,
+            jump: Arc::new(OnceCell::new()),
+        }
+    }
+
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    pub fn with_handshakes(mut self, handshakes: usize) -> Self {
+        self.handshakes = handshakes.max(1);
+        self
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The shared jump host connection, made once per fleet on first use.
+    async fn jump(&self) -> Result<Option<Arc<Session>>, Error> {
+        self.jump
+            .get_or_init(|| Session::connect_jump(self.config.clone(), self.credentials.clone()))
+            .await
+            .clone()
+    }
+
+    /// Connects to one host (through the jump host if configured).
+    pub async fn connect(&self, endpoint: &Endpoint) -> Result<Session, Error> {
+        let jump = self.jump().await.map_err(|e| Error::Unreachable {
+            host: endpoint.name.clone(),
+            reason: format!("via jump host: {e}"),
+        })?;
+        Session::connect(
+            self.config.clone(),
+            self.credentials.clone(),
+            endpoint,
+            jump,
+        )
+        .await
+    }
+
+    /// Runs `action` on every host's session and yields results in completion order.
+    /// Hosts not finished by `deadline` yield [`Error::TimedOut`].
+    pub fn run<T, F, Fut>(
+        &self,
+        endpoints: Vec<Endpoint>,
+        deadline: Duration,
+        action: F,
+    ) -> impl Stream<Item = HostResult<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: Fn(Arc<Session>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        let fleet = self.clone();
+        let until = tokio::time::Instant::now() + deadline;
+        let handshakes = Arc::new(Semaphore::new(self.handshakes));
+        let limit = if self.config.jump_host.is_some() {
+            self.concurrency.min(self.per_jump_host)
+        } else {
+            self.concurrency
+        };
+        futures::stream::iter(endpoints)
+            .map(move |endpoint| {
+                let fleet = fleet.clone();
+                let action = action.clone();
+                let handshakes = handshakes.clone();
+                async move {
+                    let mut accepted_host_key = None;
+                    let work = async {
+                        let session = {
+                            let _permit = handshakes.acquire().await;
+                            fleet.connect(&endpoint).await?
+                        };
+                        accepted_host_key = session.accepted_host_key.clone();
+                        action(Arc::new(session)).await
+                    };
+                    let result = match tokio::time::timeout_at(until, work).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::TimedOut {
+                            host: endpoint.name.clone(),
+                            after: deadline,
+                            output: String::new(),
+                        }),
+                    };
+                    HostResult {
+                        endpoint,
+                        result,
+                        accepted_host_key,
+                    }
+                }
+            })
+            .buffer_unordered(limit)
+    }
+}

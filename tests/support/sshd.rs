@@ -1,0 +1,594 @@
+//! Real OpenSSH `sshd` for integration tests: one sshd on `0.0.0.0:<free port>` answers every
+//! `127.x.y.z` address, so a "fleet" of hundreds of hosts costs one process. A remote command
+//! learns which "host" it runs on from the third field of `$SSH_CONNECTION`.
+//!
+//! Usage from `tests/<name>.rs`:
+//!
+//! ```ignore
+//! #[path = "support/sshd.rs"]
+//! mod sshd;
+//!
+//! let server = sshd::Sshd::start(); // or Sshd::start_with("PermitTTY no")
+//! let keys = tempfile::tempdir().unwrap();
+//! let (private_key, public_key) = sshd::user_key(keys.path(), "ed25519", None, "openssh");
+//! server.authorize("root", &public_key); // also "outrider-sudo", "outrider-nosudo"
+//! let known_hosts = server.known_hosts_for(&["127.0.10.7", "127.0.10.8"]);
+//! // connect to 127.0.10.7:server.port as root with private_key, pinning known_hosts
+//! ```
+//!
+//! Requirements (never skipped: a missing piece is a test failure):
+//! - `/usr/sbin/sshd` and `ssh-keygen` (Debian: openssh-server, openssh-client);
+//! - the users `outrider-sudo` (passwordless sudo) and `outrider-nosudo` (no sudo);
+//! - the directory `/run/sshd` (sshd's privilege separation directory);
+//! - **root**: sshd must switch to the user that logs in, which only root can do. CI runs the
+//!   tests as root. `UsePAM no` means sshd refuses accounts whose password field is locked with
+//!   `!`, so the test users (and root) carry `*` instead.
+//!
+//! `e2e/deps.sh`, run as root, installs and creates all of that, and makes sure no system sshd
+//! runs.
+//!
+//! The generated config accepts logins from loopback addresses only (a `Match` block denies every
+//! user from any other source), although it listens on 0.0.0.0.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const SSHD: &str = "/usr/sbin/sshd";
+const SSH_KEYGEN: &str = "ssh-keygen";
+const INSTALL_HINT: &str = "install openssh-server (run e2e/deps.sh)";
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const HOST_KEY_KINDS: [&str; 3] = ["ed25519", "ecdsa", "rsa"];
+
+/// One running sshd. Dropping it kills sshd, its connections and their sessions.
+pub struct Sshd {
+    /// The port sshd listens on, on every address (0.0.0.0).
+    pub port: u16,
+    /// Config, host keys, authorized keys, pid file and log.
+    pub dir: tempfile::TempDir,
+    child: Child,
+    host_public_keys: Vec<String>,
+}
+
+impl Sshd {
+    /// Starts `/usr/sbin/sshd -D -e -f <generated config>` on 0.0.0.0:<free port> with fresh
+    /// ed25519, ecdsa and rsa host keys, and waits (at most 10 s) until it accepts connections.
+    pub fn start() -> Sshd {
+        Sshd::start_with("")
+    }
+
+    /// Like [`Sshd::start`], with `extra_config` added to the generated config. sshd keeps the
+    /// first value it reads for an option, so the lines before the first `Match` go to the top of
+    /// the config (they override the defaults of this harness, e.g. `MaxStartups 10:30:100`) and
+    /// the `Match` blocks go to the end.
+    pub fn start_with(extra_config: &str) -> Sshd {
+        preflight();
+        let dir = tempfile::Builder::new()
+            .prefix("outrider-sshd-")
+            .tempdir()
+            .expect("create the sshd temp dir");
+        // sshd reads AuthorizedKeysFile as the user logging in: the path must be traversable.
+        set_mode(dir.path(), 0o755);
+        let host_keys = dir.path().join("host_keys");
+        fs::create_dir(&host_keys).expect("create host_keys dir");
+        set_mode(&host_keys, 0o700);
+        let authorized = dir.path().join("authorized_keys");
+        fs::create_dir(&authorized).expect("create authorized_keys dir");
+        set_mode(&authorized, 0o755);
+
+        // Three host keys, generated in parallel (rsa takes the longest).
+        let keygens: Vec<(PathBuf, Child)> = HOST_KEY_KINDS
+            .iter()
+            .map(|kind| {
+                let path = host_keys.join(format!("ssh_host_{kind}_key"));
+                let mut cmd = Command::new(SSH_KEYGEN);
+                cmd.args(["-q", "-t", kind, "-N", "", "-C", ""]);
+                if *kind == "rsa" {
+                    cmd.args(["-b", "3072"]);
+                }
+                cmd.arg("-f").arg(&path).stdin(Stdio::null());
+                let child = cmd
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("run {SSH_KEYGEN}: {e}: {INSTALL_HINT}"));
+                (path, child)
+            })
+            .collect();
+        let mut host_key_paths = Vec::new();
+        let mut host_public_keys = Vec::new();
+        for (path, mut child) in keygens {
+            let status = child.wait().expect("wait for ssh-keygen");
+            assert!(
+                status.success(),
+                "ssh-keygen for {} failed: {status}",
+                path.display()
+            );
+            host_public_keys.push(public_key_line(&read_to_string(
+                &path.with_extension("pub"),
+            )));
+            host_key_paths.push(path);
+        }
+
+        let (head, tail) = split_extra_config(extra_config);
+        let log_path = dir.path().join("sshd.log");
+        let mut last_failure = String::new();
+        // A free port can be taken between probing it and sshd binding it: try a few.
+        for _attempt in 0..5 {
+            let port = free_port();
+            let config = render_config(dir.path(), port, &host_key_paths, head, tail);
+            let config_path = dir.path().join("sshd_config");
+            fs::write(&config_path, config).expect("write sshd_config");
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .expect("open sshd.log");
+            let log_start = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+            let mut child = Command::new(SSHD)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup sshd.log"))
+                .stderr(log)
+                // Its own process group (Drop kills it, and the connections below it).
+                .process_group(0)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {SSHD}: {e}: {INSTALL_HINT}"));
+            match wait_ready(&mut child, port, &log_path, log_start) {
+                Ok(()) => {
+                    return Sshd {
+                        port,
+                        dir,
+                        child,
+                        host_public_keys,
+                    };
+                }
+                Err(failure) => {
+                    stop_process(&mut child);
+                    let address_in_use = failure.contains("Address already in use");
+                    last_failure = failure;
+                    if !address_in_use {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("sshd did not start: {last_failure}");
+    }
+
+    /// Adds `public_key_openssh` (an OpenSSH one-line public key) to the authorized keys of `user`
+    /// (`root`, `outrider-sudo`, `outrider-nosudo`). Keys accumulate.
+    pub fn authorize(&self, user: &str, public_key_openssh: &str) {
+        assert!(
+            !user.is_empty() && !user.contains('/') && !user.contains(".."),
+            "bad user name {user:?}"
+        );
+        let line = public_key_openssh.trim();
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "expected one public key line, got {public_key_openssh:?}"
+        );
+        let path = self.dir.path().join("authorized_keys").join(user);
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        writeln!(file, "{line}").expect("write authorized key");
+        set_mode(&path, 0o644);
+    }
+
+    /// known_hosts lines `[addr]:port <type> <base64>` for every address and host key type.
+    pub fn known_hosts_for(&self, addrs: &[&str]) -> String {
+        let mut out = String::new();
+        for addr in addrs {
+            for key in &self.host_public_keys {
+                out.push_str(&format!("[{addr}]:{} {key}\n", self.port));
+            }
+        }
+        out
+    }
+
+    /// The host public keys, `<type> <base64>` (ed25519, ecdsa-sha2-nistp256, rsa).
+    pub fn host_public_keys(&self) -> Vec<String> {
+        self.host_public_keys.clone()
+    }
+
+    /// The sshd log so far (LogLevel VERBOSE).
+    pub fn log(&self) -> String {
+        read_log(&self.log_path())
+    }
+
+    /// CPU time of the sshd listener plus its reaped children (utime + stime + cutime + cstime,
+    /// /proc/<pid>/stat fields 14-17), in seconds. A connection counts once it has closed and
+    /// sshd has reaped its process; sessions still open are not included.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("read /proc/<sshd>/stat (is sshd still running?)");
+        // Fields after "(comm)" start at field 3 (state); comm may hold spaces or parentheses.
+        let rest = &stat[stat.rfind(')').expect("malformed /proc stat") + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = (14..=17)
+            .map(|field| {
+                fields[field - 3]
+                    .parse::<u64>()
+                    .expect("numeric stat field")
+            })
+            .sum();
+        ticks as f64 / clock_ticks_per_second()
+    }
+
+    /// The pid of the sshd listener.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("sshd.log")
+    }
+    fn stop(&mut self) {
+        stop_process(&mut self.child);
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Generates a user key pair with ssh-keygen in `dir`. `kind`: "ed25519" | "ecdsa" (P-256) |
+/// "rsa" (3072 bits); `format`: "openssh" | "pem" (`ssh-keygen -m PEM`: PKCS#1 for rsa, SEC1 for
+/// ecdsa; OpenSSH has no PEM form for ed25519 and writes the OpenSSH format anyway).
+/// Returns (private key text, public key line `<type> <base64>`). The private key file is left in
+/// `dir` (mode 0600), next to `<name>.pub`.
+pub fn user_key(
+    dir: &Path,
+    kind: &str,
+    passphrase: Option<&str>,
+    format: &str,
+) -> (String, String) {
+    preflight_keygen();
+    assert!(
+        HOST_KEY_KINDS.contains(&kind),
+        "key kind must be ed25519, ecdsa or rsa, not {kind:?}"
+    );
+    assert!(
+        format == "openssh" || format == "pem",
+        "key format must be openssh or pem, not {format:?}"
+    );
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let path = loop {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("id_{kind}_{format}_{n}"));
+        if !path.exists() {
+            break path;
+        }
+    };
+    let mut cmd = Command::new(SSH_KEYGEN);
+    cmd.args(["-q", "-t", kind, "-N", passphrase.unwrap_or(""), "-C", ""]);
+    if kind == "rsa" {
+        cmd.args(["-b", "3072"]);
+    }
+    if format == "pem" {
+        cmd.args(["-m", "PEM"]);
+    }
+    let out = cmd
+        .arg("-f")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {SSH_KEYGEN}: {e}: {INSTALL_HINT}"));
+    assert!(
+        out.status.success(),
+        "ssh-keygen -t {kind} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let private = read_to_string(&path);
+    let public = public_key_line(&read_to_string(&path.with_extension("pub")));
+    (private, public)
+}
+
+fn read_log(path: &Path) -> String {
+    String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// The last 30 lines of the log from byte `from` on.
+fn log_tail(path: &Path, from: usize) -> String {
+    let log = read_log(path);
+    let log = log.get(from..).unwrap_or(&log);
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Ready = sshd logged that it listens on our port, and the port answers with an SSH banner.
+fn wait_ready(
+    child: &mut Child,
+    port: u16,
+    log_path: &Path,
+    log_start: usize,
+) -> Result<(), String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let listening = format!("Server listening on 0.0.0.0 port {port}.");
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "sshd exited with {status}; log:\n{}",
+                log_tail(log_path, log_start)
+            ));
+        }
+        let log = read_log(log_path);
+        if log.get(log_start..).unwrap_or("").contains(&listening) && banner_ok(port) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "sshd not accepting connections on port {port} after {START_TIMEOUT:?}; log:\n{}",
+                log_tail(log_path, log_start)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Kills sshd's process group and every process below it (each connection runs in a session of
+/// its own: sshd calls setsid), then reaps sshd.
+fn stop_process(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = child.id();
+    // Freeze the listener so that it forks no new connection while we collect its tree.
+    let _ = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let mut targets = vec![format!("-{pid}")];
+    targets.extend(descendants(pid).iter().map(u32::to_string));
+    let killed = Command::new("kill")
+        .arg("-KILL")
+        .arg("--")
+        .args(&targets)
+        .stderr(Stdio::null())
+        .status();
+    if killed.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+fn preflight_keygen() {
+    static OK: OnceLock<()> = OnceLock::new();
+    OK.get_or_init(|| {
+        let found = Command::new(SSH_KEYGEN)
+            .arg("-?")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        assert!(found, "{SSH_KEYGEN} not found: {INSTALL_HINT}");
+    });
+}
+
+fn preflight() {
+    static OK: OnceLock<()> = OnceLock::new();
+    OK.get_or_init(|| {
+        assert!(Path::new(SSHD).exists(), "{SSHD} not found: {INSTALL_HINT}");
+        preflight_keygen();
+        assert!(
+            effective_uid() == Some(0),
+            "the SSH tests need root: sshd has to switch to the users that log in \
+             (root, outrider-sudo, outrider-nosudo); run them as root, as CI does"
+        );
+        assert!(
+            Path::new("/run/sshd").is_dir(),
+            "/run/sshd (sshd's privilege separation dir) is missing: run e2e/deps.sh"
+        );
+        for user in ["outrider-sudo", "outrider-nosudo"] {
+            let known = Command::new("id")
+                .args(["-u", user])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(
+                known,
+                "test user {user} is missing: run e2e/deps.sh as root"
+            );
+        }
+    });
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// (major, minor) of the installed sshd, from `sshd -V` ("OpenSSH_9.2p1 Debian..., OpenSSL ...").
+fn sshd_version() -> (u32, u32) {
+    static VERSION: OnceLock<(u32, u32)> = OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let out = Command::new(SSHD)
+            .arg("-V")
+            .output()
+            .unwrap_or_else(|e| panic!("run {SSHD} -V: {e}: {INSTALL_HINT}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let version = text
+            .split("OpenSSH_")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected `sshd -V` output: {text}"));
+        let mut parts = version.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor)
+    })
+}
+
+fn render_config(dir: &Path, port: u16, host_keys: &[PathBuf], head: &str, tail: &str) -> String {
+    let dir = dir.display();
+    let mut c = String::from("# Generated by tests/support/sshd.rs\n");
+    if !head.trim().is_empty() {
+        c.push_str("# extra config (first value wins)\n");
+        c.push_str(head.trim_end());
+        c.push('\n');
+    }
+    c.push_str(&format!("ListenAddress 0.0.0.0\nPort {port}\n"));
+    for key in host_keys {
+        c.push_str(&format!("HostKey {}\n", key.display()));
+    }
+    c.push_str(&format!(
+        "PidFile {dir}/sshd.pid
+LogLevel VERBOSE
+MaxStartups 1000:30:1000
+MaxSessions 1000
+UsePAM no
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+AuthorizedKeysFile {dir}/authorized_keys/%u
+AcceptEnv *
+ClientAliveInterval 0
+UseDNS no
+PrintMotd no
+PrintLastLog no
+Subsystem sftp internal-sftp
+"
+    ));
+    if sshd_version() >= (9, 8) {
+        // Tests fail logins on purpose; penalties would then lock 127.0.0.1 out.
+        c.push_str("PerSourcePenalties no\n");
+    }
+    if !tail.trim().is_empty() {
+        c.push_str("# extra config (Match blocks)\n");
+        c.push_str(tail.trim_end());
+        c.push('\n');
+    }
+    // Last, so that it closes any Match block above: listening on 0.0.0.0 must not let the
+    // network in.
+    c.push_str("Match Address *,!127.0.0.0/8\n    DenyUsers *\n");
+    c
+}
+
+/// Splits extra config into the lines before the first `Match` and the rest.
+fn split_extra_config(extra: &str) -> (&str, &str) {
+    let mut offset = 0;
+    for line in extra.split_inclusive('\n') {
+        let keyword = line.split_whitespace().next().unwrap_or("");
+        if keyword.eq_ignore_ascii_case("match") {
+            return (&extra[..offset], &extra[offset..]);
+        }
+        offset += line.len();
+    }
+    (extra, "")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port")
+}
+
+fn banner_ok(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut banner = [0u8; 8];
+    stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-2.0-"
+}
+
+/// Every process below `root` (by parent pid), depth first.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some(close) = stat.rfind(')') else {
+                continue;
+            };
+            // After "(comm)": state, ppid, ...
+            if let Some(ppid) = stat[close + 1..]
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(parent) = stack.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == parent && !out.contains(&pid) {
+                out.push(pid);
+                stack.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static HZ: OnceLock<f64> = OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .filter(|hz| *hz > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// `<type> <base64>` from a public key file's line (drops the comment).
+fn public_key_line(text: &str) -> String {
+    let mut parts = text.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(kind), Some(blob)) => format!("{kind} {blob}"),
+        _ => panic!("malformed public key {text:?}"),
+    }
+}
+
+fn read_to_string(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {:o} {}: {e}", mode, path.display()));
+}
