@@ -1,5 +1,7 @@
 //! The `outrider` binary: one executable, several roles.
 
+mod cli;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ enum Command {
     Crd,
     /// Run the operator.
     Controller(ControllerArgs),
+    /// Run one command on every host of an Inventory file over SSH (no cluster needed).
+    Exec(cli::exec::ExecArgs),
 }
 
 #[derive(Args)]
@@ -76,6 +80,15 @@ fn main() -> anyhow::Result<()> {
                 outrider::api::crds_yaml().context("rendering the CRDs")?
             );
             Ok(())
+        }
+        Command::Exec(args) => {
+            telemetry::init_tracing(cli.log_format);
+            let all_ok = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(cli::exec::run(args))?;
+            std::process::exit(if all_ok { 0 } else { 2 });
         }
         Command::Controller(args) => {
             // kube's TLS uses rustls; exactly one crypto provider must be installed before

@@ -471,3 +471,79 @@ async fn fan_out_to_300_hosts_returns_300_correct_results() {
         failures.first()
     );
 }
+
+async fn run_true(fleet: &Fleet, addrs: &[String], port: u16) -> Vec<String> {
+    let endpoints: Vec<Endpoint> = addrs
+        .iter()
+        .map(|a| Endpoint::new(a.clone(), a.clone(), port))
+        .collect();
+    let results: Vec<_> = fleet
+        .run(endpoints, Duration::from_secs(120), |session| async move {
+            session
+                .exec(&Command::argv(["true"]))
+                .await?
+                .check(&session.endpoint().name)
+                .map(|_| ())
+        })
+        .collect()
+        .await;
+    results
+        .iter()
+        .filter_map(|r| r.result.as_ref().err().map(|e| e.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn handshakes_reset_by_a_busy_sshd_are_retried_until_every_host_succeeds() {
+    // a stock-like sshd that drops every unauthenticated connection past 4 at once
+    let server = sshd::Sshd::start_with("MaxStartups 4:100:4");
+    let keys = tempfile::tempdir().expect("tmp");
+    let (private, public) = sshd::user_key(keys.path(), "ed25519", None, "openssh");
+    server.authorize("root", &public);
+    let addrs: Vec<String> = (0..60).map(fleet_addr).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let known_hosts = server.known_hosts_for(&refs);
+    let fleet = |attempts: u32| {
+        let mut config = ClientConfig::new("root");
+        config.handshake_attempts = attempts;
+        Fleet::new(
+            config,
+            Credentials::new(&private, None, &known_hosts).expect("creds"),
+        )
+        .with_concurrency(60)
+        .with_handshakes(30)
+    };
+    // four half-open connections fill sshd's startup slots for two seconds, as a burst of
+    // other clients would
+    let hold = |port: u16| {
+        let conns: Vec<_> = (0..4)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+            .collect();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            drop(conns);
+        })
+    };
+    // without retries the busy server visibly drops handshakes…
+    let held = hold(server.port);
+    let failed = run_true(&fleet(1), &addrs, server.port).await;
+    held.join().expect("holder");
+    assert!(
+        !failed.is_empty(),
+        "sshd dropped nothing: the test would prove nothing"
+    );
+    assert!(
+        failed.iter().all(|e| e.contains("unreachable")),
+        "{failed:?}"
+    );
+    // …and with retries every host gets through once the burst is over
+    let held = hold(server.port);
+    let failed = run_true(&fleet(12), &addrs, server.port).await;
+    held.join().expect("holder");
+    assert!(
+        failed.is_empty(),
+        "{} of 60 failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}

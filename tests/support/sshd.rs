@@ -451,7 +451,17 @@ fn render_config(dir: &Path, port: u16, host_keys: &[PathBuf], head: &str, tail:
     for key in host_keys {
         c.push_str(&format!("HostKey {}\n", key.display()));
     }
-    c.push_str(&format!(
+    // Defaults the extra config does not set itself. Most options keep the first value sshd
+    // reads, but some (MaxStartups among them) keep the last, so never emit both.
+    let overridden = |line: &str| {
+        let key = line.split_whitespace().next().unwrap_or("");
+        head.lines().any(|h| {
+            h.split_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(key))
+        })
+    };
+    let defaults = format!(
         "PidFile {dir}/sshd.pid
 LogLevel VERBOSE
 MaxStartups 1000:30:1000
@@ -470,7 +480,11 @@ PrintMotd no
 PrintLastLog no
 Subsystem sftp internal-sftp
 "
-    ));
+    );
+    for line in defaults.lines().filter(|l| !overridden(l)) {
+        c.push_str(line);
+        c.push('\n');
+    }
     if sshd_version() >= (9, 8) {
         // Tests fail logins on purpose; penalties would then lock 127.0.0.1 out.
         c.push_str("PerSourcePenalties no\n");

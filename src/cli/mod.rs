@@ -1,0 +1,4 @@
+//! Local commands of the binary: the same engine and transport as the controller, driven
+//! from files instead of the API server.
+
+pub mod exec;
