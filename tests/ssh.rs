@@ -547,3 +547,58 @@ async fn handshakes_reset_by_a_busy_sshd_are_retried_until_every_host_succeeds()
         failed.first()
     );
 }
+
+/// sshd's per-connection processes still alive (children of the listener).
+fn sshd_children(listener: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // field 4 (after the parenthesised name) is the parent pid
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .is_some_and(|ppid| ppid == listener.to_string())
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn dropping_a_fan_out_closes_every_connection() {
+    let addrs: Vec<String> = (0..10).map(fleet_addr).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let s = setup("root", &refs);
+    let fleet = Fleet::new(
+        ClientConfig::new("root"),
+        Credentials::new(&s.private_key, None, &s.known_hosts).expect("creds"),
+    );
+    let endpoints: Vec<Endpoint> = addrs
+        .iter()
+        .map(|a| Endpoint::new(a.clone(), a.clone(), s.server.port))
+        .collect();
+    let mut stream =
+        Box::pin(
+            fleet.run(endpoints, Duration::from_secs(120), |session| async move {
+                session
+                    .exec(&Command::argv(["sleep", "60"]).timeout(Duration::from_secs(90)))
+                    .await
+                    .map(|_| ())
+            }),
+        );
+    // let every host get its command running
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.next()).await;
+    assert!(
+        sshd_children(s.server.pid()) >= 10,
+        "the sessions should be running now"
+    );
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sshd_children(s.server.pid()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} sshd sessions still open after the run was dropped",
+            sshd_children(s.server.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
