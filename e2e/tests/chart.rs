@@ -63,8 +63,7 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
         secret_yaml("fleet-ssh", &watched),
         inventory_yaml("fleet", &watched, "fleet-ssh", 2)
     );
-    let out = kubectl_stdin(&kc, &["apply", "-f", "-"], &manifest);
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&kc, &manifest);
     let api: Api<Inventory> = Api::namespaced(client().await, &watched);
     eventually(
         Duration::from_secs(60),

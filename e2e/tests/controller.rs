@@ -37,12 +37,7 @@ async fn inventory_without_secret_turns_ready_when_the_secret_appears() {
     let client = client().await;
     let api: Api<Inventory> = Api::namespaced(client.clone(), &ns);
 
-    let out = kubectl_stdin(
-        &kc,
-        &["apply", "-f", "-"],
-        &inventory_yaml("fleet", &ns, "fleet-ssh", 3),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&kc, &inventory_yaml("fleet", &ns, "fleet-ssh", 3));
     let inv = wait_ready(&api, "fleet", "False", "SecretNotFound").await;
     let status = inv.status.expect("status");
     assert_eq!(status.hosts, 3);
@@ -77,8 +72,7 @@ async fn inventory_without_secret_turns_ready_when_the_secret_appears() {
     .await;
 
     // the controller watches Secrets: no restart, no resync wait
-    let out = kubectl_stdin(&kc, &["apply", "-f", "-"], &secret_yaml("fleet-ssh", &ns));
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&kc, &secret_yaml("fleet-ssh", &ns));
     let inv = wait_ready(&api, "fleet", "True", "AllReachable").await;
     assert_eq!(inv.status.as_ref().and_then(|s| s.reachable), Some(3));
     let text = serde_json::to_string(&inv.status).expect("status json");
@@ -97,20 +91,8 @@ async fn secret_missing_a_key_is_reported_as_secret_invalid() {
     let secret = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: only-key, namespace: {ns}}}\nstringData: {{ssh-privatekey: x}}\n"
     );
-    assert!(
-        kubectl_stdin(&kc, &["apply", "-f", "-"], &secret)
-            .status
-            .success()
-    );
-    assert!(
-        kubectl_stdin(
-            &kc,
-            &["apply", "-f", "-"],
-            &inventory_yaml("fleet", &ns, "only-key", 1)
-        )
-        .status
-        .success()
-    );
+    apply(&kc, &secret);
+    apply(&kc, &inventory_yaml("fleet", &ns, "only-key", 1));
     let inv = wait_ready(&api, "fleet", "False", "SecretInvalid").await;
     let msg = &inv.status.expect("status").conditions[0].message;
     assert!(
@@ -190,8 +172,7 @@ async fn a_host_on_a_closed_port_is_listed_unreachable_and_the_rest_count_as_rea
         inventory_yaml("fleet", &ns, "fleet-ssh", 5)
     );
     let manifest = format!("{}---\n{}", secret_yaml("fleet-ssh", &ns), inventory);
-    let out = kubectl_stdin(&kc, &["apply", "-f", "-"], &manifest);
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&kc, &manifest);
     let inv = wait_ready(&api, "fleet", "False", "HostsUnreachable").await;
     let status = inv.status.expect("status");
     assert_eq!((status.hosts, status.reachable), (6, Some(5)));
@@ -231,12 +212,7 @@ async fn accept_new_records_and_then_pins_first_seen_host_keys() {
         "    user: root\n",
         "    user: root\n    hostKeyPolicy: AcceptNew\n",
     );
-    let out = kubectl_stdin(
-        &kc,
-        &["apply", "-f", "-"],
-        &format!("{secret}---\n{inventory}"),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&kc, &format!("{secret}---\n{inventory}"));
     let inv = wait_ready(&api, "fleet", "True", "AllReachable").await;
     let accepted = inv.status.expect("status").accepted_host_keys;
     assert_eq!(
@@ -257,15 +233,7 @@ async fn metrics_endpoint_counts_inventory_reconciles() {
     let ns = namespace("inv-metrics");
     let controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
     let api: Api<Inventory> = Api::namespaced(client().await, &ns);
-    assert!(
-        kubectl_stdin(
-            &kc,
-            &["apply", "-f", "-"],
-            &inventory_yaml("fleet", &ns, "none", 1)
-        )
-        .status
-        .success()
-    );
+    apply(&kc, &inventory_yaml("fleet", &ns, "none", 1));
     wait_ready(&api, "fleet", "False", "SecretNotFound").await;
     let url = controller.metrics_url();
     let body = eventually(
@@ -360,28 +328,12 @@ async fn one_leader_at_a_time_and_a_standby_takes_over_after_kill_9() {
         "standby reconciled"
     );
 
-    assert!(
-        kubectl_stdin(
-            &kc,
-            &["apply", "-f", "-"],
-            &inventory_yaml("before", &ns, "none", 1)
-        )
-        .status
-        .success()
-    );
+    apply(&kc, &inventory_yaml("before", &ns, "none", 1));
     wait_ready(&api, "before", "False", "SecretNotFound").await;
 
     leader.kill9();
     let killed_at = Instant::now();
-    assert!(
-        kubectl_stdin(
-            &kc,
-            &["apply", "-f", "-"],
-            &inventory_yaml("after", &ns, "none", 1)
-        )
-        .status
-        .success()
-    );
+    apply(&kc, &inventory_yaml("after", &ns, "none", 1));
     let new_holder = eventually(
         Duration::from_secs(LEASE_SECS + 30),
         "a new Lease holder",

@@ -114,6 +114,16 @@ pub fn kubectl_stdin(kubeconfig: &Path, args: &[&str], stdin: &str) -> Output {
     child.wait_with_output().expect("kubectl output")
 }
 
+/// `kubectl apply -f -` of `manifest`, failing the test with kubectl's message.
+pub fn apply(kubeconfig: &Path, manifest: &str) {
+    let out = kubectl_stdin(kubeconfig, &["apply", "-f", "-"], manifest);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}\n{manifest}",
+        stderr(&out)
+    );
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
