@@ -40,6 +40,8 @@ enum Command {
     Controller(ControllerArgs),
     /// Run one command on every host of an Inventory file over SSH (no cluster needed).
     Exec(cli::exec::ExecArgs),
+    /// Work with DeploymentPlan files locally (`plan run`: no cluster needed).
+    Plan(cli::plan::PlanArgs),
 }
 
 #[derive(Args)]
@@ -89,6 +91,15 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(cli::exec::run(args))?;
             std::process::exit(if all_ok { 0 } else { 2 });
+        }
+        Command::Plan(args) => {
+            telemetry::init_tracing(cli.log_format);
+            let succeeded = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(cli::plan::run(args))?;
+            std::process::exit(if succeeded { 0 } else { 1 });
         }
         Command::Controller(args) => {
             // kube's TLS uses rustls; exactly one crypto provider must be installed before

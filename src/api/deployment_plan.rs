@@ -400,8 +400,8 @@ pub struct HostFailure {
     /// Stage that failed.
     #[schemars(length(max = 63))]
     pub stage: String,
-    /// CamelCase cause: NonZeroExit, Signal, Timeout, ConnectFailed, HostKeyRejected,
-    /// AuthFailed, JobFailed or Interrupted.
+    /// CamelCase cause: NonZeroExit (with exitCode or signal), TimedOut, Unreachable,
+    /// HostKeyUnknown, HostKeyMismatch, AuthFailed, BecomeFailed, Interrupted or Other.
     #[schemars(length(max = 64))]
     pub reason: String,
     /// Exit status of the last attempt, when the process exited.

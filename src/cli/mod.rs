@@ -2,3 +2,4 @@
 //! from files instead of the API server.
 
 pub mod exec;
+pub mod plan;

@@ -3,3 +3,4 @@
 //! Nothing here imports `kube`.
 
 pub mod inventory;
+pub mod plan;
