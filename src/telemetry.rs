@@ -57,6 +57,12 @@ pub struct ErrorLabels {
     pub category: String,
 }
 
+/// Label of plan run results: Succeeded, Failed or RolledBack.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
 /// The operator's metrics. Cheap to clone: every family is reference-counted.
 #[derive(Clone)]
 pub struct Metrics {
@@ -65,6 +71,12 @@ pub struct Metrics {
     pub reconcile_duration: Family<KindLabel, Histogram>,
     pub queue_depth: Family<KindLabel, Gauge>,
     pub leader: Gauge,
+    /// DeploymentPlan runs that ended, per result.
+    pub plan_runs: Family<ResultLabel, Counter>,
+    /// Duration of one stage (all its attempts) on one host.
+    pub plan_host_stage_duration: Histogram,
+    /// Hosts with a plan stage in progress, over all plans.
+    pub plan_hosts_in_flight: Gauge,
 }
 
 impl Metrics {
@@ -80,6 +92,11 @@ impl Metrics {
             }),
             queue_depth: Family::default(),
             leader: Gauge::default(),
+            plan_runs: Family::default(),
+            plan_host_stage_duration: Histogram::new([
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
+            ]),
+            plan_hosts_in_flight: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("outrider");
         r.register(
@@ -106,6 +123,21 @@ impl Metrics {
             "leader",
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
+        );
+        r.register(
+            "plan_runs",
+            "DeploymentPlan runs that ended, per result",
+            m.plan_runs.clone(),
+        );
+        r.register(
+            "plan_host_stage_duration_seconds",
+            "Time one plan stage took on one host, retries included",
+            m.plan_host_stage_duration.clone(),
+        );
+        r.register(
+            "plan_hosts_in_flight",
+            "Hosts with a DeploymentPlan stage in progress",
+            m.plan_hosts_in_flight.clone(),
         );
         m
     }

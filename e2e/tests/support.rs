@@ -325,10 +325,10 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
-/// A Secret with the test user key and known_hosts pinning test hosts 0..16.
+/// A Secret with the test user key and known_hosts pinning test hosts 0..32.
 pub fn secret_yaml(name: &str, namespace: &str) -> String {
     let h = hosts();
-    let addrs: Vec<String> = (0..16).map(host_addr).collect();
+    let addrs: Vec<String> = (0..32).map(host_addr).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\ntype: Opaque\nstringData:\n  ssh-privatekey: |\n{}  known_hosts: |\n{}",

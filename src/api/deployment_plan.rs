@@ -318,11 +318,25 @@ pub struct DeploymentPlanStatus {
     /// When this run reached Succeeded, Failed or RolledBack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// Internal bookkeeping of the run for a restarted controller: which hosts are done,
+    /// failed or mid-way, as index ranges (small for any fleet size). Not for users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "progress_schema")]
+    pub progress: Option<serde_json::Value>,
     /// Ready (the run finished successfully), Progressing (a batch is running) and
-    /// Degraded (hosts failed).
+    /// Failed (the run failed or rolled back).
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// Schema of `status.progress`: an object whose content only the controller interprets.
+fn progress_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Internal resume state of the run (host index ranges); written by the controller only.",
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 /// Phase of a plan's current run.

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod conditions;
+pub mod deployment_plan;
 pub mod inventory;
 pub mod leader;
 pub mod runtime;
@@ -25,6 +26,8 @@ pub struct Context {
     pub backoff: backoff::ErrorBackoff,
     /// Only this namespace is watched when set; all namespaces otherwise.
     pub namespace: Option<String>,
+    /// DeploymentPlan runs in progress (background tasks), by namespace/name.
+    pub plans: deployment_plan::Runs,
 }
 
 impl Context {
@@ -44,6 +47,7 @@ impl Context {
             metrics,
             backoff: backoff::ErrorBackoff::default(),
             namespace,
+            plans: deployment_plan::Runs::default(),
         }
     }
 }
@@ -56,6 +60,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("object has no namespace")]
     NoNamespace,
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -64,6 +70,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube_api",
             Error::NoNamespace => "invalid_object",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }
@@ -71,5 +78,8 @@ impl Error {
 /// Runs every kind's controller until `stop` fires, then lets in-flight reconciles (and
 /// their status writes) finish before returning.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
-    inventory::run(ctx, stop).await;
+    tokio::join!(
+        inventory::run(ctx.clone(), stop.clone()),
+        deployment_plan::run(ctx, stop),
+    );
 }

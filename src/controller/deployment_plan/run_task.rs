@@ -1,0 +1,517 @@
+//! The background task of one plan run: drives the engine and folds its events into
+//! status (coalesced writes), Events and metrics.
+
+use super::*;
+
+/// One run of one plan, driven on its own task.
+pub(super) struct PlanRun {
+    pub(super) ctx: Arc<Context>,
+    pub(super) api: Api<DeploymentPlan>,
+    pub(super) plan: DeploymentPlan,
+    pub(super) generation: Arc<AtomicI64>,
+    pub(super) run_id: String,
+    pub(super) progress_key: String,
+    pub(super) fingerprint: String,
+    /// The status to resume from, when resuming.
+    pub(super) old_status: Option<DeploymentPlanStatus>,
+}
+
+impl PlanRun {
+    fn api_namespace(&self) -> String {
+        self.plan.namespace().unwrap_or_default()
+    }
+
+    pub(super) async fn drive(
+        self,
+        resolved: Resolved,
+        resume: Option<ResumeState>,
+        control: watch::Receiver<Control>,
+    ) {
+        let (tx, rx) = mpsc::channel(1024);
+        let Resolved {
+            spec,
+            hosts,
+            runner,
+        } = resolved;
+        let runner = ClusterRunner {
+            ssh: runner,
+            jobs: Api::namespaced(self.ctx.client.clone(), &self.api_namespace()),
+            owner: self.plan.controller_owner_ref(&()),
+            plan: self.plan.name_any(),
+            run_key: self.progress_key.clone(),
+        };
+        let mut fold = Fold::new(&self, &spec, hosts.len(), resume.clone());
+        let resumed = resume.is_some();
+        let run = plan::run_plan(
+            &spec,
+            hosts,
+            &runner,
+            resume.unwrap_or_default(),
+            control,
+            tx,
+        );
+        tokio::pin!(run);
+        {
+            let consume = self.consume(&mut fold, rx, resumed);
+            tokio::pin!(consume);
+            tokio::select! {
+                _ = &mut run => {
+                    // the engine is done and dropped its sender: drain the rest
+                    consume.await;
+                }
+                () = &mut consume => {
+                    // the plan is gone: dropping the run cancels it and closes its connections
+                }
+            }
+        }
+    }
+
+    /// Folds events into status until the engine finishes (or the plan disappears).
+    async fn consume(&self, fold: &mut Fold, mut rx: mpsc::Receiver<PlanEvent>, resumed: bool) {
+        let mut tick = tokio::time::interval(WRITE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_write = Instant::now();
+        // the first write (phase Running, run id) goes out at once
+        fold.dirty = true;
+        if resumed {
+            let note = format!("resuming run {} from status", self.run_id);
+            runtime::publish_event(&self.ctx, &self.plan, EventType::Normal, "RunResumed", note)
+                .await;
+        }
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { break };
+                    for (type_, reason, note) in fold.apply(&self.ctx, &event) {
+                        runtime::publish_event(&self.ctx, &self.plan, type_, reason, note).await;
+                    }
+                }
+                _ = tick.tick() => {
+                    let generation = self.generation.load(Ordering::SeqCst);
+                    if fold.generation != generation {
+                        fold.generation = generation;
+                        fold.dirty = true;
+                    }
+                    if fold.dirty {
+                        if self.write(fold).await.is_err() {
+                            return;
+                        }
+                        last_write = Instant::now();
+                    } else if last_write.elapsed() > LIVENESS_INTERVAL {
+                        last_write = Instant::now();
+                        if matches!(self.api.get_opt(&self.plan.name_any()).await, Ok(None)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(summary) = fold.failure_summary() {
+            runtime::publish_event(
+                &self.ctx,
+                &self.plan,
+                EventType::Warning,
+                "HostsFailed",
+                summary,
+            )
+            .await;
+        }
+        let _ = self.write(fold).await;
+    }
+
+    /// Writes the status; `Err` means the plan is gone and the run must end.
+    async fn write(&self, fold: &mut Fold) -> Result<(), ()> {
+        fold.generation = self.generation.load(Ordering::SeqCst);
+        let status = fold.status(&self.run_id, &self.progress_key, &self.fingerprint);
+        match status::apply(&self.api, &self.plan.name_any(), &status).await {
+            Ok(()) => {
+                fold.conditions = status.conditions;
+                fold.dirty = false;
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                tracing::info!(plan = %self.plan.name_any(), "plan deleted: cancelling its run");
+                Err(())
+            }
+            Err(e) => {
+                tracing::warn!(plan = %self.plan.name_any(), error = %e, "status write failed; retrying");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Everything status says about a run, updated event by event.
+struct Fold {
+    state: ResumeState,
+    total: usize,
+    running: HashMap<usize, ()>,
+    phase: PlanPhase,
+    finished: Option<Phase>,
+    batch: Option<BatchProgress>,
+    stages: Vec<StageProgress>,
+    rollback: Vec<StageProgress>,
+    failures: Vec<api::HostFailure>,
+    failure_events: usize,
+    started_at: Time,
+    finished_at: Option<Time>,
+    conditions: Vec<Condition>,
+    stage_started: HashMap<(usize, bool), Instant>,
+    exceeded: bool,
+    dirty: bool,
+    generation: i64,
+    /// `outrider_plan_hosts_in_flight`, given back for `running` hosts when the fold is
+    /// dropped (the run ended, was cancelled or aborted).
+    in_flight: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Fold {
+    fn drop(&mut self) {
+        self.in_flight
+            .dec_by(i64::try_from(self.running.len()).unwrap_or(0));
+    }
+}
+
+fn stage_list(stages: &[plan::StageSpec]) -> Vec<StageProgress> {
+    stages
+        .iter()
+        .map(|s| StageProgress {
+            name: s.name.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn bump(list: &mut [StageProgress], index: usize, ok: bool) {
+    if let Some(s) = list.get_mut(index) {
+        if ok {
+            s.succeeded = s.succeeded.saturating_add(1);
+        } else {
+            s.failed = s.failed.saturating_add(1);
+        }
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Fold {
+    fn new(run: &PlanRun, spec: &PlanSpec, total: usize, resume: Option<ResumeState>) -> Self {
+        let old = run.old_status.clone().unwrap_or_default();
+        let resumed = resume.is_some();
+        let keep = |old: &[StageProgress], fresh: Vec<StageProgress>| {
+            if resumed && old.len() == fresh.len() {
+                old.to_vec()
+            } else {
+                fresh
+            }
+        };
+        Self {
+            state: resume.unwrap_or_default(),
+            total,
+            running: HashMap::new(),
+            phase: PlanPhase::Running,
+            finished: None,
+            batch: old.batch.filter(|_| resumed),
+            stages: keep(&old.stages, stage_list(&spec.stages)),
+            rollback: keep(&old.rollback, stage_list(&spec.rollback)),
+            failures: if resumed {
+                old.failures.clone()
+            } else {
+                Vec::new()
+            },
+            failure_events: if resumed { MAX_FAILURE_EVENTS } else { 0 },
+            started_at: old
+                .started_at
+                .clone()
+                .filter(|_| resumed)
+                .unwrap_or_else(|| Time(Timestamp::now())),
+            finished_at: None,
+            conditions: run
+                .plan
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default(),
+            stage_started: HashMap::new(),
+            exceeded: false,
+            dirty: true,
+            generation: run.generation.load(Ordering::SeqCst),
+            in_flight: run.ctx.metrics.plan_hosts_in_flight.clone(),
+        }
+    }
+
+    fn failure(f: &plan::HostFailure) -> api::HostFailure {
+        api::HostFailure {
+            host: f.host.clone(),
+            stage: f.stage.clone(),
+            reason: f.failure.reason.as_str().to_string(),
+            exit_code: f.failure.exit_code,
+            signal: f.failure.signal.clone(),
+            attempts: f.attempts,
+            output_tail: plan::tail(&f.failure.output_tail, plan::OUTPUT_TAIL_MAX),
+            finished_at: Some(Time(Timestamp::now())),
+        }
+    }
+
+    fn record_failure(
+        &mut self,
+        f: &plan::HostFailure,
+        out: &mut Vec<(EventType, &'static str, String)>,
+    ) {
+        if self.failures.len() < MAX_FAILURES {
+            self.failures.push(Self::failure(f));
+        }
+        self.failure_events += 1;
+        if self.failure_events <= MAX_FAILURE_EVENTS {
+            out.push((
+                EventType::Warning,
+                "HostFailed",
+                format!(
+                    "host {} failed stage {} after {} attempt(s): {}",
+                    f.host, f.stage, f.attempts, f.failure
+                ),
+            ));
+        }
+    }
+
+    fn failure_summary(&self) -> Option<String> {
+        let more = self.failure_events.saturating_sub(MAX_FAILURE_EVENTS);
+        (more > 0).then(|| {
+            format!("{more} more host failures not reported as Events (see status.failures)")
+        })
+    }
+
+    /// Folds one event; returns the Events to publish.
+    fn apply(
+        &mut self,
+        ctx: &Context,
+        event: &PlanEvent,
+    ) -> Vec<(EventType, &'static str, String)> {
+        self.state.record(event);
+        let mut out = Vec::new();
+        match event {
+            PlanEvent::RunStarted {
+                hosts,
+                batches,
+                allowed_failures,
+            } => out.push((
+                EventType::Normal,
+                "RunStarted",
+                format!(
+                    "run started: {hosts} hosts in {batches} batches, up to {allowed_failures} failures allowed"
+                ),
+            )),
+            PlanEvent::BatchStarted {
+                index,
+                total,
+                hosts,
+            } => {
+                self.batch = Some(BatchProgress {
+                    current: count(index + 1),
+                    total: count(*total),
+                });
+                out.push((
+                    EventType::Normal,
+                    "BatchStarted",
+                    format!(
+                        "batch {}/{total} started: {} hosts{}",
+                        index + 1,
+                        hosts.len(),
+                        if *index == 0 { " (canary)" } else { "" }
+                    ),
+                ));
+            }
+            PlanEvent::HostStageStarted { host, rollback, .. } => {
+                self.stage_started
+                    .insert((host.index, *rollback), Instant::now());
+                if !rollback && self.running.insert(host.index, ()).is_none() {
+                    ctx.metrics.plan_hosts_in_flight.inc();
+                }
+            }
+            PlanEvent::HostStageFinished {
+                host,
+                stage_index,
+                result,
+                rollback,
+                ..
+            } => {
+                if let Some(t) = self.stage_started.remove(&(host.index, *rollback)) {
+                    ctx.metrics
+                        .plan_host_stage_duration
+                        .observe(t.elapsed().as_secs_f64());
+                }
+                let list = if *rollback {
+                    &mut self.rollback
+                } else {
+                    &mut self.stages
+                };
+                bump(list, *stage_index, result.is_ok());
+            }
+            PlanEvent::HostFinished { host, failure, .. } => {
+                if self.running.remove(&host.index).is_some() {
+                    ctx.metrics.plan_hosts_in_flight.dec();
+                }
+                if let Some(f) = failure {
+                    self.record_failure(f, &mut out);
+                }
+            }
+            PlanEvent::BudgetExceeded { failed, allowed } => {
+                self.exceeded = true;
+                out.push((
+                    EventType::Warning,
+                    "BudgetExceeded",
+                    format!("failure budget exceeded: {failed} hosts failed, {allowed} allowed"),
+                ));
+            }
+            PlanEvent::RunOnceFailed { stage } => {
+                self.exceeded = true;
+                out.push((
+                    EventType::Warning,
+                    "RunOnceFailed",
+                    format!("runOnce stage {stage} failed: the run stops"),
+                ));
+            }
+            PlanEvent::RollbackStarted { hosts } => out.push((
+                EventType::Warning,
+                "RollbackStarted",
+                format!("rolling back {hosts} hosts"),
+            )),
+            PlanEvent::RollbackHostFinished { failure, .. } => {
+                if let Some(f) = failure {
+                    self.record_failure(f, &mut out);
+                }
+            }
+            PlanEvent::Paused => self.phase = PlanPhase::Paused,
+            PlanEvent::Resumed => self.phase = PlanPhase::Running,
+            PlanEvent::Stopping | PlanEvent::HostKeyAccepted { .. } => {}
+            PlanEvent::HostStageRetrying { .. } => return out,
+            PlanEvent::Finished { phase } => {
+                self.finished = Some(*phase);
+                let (type_, reason) = match phase {
+                    Phase::Succeeded => (EventType::Normal, "Succeeded"),
+                    Phase::Failed => (EventType::Warning, "Failed"),
+                    Phase::RolledBack => (EventType::Warning, "RolledBack"),
+                    Phase::Stopped => (EventType::Normal, "Stopped"),
+                };
+                if *phase != Phase::Stopped {
+                    self.phase = match phase {
+                        Phase::Succeeded => PlanPhase::Succeeded,
+                        Phase::Failed => PlanPhase::Failed,
+                        _ => PlanPhase::RolledBack,
+                    };
+                    self.finished_at = Some(Time(Timestamp::now()));
+                    ctx.metrics
+                        .plan_runs
+                        .get_or_create(&ResultLabel {
+                            result: phase.as_str().to_string(),
+                        })
+                        .inc();
+                }
+                out.push((
+                    type_,
+                    reason,
+                    format!(
+                        "run {}: {} of {} hosts succeeded, {} failed",
+                        phase.as_str(),
+                        self.state.done.len(),
+                        self.total,
+                        self.state.failed.len()
+                    ),
+                ));
+            }
+        }
+        self.dirty = true;
+        out
+    }
+
+    fn desired_conditions(&self) -> Vec<Desired> {
+        let hosts = format!(
+            "{} of {} hosts succeeded, {} failed",
+            self.state.done.len(),
+            self.total,
+            self.state.failed.len()
+        );
+        match self.phase {
+            PlanPhase::Succeeded => vec![
+                Desired::new(READY, true, "Succeeded", hosts.clone()),
+                Desired::new(PROGRESSING, false, "Completed", hosts.clone()),
+                Desired::new(FAILED, false, "Succeeded", hosts),
+            ],
+            PlanPhase::Failed | PlanPhase::RolledBack => {
+                let reason = if self.phase == PlanPhase::Failed {
+                    "RunFailed"
+                } else {
+                    "RolledBack"
+                };
+                vec![
+                    Desired::new(READY, false, reason, hosts.clone()),
+                    Desired::new(PROGRESSING, false, reason, hosts.clone()),
+                    Desired::new(FAILED, true, reason, hosts),
+                ]
+            }
+            PlanPhase::Paused => vec![
+                Desired::new(READY, false, "Paused", hosts.clone()),
+                Desired::new(PROGRESSING, false, "Paused", hosts.clone()),
+                Desired::new(FAILED, false, "Paused", hosts),
+            ],
+            PlanPhase::Running | PlanPhase::Pending => {
+                let reason = if self.exceeded {
+                    "RollingBack"
+                } else {
+                    "BatchRunning"
+                };
+                vec![
+                    Desired::new(READY, false, "Running", hosts.clone()),
+                    Desired::new(PROGRESSING, true, reason, hosts.clone()),
+                    Desired::new(FAILED, false, "Running", hosts),
+                ]
+            }
+        }
+    }
+
+    fn status(&self, run_id: &str, key: &str, fingerprint: &str) -> DeploymentPlanStatus {
+        let succeeded = self.state.done.len();
+        let failed = self.state.failed.len();
+        let running = self.running.len();
+        let progress = Progress {
+            key: key.to_string(),
+            hosts: fingerprint.to_string(),
+            state: self.state.clone(),
+        };
+        DeploymentPlanStatus {
+            observed_generation: Some(self.generation),
+            run: Some(run_id.to_string()),
+            phase: Some(self.phase),
+            batch: self.batch,
+            hosts: Some(HostCounts {
+                total: count(self.total),
+                succeeded: count(succeeded),
+                failed: count(failed),
+                running: count(running),
+                pending: count(
+                    self.total
+                        .saturating_sub(succeeded + failed + running)
+                        .min(self.total),
+                ),
+            }),
+            stages: self.stages.clone(),
+            rollback: if self.exceeded || self.rollback.iter().any(|s| s.succeeded + s.failed > 0) {
+                self.rollback.clone()
+            } else {
+                Vec::new()
+            },
+            failures: self.failures.clone(),
+            started_at: Some(self.started_at.clone()),
+            finished_at: self.finished_at.clone(),
+            progress: serde_json::to_value(progress).ok(),
+            conditions: conditions::merge(
+                &self.conditions,
+                &self.desired_conditions(),
+                Some(self.generation),
+                &Time(Timestamp::now()),
+            ),
+        }
+    }
+}
