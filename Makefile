@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KUBECTL := e2e/bin/kubectl --kubeconfig e2e/.cluster/kubeconfig
 CARGO ?= cargo
 
-.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster
+.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh
 
 all: build
 
@@ -47,3 +47,9 @@ demo: cluster-up build
 demo-down:
 	e2e/demo.sh down
 	e2e/cluster.sh down
+
+## bench-ssh: uptime on 500 loopback hosts: outrider vs parallel-ssh vs ansible
+bench-ssh: deps
+	e2e/bench/deps.sh
+	$(CARGO) build --release --locked
+	$(CARGO) bench --locked --bench ssh_fanout

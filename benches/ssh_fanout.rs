@@ -1,0 +1,1110 @@
+//! SSH fan-out benchmark (`make bench-ssh`): `uptime` on a fleet of loopback hosts, outrider
+//! side by side with parallel-ssh and ansible, in one run, against one real sshd.
+//!
+//! One OpenSSH sshd (tests/support/sshd.rs, `MaxStartups 1000:30:1000`) on 0.0.0.0:PORT answers
+//! every address 127.0.(20 + i/250).(1 + i%250); every tool gets the same key, the same
+//! known_hosts (host keys pinned, strict checking) and the same host list. Each client runs as a
+//! subprocess of GNU time (`/usr/bin/time -f '%e %U %S %M'`), so all three are measured the same
+//! way: wall time, user+sys CPU of the client and every descendant it waited for, and the peak RSS
+//! of the largest single process of that tree. Because fan-out tools differ in how many processes
+//! they run, the tree's summed PSS is also sampled (every 500 ms) and reported.
+//!
+//! The server-bound floor: sshd CPU per connection, measured first with 50 OpenSSH `ssh`
+//! connections at parallelism 2, × hosts ÷ cores. sshd's CPU is read (`Sshd::cpu_seconds`) before
+//! and after every run, once sshd has reaped every connection, and reported per host.
+//!
+//! Environment: `BENCH_HOSTS` (500), `BENCH_PARALLELISM` ("20,50,100"),
+//! `BENCH_TOOLS` ("outrider,pssh,ansible"). A selected tool that is missing fails the bench.
+//! Needs root (sshd logs in as root): `e2e/deps.sh` and `e2e/bench/deps.sh` install the rest.
+//! The report goes to stdout and to `target/bench/ssh_fanout.md`.
+
+#[path = "../tests/support/sshd.rs"]
+mod sshd;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const GNU_TIME: &str = "/usr/bin/time";
+const PSSH: &str = "parallel-ssh";
+const ANSIBLE: &str = "ansible";
+const INSTALL_HINT: &str =
+    "run e2e/bench/deps.sh as root (apt-get install -y pssh ansible-core time)";
+/// Calibration of the server-bound floor: this many OpenSSH connections, this many at a time.
+const CALIBRATION_CONNECTIONS: usize = 50;
+const CALIBRATION_PARALLELISM: usize = 2;
+/// Hosts of the smoke run that proves each tool works before the long runs start.
+const SMOKE_HOSTS: usize = 2;
+/// A run that takes longer than this is killed (its process group) and reported as such.
+const RUN_GUARD: Duration = Duration::from_secs(30 * 60);
+/// How long to wait for sshd to reap every connection of a run.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause between runs, after sshd has drained.
+const SETTLE: Duration = Duration::from_secs(2);
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT_SECS: u32 = 30;
+const PSSH_TIMEOUT_SECS: u32 = 60;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    Outrider,
+    Pssh,
+    Ansible,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Outrider => "outrider",
+            Tool::Pssh => "parallel-ssh",
+            Tool::Ansible => "ansible",
+        }
+    }
+
+    /// How the tool spells its parallelism, for the report ("ansible -f 20").
+    fn parallelism_flag(self) -> &'static str {
+        match self {
+            Tool::Outrider => "--concurrency",
+            Tool::Pssh => "-p",
+            Tool::Ansible => "-f",
+        }
+    }
+
+    fn parse(name: &str) -> Tool {
+        match name.trim() {
+            "outrider" => Tool::Outrider,
+            "pssh" | "parallel-ssh" => Tool::Pssh,
+            "ansible" => Tool::Ansible,
+            other => panic!("BENCH_TOOLS: unknown tool {other:?} (known: outrider, pssh, ansible)"),
+        }
+    }
+}
+
+struct Settings {
+    hosts: usize,
+    parallelism: Vec<usize>,
+    tools: Vec<Tool>,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let hosts = env_or("BENCH_HOSTS", "500")
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=20_000).contains(n))
+            .expect("BENCH_HOSTS must be a number of hosts between 1 and 20000");
+        let parallelism: Vec<usize> = env_or("BENCH_PARALLELISM", "20,50,100")
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .unwrap_or_else(|| panic!("BENCH_PARALLELISM: bad parallelism {s:?}"))
+            })
+            .collect();
+        assert!(
+            !parallelism.is_empty(),
+            "BENCH_PARALLELISM lists no parallelism"
+        );
+        let mut tools = Vec::new();
+        for name in env_or("BENCH_TOOLS", "outrider,pssh,ansible")
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+        {
+            let tool = Tool::parse(name);
+            if !tools.contains(&tool) {
+                tools.push(tool);
+            }
+        }
+        assert!(!tools.is_empty(), "BENCH_TOOLS lists no tool");
+        Settings {
+            hosts,
+            parallelism,
+            tools,
+        }
+    }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// The sshd, the addresses it plays, and every input file the clients read.
+struct Fleet {
+    server: sshd::Sshd,
+    work: tempfile::TempDir,
+    addrs: Vec<String>,
+    /// ed25519 private key (mode 0600), authorized for root.
+    key: PathBuf,
+    /// known_hosts pinning every address's host keys (`[addr]:port` form).
+    known_hosts: PathBuf,
+    /// Secret-like directory for outrider: `ssh-privatekey`, `known_hosts`.
+    secret_dir: PathBuf,
+}
+
+impl Fleet {
+    fn start(hosts: usize) -> Fleet {
+        let server = sshd::Sshd::start();
+        let work = tempfile::Builder::new()
+            .prefix("outrider-bench-")
+            .tempdir()
+            .expect("create the bench work dir");
+        let keys = work.path().join("keys");
+        fs::create_dir(&keys).expect("create the key dir");
+        let (private_key, public_key) = sshd::user_key(&keys, "ed25519", None, "openssh");
+        server.authorize("root", &public_key);
+        let key = work.path().join("id_ed25519");
+        write_private(&key, &private_key);
+
+        let addrs: Vec<String> = (0..hosts).map(address).collect();
+        let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let known_hosts_text = server.known_hosts_for(&addr_refs);
+        let known_hosts = work.path().join("known_hosts");
+        fs::write(&known_hosts, &known_hosts_text).expect("write known_hosts");
+
+        let secret_dir = work.path().join("secret");
+        fs::create_dir(&secret_dir).expect("create the secret dir");
+        write_private(&secret_dir.join("ssh-privatekey"), &private_key);
+        fs::write(secret_dir.join("known_hosts"), &known_hosts_text)
+            .expect("write the secret's known_hosts");
+
+        // pssh's -x is split like a shell line: keep the paths free of blanks and quotes.
+        let path_text = work.path().display().to_string();
+        assert!(
+            !path_text.contains(|c: char| c.is_whitespace() || "'\"\\".contains(c)),
+            "the temp dir {path_text:?} must not hold blanks or quotes"
+        );
+        Fleet {
+            server,
+            work,
+            addrs,
+            key,
+            known_hosts,
+            secret_dir,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.server.port
+    }
+
+    /// The first `hosts` hosts as an outrider Inventory manifest.
+    fn write_outrider_inventory(&self, path: &Path, hosts: usize) {
+        let mut y = format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: bench}}\nspec:\n  \
+             ssh: {{user: root, port: {}, secretRef: {{name: bench}}, connectTimeout: {}s, hostKeyPolicy: Strict}}\n  \
+             hosts:\n",
+            self.port(),
+            CONNECT_TIMEOUT_SECS
+        );
+        for (i, addr) in self.addrs.iter().take(hosts).enumerate() {
+            let _ = writeln!(y, "    - {{name: h{i}, address: {addr}}}");
+        }
+        fs::write(path, y).expect("write the outrider inventory");
+    }
+
+    /// The first `hosts` addresses, one a line (parallel-ssh's -h file).
+    fn write_pssh_hosts(&self, path: &Path, hosts: usize) {
+        let mut text = String::new();
+        for addr in self.addrs.iter().take(hosts) {
+            let _ = writeln!(text, "{addr}");
+        }
+        fs::write(path, text).expect("write the parallel-ssh hosts file");
+    }
+
+    /// The first `hosts` hosts as an ansible INI inventory.
+    fn write_ansible_inventory(&self, path: &Path, hosts: usize) {
+        let mut text = String::from("[fleet]\n");
+        for (i, addr) in self.addrs.iter().take(hosts).enumerate() {
+            let _ = writeln!(
+                text,
+                "h{i} ansible_host={addr} ansible_port={}",
+                self.port()
+            );
+        }
+        let _ = writeln!(
+            text,
+            "\n[fleet:vars]\nansible_ssh_common_args='-o UserKnownHostsFile={} \
+             -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes'",
+            self.known_hosts.display()
+        );
+        fs::write(path, text).expect("write the ansible inventory");
+    }
+
+    /// Direct children of the sshd listener: one per connection not yet reaped.
+    fn connections(&self) -> usize {
+        let pid = self.server.pid();
+        process_table()
+            .iter()
+            .filter(|(_, ppid)| *ppid == pid)
+            .count()
+    }
+
+    /// Waits (bounded) until sshd has reaped every connection, then returns its CPU seconds.
+    fn drained_cpu_seconds(&self) -> f64 {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let open = self.connections();
+            if open == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "[bench] warning: sshd still has {open} connection(s) after {DRAIN_TIMEOUT:?}; \
+                     their CPU is not counted yet"
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.server.cpu_seconds()
+    }
+}
+
+fn address(i: usize) -> String {
+    format!("127.0.{}.{}", 20 + i / 250, 1 + i % 250)
+}
+
+fn write_private(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
+}
+
+/// One measured invocation of a tool.
+#[derive(Clone)]
+struct Run {
+    tool: Tool,
+    parallelism: usize,
+    /// outrider's --handshakes (None: its default).
+    handshakes: Option<usize>,
+    hosts: usize,
+}
+
+impl Run {
+    fn label(&self) -> String {
+        match (self.tool, self.handshakes) {
+            (Tool::Outrider, Some(h)) => format!("outrider (--handshakes {h})"),
+            (Tool::Outrider, None) => "outrider (--handshakes default)".into(),
+            (tool, _) => tool.name().into(),
+        }
+    }
+
+    /// "ansible -f 20", "outrider --concurrency 50 --handshakes 50".
+    fn invocation(&self) -> String {
+        let mut s = format!(
+            "{} {} {}",
+            self.tool.name(),
+            self.tool.parallelism_flag(),
+            self.parallelism
+        );
+        if let Some(h) = self.handshakes {
+            let _ = write!(s, " --handshakes {h}");
+        }
+        s
+    }
+}
+
+struct Measurement {
+    run: Run,
+    succeeded: usize,
+    wall: f64,
+    client_cpu: f64,
+    max_rss_kib: u64,
+    tree_pss_peak_kib: u64,
+    sshd_cpu: f64,
+    /// GNU time's note on the exit ("Command exited with non-zero status 4"), or the guard's.
+    exit_note: String,
+    /// The run's inputs and outputs (in the temp work dir).
+    dir: PathBuf,
+}
+
+impl Measurement {
+    fn complete(&self) -> bool {
+        self.succeeded == self.run.hosts
+    }
+}
+
+/// Paths of the files a run writes.
+struct RunFiles {
+    dir: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    time: PathBuf,
+}
+
+fn main() {
+    let settings = Settings::from_env();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root.join(p) })
+        .unwrap_or_else(|| root.join("target"));
+    // Built by the same `cargo bench` (release profile): never stale.
+    let outrider_bin = PathBuf::from(env!("CARGO_BIN_EXE_outrider"));
+    let load_before = load_average();
+
+    // Every selected tool is there (and works) before anything is measured.
+    preflight(&settings, &outrider_bin);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+
+    eprintln!(
+        "[bench] {} hosts, parallelism {:?}, tools {:?}, {cores} cores",
+        settings.hosts,
+        settings.parallelism,
+        settings.tools.iter().map(|t| t.name()).collect::<Vec<_>>()
+    );
+    let fleet = Fleet::start(settings.hosts);
+    eprintln!(
+        "[bench] sshd pid {} on port {}; work dir {}",
+        fleet.server.pid(),
+        fleet.port(),
+        fleet.work.path().display()
+    );
+
+    // Server-bound floor, measured at low contention before anything else runs.
+    let calibration = calibrate(&fleet);
+    let floor = calibration.sshd_cpu_per_connection * settings.hosts as f64 / cores as f64;
+    eprintln!(
+        "[bench] floor: sshd {:.4} s CPU/connection ({} connections at parallelism {}) × {} hosts ÷ {cores} cores = {floor:.1} s",
+        calibration.sshd_cpu_per_connection,
+        calibration.connections,
+        CALIBRATION_PARALLELISM,
+        settings.hosts
+    );
+
+    // Smoke run: each tool on a couple of hosts, unmeasured; a tool that can't log in fails the
+    // bench now rather than after twenty minutes.
+    let mut seq = 0usize;
+    for &tool in &settings.tools {
+        let run = Run {
+            tool,
+            parallelism: 2,
+            handshakes: None,
+            hosts: SMOKE_HOSTS.min(settings.hosts),
+        };
+        seq += 1;
+        let m = measure(&fleet, &outrider_bin, &run, &format!("{seq:02}-smoke"));
+        if !m.complete() {
+            panic!(
+                "smoke run of {} failed ({}/{} hosts succeeded; {})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                run.invocation(),
+                m.succeeded,
+                run.hosts,
+                m.exit_note,
+                tail(&m.dir.join("stdout"), 20),
+                tail(&m.dir.join("stderr"), 20)
+            );
+        }
+    }
+
+    // The runs: every tool at every parallelism (interleaved, so that a change of background
+    // load does not land on one tool only), then outrider once with --handshakes = the largest
+    // parallelism.
+    let mut runs = Vec::new();
+    for &p in &settings.parallelism {
+        for &tool in &settings.tools {
+            runs.push(Run {
+                tool,
+                parallelism: p,
+                handshakes: None,
+                hosts: settings.hosts,
+            });
+        }
+    }
+    if settings.tools.contains(&Tool::Outrider) {
+        let p = *settings.parallelism.iter().max().expect("a parallelism");
+        runs.push(Run {
+            tool: Tool::Outrider,
+            parallelism: p,
+            handshakes: Some(p),
+            hosts: settings.hosts,
+        });
+    }
+    let mut results = Vec::new();
+    for (i, run) in runs.iter().enumerate() {
+        seq += 1;
+        eprintln!(
+            "[bench] run {}/{}: {} on {} hosts",
+            i + 1,
+            runs.len(),
+            run.invocation(),
+            run.hosts
+        );
+        let m = measure(&fleet, &outrider_bin, run, &format!("{seq:02}"));
+        eprintln!(
+            "[bench]   {}/{} ok, {:.1} s wall ({:.2}x floor), {:.3} s client CPU/host, {:.1} MiB peak RSS, \
+             {:.1} MiB tree PSS, {:.4} s sshd CPU/host{}",
+            m.succeeded,
+            run.hosts,
+            m.wall,
+            m.wall / floor,
+            m.client_cpu / run.hosts as f64,
+            m.max_rss_kib as f64 / 1024.0,
+            m.tree_pss_peak_kib as f64 / 1024.0,
+            m.sshd_cpu / run.hosts as f64,
+            if m.exit_note.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", m.exit_note)
+            }
+        );
+        results.push(m);
+    }
+
+    let report = render_report(
+        &settings,
+        cores,
+        &calibration,
+        floor,
+        &results,
+        &outrider_bin,
+        (load_before, load_average()),
+    );
+    print!("{report}");
+    let out_dir = target_dir.join("bench");
+    fs::create_dir_all(&out_dir).expect("create target/bench");
+    let out = out_dir.join("ssh_fanout.md");
+    fs::write(&out, &report).unwrap_or_else(|e| panic!("write {}: {e}", out.display()));
+    eprintln!("[bench] report written to {}", out.display());
+
+    // Keep the output of every run in which a host failed (the work dir goes away).
+    let kept = out_dir.join("ssh_fanout-failed-runs");
+    let _ = fs::remove_dir_all(&kept);
+    for m in results.iter().filter(|m| !m.complete()) {
+        let name = m.dir.file_name().expect("a run dir name").to_string_lossy();
+        fs::create_dir_all(&kept).expect("create the failed-runs dir");
+        for file in ["stdout", "stderr", "time"] {
+            let _ = fs::copy(m.dir.join(file), kept.join(format!("{name}.{file}")));
+        }
+    }
+    if results.iter().any(|m| !m.complete()) {
+        eprintln!(
+            "[bench] the output of the runs in which hosts failed is in {}",
+            kept.display()
+        );
+    }
+    let dead: Vec<String> = results
+        .iter()
+        .filter(|m| m.succeeded == 0)
+        .map(|m| m.run.invocation())
+        .collect();
+    if !dead.is_empty() {
+        eprintln!("[bench] FAILED: no host succeeded in: {}", dead.join(", "));
+        std::process::exit(1);
+    }
+}
+
+/// Fails (with the install hint) when a selected tool or GNU time is missing, or when the outrider
+/// binary lacks the `exec` subcommand.
+fn preflight(settings: &Settings, outrider_bin: &Path) {
+    let runs = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let gnu_time = Command::new(GNU_TIME)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GNU"));
+    assert!(
+        gnu_time,
+        "{GNU_TIME} (GNU time, which measures every client) not found: {INSTALL_HINT}"
+    );
+    for &tool in &settings.tools {
+        match tool {
+            Tool::Pssh => assert!(
+                runs(PSSH, &["--version"]),
+                "{PSSH} not found (Debian package pssh): {INSTALL_HINT}"
+            ),
+            Tool::Ansible => assert!(
+                runs(ANSIBLE, &["--version"]),
+                "{ANSIBLE} not found (Debian package ansible-core): {INSTALL_HINT}"
+            ),
+            Tool::Outrider => {
+                assert!(
+                    outrider_bin.exists(),
+                    "{} not found: `cargo bench --bench ssh_fanout` builds it",
+                    outrider_bin.display()
+                );
+                let bin = outrider_bin.to_str().expect("a UTF-8 path");
+                assert!(
+                    runs(bin, &["exec", "--help"]),
+                    "`{bin} exec --help` failed: this outrider has no `exec` subcommand"
+                );
+            }
+        }
+    }
+}
+
+struct Calibration {
+    connections: usize,
+    sshd_cpu_per_connection: f64,
+}
+
+/// `uptime` over `CALIBRATION_CONNECTIONS` OpenSSH connections, `CALIBRATION_PARALLELISM` at a
+/// time: sshd's CPU per connection at low contention.
+fn calibrate(fleet: &Fleet) -> Calibration {
+    let connections = CALIBRATION_CONNECTIONS.min(fleet.addrs.len());
+    let before = fleet.drained_cpu_seconds();
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        for _ in 0..CALIBRATION_PARALLELISM {
+            let next = Arc::clone(&next);
+            let failures = Arc::clone(&failures);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= connections {
+                        break;
+                    }
+                    let out = Command::new("ssh")
+                        .arg("-i")
+                        .arg(&fleet.key)
+                        .arg("-o")
+                        .arg(format!(
+                            "UserKnownHostsFile={}",
+                            fleet.known_hosts.display()
+                        ))
+                        .args([
+                            "-o",
+                            "GlobalKnownHostsFile=/dev/null",
+                            "-o",
+                            "StrictHostKeyChecking=yes",
+                            "-o",
+                            "BatchMode=yes",
+                            "-o",
+                        ])
+                        .arg(format!("ConnectTimeout={CONNECT_TIMEOUT_SECS}"))
+                        .arg("-p")
+                        .arg(fleet.port().to_string())
+                        .args(["-l", "root", &fleet.addrs[i], "uptime"])
+                        .stdin(Stdio::null())
+                        .output();
+                    let ok = matches!(&out, Ok(o) if o.status.success()
+                        && String::from_utf8_lossy(&o.stdout).contains("load average"));
+                    if !ok {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(o) = &out {
+                            eprintln!(
+                                "[bench] calibration ssh to {} failed: {}",
+                                fleet.addrs[i],
+                                String::from_utf8_lossy(&o.stderr).trim()
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let failed = failures.load(Ordering::Relaxed);
+    assert!(
+        failed == 0,
+        "{failed} of {connections} calibration connections (OpenSSH ssh, parallelism \
+         {CALIBRATION_PARALLELISM}) failed: the fleet is broken (is `ssh` installed? run e2e/deps.sh)"
+    );
+    let after = fleet.drained_cpu_seconds();
+    std::thread::sleep(SETTLE);
+    Calibration {
+        connections,
+        sshd_cpu_per_connection: (after - before) / connections as f64,
+    }
+}
+
+/// Runs one tool under GNU time and measures it (see the module doc).
+fn measure(fleet: &Fleet, outrider_bin: &Path, run: &Run, tag: &str) -> Measurement {
+    let dir = fleet
+        .work
+        .path()
+        .join("runs")
+        .join(format!("{tag}-{}", run.tool.name()));
+    fs::create_dir_all(&dir).expect("create the run dir");
+    let files = RunFiles {
+        stdout: dir.join("stdout"),
+        stderr: dir.join("stderr"),
+        time: dir.join("time"),
+        dir,
+    };
+    let mut cmd = Command::new(GNU_TIME);
+    cmd.arg("-f").arg("%e %U %S %M").arg("-o").arg(&files.time);
+    // No agent: every client authenticates with the one key file.
+    cmd.env_remove("SSH_AUTH_SOCK");
+    match run.tool {
+        Tool::Outrider => {
+            let inventory = files.dir.join("inventory.yaml");
+            fleet.write_outrider_inventory(&inventory, run.hosts);
+            cmd.arg(outrider_bin)
+                .arg("exec")
+                .arg("--inventory")
+                .arg(&inventory)
+                .arg("--secret-dir")
+                .arg(&fleet.secret_dir)
+                .arg("--concurrency")
+                .arg(run.parallelism.to_string());
+            if let Some(h) = run.handshakes {
+                cmd.arg("--handshakes").arg(h.to_string());
+            }
+            cmd.args(["--", "uptime"]);
+        }
+        Tool::Pssh => {
+            let hosts = files.dir.join("hosts");
+            fleet.write_pssh_hosts(&hosts, run.hosts);
+            cmd.arg(PSSH)
+                .arg("-h")
+                .arg(&hosts)
+                .arg("-p")
+                .arg(run.parallelism.to_string())
+                .arg("-t")
+                .arg(PSSH_TIMEOUT_SECS.to_string())
+                .args(["-l", "root", "-x"])
+                .arg(format!(
+                    "-i {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
+                     -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout={} -p {}",
+                    fleet.key.display(),
+                    fleet.known_hosts.display(),
+                    CONNECT_TIMEOUT_SECS,
+                    fleet.port()
+                ))
+                .args(["-i", "uptime"]);
+        }
+        Tool::Ansible => {
+            let inventory = files.dir.join("inventory.ini");
+            fleet.write_ansible_inventory(&inventory, run.hosts);
+            let control = files.dir.join("cp");
+            let local_tmp = files.dir.join("ansible-tmp");
+            let config = files.dir.join("ansible.cfg");
+            fs::create_dir_all(&control).expect("create the ansible control path dir");
+            fs::create_dir_all(&local_tmp).expect("create the ansible local temp dir");
+            // An empty config file: no /etc/ansible/ansible.cfg or ~/.ansible.cfg leaks in.
+            fs::write(&config, "").expect("write ansible.cfg");
+            cmd.arg(ANSIBLE)
+                .arg("all")
+                .arg("-i")
+                .arg(&inventory)
+                .args(["-m", "raw", "-a", "uptime", "-f"])
+                .arg(run.parallelism.to_string())
+                .args(["-u", "root", "--private-key"])
+                .arg(&fleet.key)
+                .env("ANSIBLE_CONFIG", &config)
+                .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+                .env("ANSIBLE_SSH_CONTROL_PATH_DIR", &control)
+                .env("ANSIBLE_LOCAL_TEMP", &local_tmp)
+                .env("ANSIBLE_HOME", files.dir.join("ansible-home"))
+                .env("ANSIBLE_TIMEOUT", CONNECT_TIMEOUT_SECS.to_string())
+                .env("ANSIBLE_DEPRECATION_WARNINGS", "False")
+                .env("ANSIBLE_SYSTEM_WARNINGS", "False")
+                .env("ANSIBLE_LOCALHOST_WARNING", "False")
+                .env("ANSIBLE_NOCOLOR", "True");
+        }
+    }
+    let stdout = fs::File::create(&files.stdout).expect("create the run's stdout file");
+    let stderr = fs::File::create(&files.stderr).expect("create the run's stderr file");
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0);
+
+    let sshd_before = fleet.drained_cpu_seconds();
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {GNU_TIME}: {e}: {INSTALL_HINT}"));
+    let pid = child.id();
+    let mut tree_pss_peak_kib = 0;
+    let mut guard_note = String::new();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => panic!("wait for {}: {e}", run.invocation()),
+        }
+        tree_pss_peak_kib = tree_pss_peak_kib.max(tree_pss_kib(pid));
+        if started.elapsed() > RUN_GUARD {
+            guard_note = format!("killed after {RUN_GUARD:?}");
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if run.tool == Tool::Ansible {
+        // Ansible's ssh (ControlMaster=auto, ControlPersist=60s) leaves one master per host
+        // behind, detached from the measured tree, holding its sshd connection: close them.
+        close_control_masters(&files.dir.join("cp"));
+    }
+    let sshd_after = fleet.drained_cpu_seconds();
+    std::thread::sleep(SETTLE);
+
+    let stdout = String::from_utf8_lossy(&fs::read(&files.stdout).unwrap_or_default()).into_owned();
+    let succeeded = match run.tool {
+        Tool::Outrider => count_outrider(&stdout),
+        Tool::Pssh => count_pssh(&stdout),
+        Tool::Ansible => count_ansible(&stdout),
+    };
+    let (wall, client_cpu, max_rss_kib, mut exit_note) = match parse_time(&files.time) {
+        Some(t) => t,
+        None => (
+            elapsed,
+            f64::NAN,
+            0,
+            "GNU time wrote no measurement".to_string(),
+        ),
+    };
+    if !guard_note.is_empty() {
+        exit_note = guard_note;
+    }
+    Measurement {
+        run: run.clone(),
+        succeeded,
+        wall,
+        client_cpu,
+        max_rss_kib,
+        tree_pss_peak_kib,
+        sshd_cpu: sshd_after - sshd_before,
+        exit_note,
+        dir: files.dir,
+    }
+}
+
+/// `ssh -O exit` on every control socket in `dir` (outside the measurement).
+fn close_control_masters(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let sockets: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    for chunk in sockets.chunks(50) {
+        let children: Vec<_> = chunk
+            .iter()
+            .filter_map(|socket| {
+                Command::new("ssh")
+                    .args(["-F", "/dev/null", "-O", "exit", "-o"])
+                    .arg(format!("ControlPath={}", socket.display()))
+                    .arg("127.0.0.1")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .ok()
+            })
+            .collect();
+        for mut child in children {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// (wall s, user+sys s, max RSS KiB, exit note) from GNU time's `-o` file: its last line is
+/// `%e %U %S %M`; a line before it tells a non-zero exit or a signal.
+fn parse_time(path: &Path) -> Option<(f64, f64, u64, String)> {
+    let text = fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines.last()?;
+    let fields: Vec<&str> = last.split_whitespace().collect();
+    if fields.len() != 4 {
+        return None;
+    }
+    let wall = fields[0].parse::<f64>().ok()?;
+    let user = fields[1].parse::<f64>().ok()?;
+    let sys = fields[2].parse::<f64>().ok()?;
+    let rss = fields[3].parse::<u64>().ok()?;
+    let note = lines[..lines.len() - 1].join("; ");
+    Some((wall, user + sys, rss, note))
+}
+
+/// outrider: `NAME<TAB>ok<TAB>first stdout line` per host that succeeded (the line is uptime's).
+fn count_outrider(stdout: &str) -> usize {
+    stdout
+        .lines()
+        .filter(|l| {
+            let mut fields = l.split('\t');
+            fields.nth(1) == Some("ok") && fields.next().is_some_and(|o| o.contains("load average"))
+        })
+        .count()
+}
+
+/// parallel-ssh -i: `[n] HH:MM:SS [SUCCESS] host` per host that succeeded.
+fn count_pssh(stdout: &str) -> usize {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('[') && l.contains(" [SUCCESS] "))
+        .count()
+}
+
+/// ansible: `h0 | CHANGED | rc=0 >>` (raw) or `h0 | SUCCESS | ...` per host that succeeded.
+fn count_ansible(stdout: &str) -> usize {
+    stdout
+        .lines()
+        .filter(|l| l.contains(" | CHANGED | ") || l.contains(" | SUCCESS | "))
+        .count()
+}
+
+/// (pid, ppid) of every process.
+fn process_table() -> Vec<(u32, u32)> {
+    let mut table = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return table;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        if let Some(ppid) = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            table.push((pid, ppid));
+        }
+    }
+    table
+}
+
+/// Summed PSS (KiB) of `root` and every process below it.
+fn tree_pss_kib(root: u32) -> u64 {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (pid, ppid) in process_table() {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut total = 0;
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        total += pss_kib(pid);
+        if let Some(kids) = children.get(&pid) {
+            stack.extend(kids);
+        }
+    }
+    total
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn render_report(
+    settings: &Settings,
+    cores: usize,
+    calibration: &Calibration,
+    floor: f64,
+    results: &[Measurement],
+    outrider_bin: &Path,
+    load: (String, String),
+) -> String {
+    // Each tool's best: its fastest run in which every host succeeded.
+    let best_of = |tool: Tool| {
+        results
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.run.tool == tool && m.complete())
+            .min_by(|(_, a), (_, b)| a.wall.total_cmp(&b.wall))
+            .map(|(i, _)| i)
+    };
+    let bests: Vec<usize> = settings.tools.iter().filter_map(|&t| best_of(t)).collect();
+
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "\n## SSH fan-out: `uptime` on {} loopback hosts\n",
+        settings.hosts
+    );
+    let _ = writeln!(
+        r,
+        "{} · {cores} cores ({}) · load average {} at the start, {} at the end · one sshd ({}) · {}\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        cpu_model(),
+        load.0,
+        load.1,
+        command_line("ssh", &["-V"]),
+        settings
+            .tools
+            .iter()
+            .map(|&t| tool_version(t, outrider_bin))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        r,
+        "| tool | parallelism | succeeded | wall s | wall ÷ floor | client CPU s/host | peak RSS MiB | tree PSS MiB | sshd CPU s/host | |"
+    );
+    let _ = writeln!(r, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for (i, m) in results.iter().enumerate() {
+        let mut notes = Vec::new();
+        if bests.contains(&i) {
+            notes.push("**best**".to_string());
+        }
+        if !m.complete() {
+            notes.push("⚠ hosts failed".to_string());
+        }
+        if !m.exit_note.is_empty() {
+            notes.push(m.exit_note.clone());
+        }
+        let hosts = m.run.hosts as f64;
+        let _ = writeln!(
+            r,
+            "| {} | {} {} | {}/{} | {:.1} | {:.2} | {:.3} | {:.1} | {:.1} | {:.4} | {} |",
+            m.run.label(),
+            m.run.tool.parallelism_flag(),
+            m.run.parallelism,
+            m.succeeded,
+            m.run.hosts,
+            m.wall,
+            m.wall / floor,
+            m.client_cpu / hosts,
+            m.max_rss_kib as f64 / 1024.0,
+            m.tree_pss_peak_kib as f64 / 1024.0,
+            m.sshd_cpu / hosts,
+            notes.join(", ")
+        );
+    }
+    let _ = writeln!(
+        r,
+        "\nServer-bound floor: sshd {:.4} s CPU per connection (measured first: {} OpenSSH `ssh` \
+         connections at parallelism {}) × {} hosts ÷ {cores} cores = **{floor:.1} s**.\n",
+        calibration.sshd_cpu_per_connection,
+        calibration.connections,
+        CALIBRATION_PARALLELISM,
+        settings.hosts
+    );
+
+    let best_outrider = best_of(Tool::Outrider).map(|i| &results[i]);
+    let best_peer = [Tool::Pssh, Tool::Ansible]
+        .iter()
+        .filter_map(|&t| best_of(t))
+        .map(|i| &results[i])
+        .min_by(|a, b| a.wall.total_cmp(&b.wall));
+    match (best_outrider, best_peer) {
+        (Some(o), Some(p)) => {
+            let verdict = if o.wall <= p.wall {
+                format!("**{:.1}x faster**", p.wall / o.wall)
+            } else {
+                format!("**{:.1}x slower**", o.wall / p.wall)
+            };
+            let _ = writeln!(
+                r,
+                "outrider is {verdict} than the best peer ({}): {:.1} s ({}) vs {:.1} s.\n",
+                p.run.invocation(),
+                o.wall,
+                o.run.invocation(),
+                p.wall
+            );
+        }
+        _ if settings.tools.contains(&Tool::Outrider) && settings.tools.len() > 1 => {
+            let _ = writeln!(
+                r,
+                "No comparison: outrider or every peer lacks a run in which all hosts succeeded.\n"
+            );
+        }
+        _ => {}
+    }
+    let _ = writeln!(
+        r,
+        "wall, client CPU (user+sys of the client and every descendant it waited for) and peak RSS \
+         (the largest single process of that tree) come from GNU time; tree PSS is the summed PSS of \
+         the client's process tree, sampled every {} ms (its peak); sshd CPU is the sshd listener's \
+         own and reaped children's CPU over the run (it depends on the algorithms the client \
+         negotiates: OpenSSH 9.2's ssh picks sntrup761x25519, russh curve25519, so a client can \
+         beat a floor calibrated with OpenSSH's ssh). Best = a tool's fastest run with every host \
+         succeeded. Ansible runs with its default ssh_args (ControlPersist=60s): the masters it \
+         leaves behind are closed after each run, outside the measurement.",
+        SAMPLE_EVERY.as_millis()
+    );
+    r
+}
+
+/// The last `lines` lines of a file.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// First line of a command's output (stdout, else stderr), or "?".
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = if o.stdout.iter().any(|b| !b.is_ascii_whitespace()) {
+                o.stdout
+            } else {
+                o.stderr
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn tool_version(tool: Tool, outrider_bin: &Path) -> String {
+    match tool {
+        Tool::Outrider => command_line(outrider_bin.to_str().unwrap_or("outrider"), &["--version"]),
+        Tool::Pssh => format!("parallel-ssh {}", command_line(PSSH, &["--version"])),
+        Tool::Ansible => command_line(ANSIBLE, &["--version"]),
+    }
+}
+
+/// The 1, 5 and 15 minute load averages ("0.52 0.58 0.59"): other work on the machine skews
+/// every number here.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

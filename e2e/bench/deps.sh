@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the peers `make bench-ssh` measures against, only when something is missing:
+# parallel-ssh (pssh), ansible (ansible-core) and GNU time (time), which measures every client.
+set -euo pipefail
+# command -> package
+declare -A need=(
+  [parallel-ssh]=pssh
+  [ansible]=ansible-core
+  [/usr/bin/time]=time
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    case " ${missing[*]} " in *" ${need[$cmd]} "*) ;; *) missing+=("${need[$cmd]}") ;; esac
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${missing[*]} — install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "[bench-deps] installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
