@@ -17,7 +17,7 @@ use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, Desired};
-use super::runtime::{self, QueueDepth};
+use super::runtime;
 use super::{Context, Error, status};
 use crate::api::inventory::{
     AcceptedHostKey, HostKeyPolicy, Inventory, InventoryStatus, UnreachableHost,
@@ -25,7 +25,6 @@ use crate::api::inventory::{
 use crate::engine::inventory as engine;
 use crate::ssh::{Credentials, Fleet};
 use crate::targets::{self, SshMaterial};
-use crate::telemetry::KindLabel;
 
 const KIND: &str = "Inventory";
 const READY: &str = "Ready";
@@ -42,12 +41,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
         ),
     };
-    let queue = Arc::new(QueueDepth::new(
-        ctx.metrics
-            .queue_depth
-            .get_or_create(&KindLabel { kind: KIND.into() })
-            .clone(),
-    ));
+    let queue = runtime::queue_depth(&ctx, KIND);
     let (trigger, store) = runtime::watch::<Inventory>(inventories, queue.clone());
     // Secrets are watched by metadata only: their data never enters this process's cache.
     let secret_changes = watcher(secrets, watcher::Config::default().any_semantic())
@@ -88,20 +82,7 @@ fn secret_material(
             format!("Secret {name:?} (spec.ssh.secretRef) does not exist in this namespace"),
         ));
     };
-    let lookup = |key: &str| -> Option<Vec<u8>> {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|v| v.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .map(|s| s.as_bytes().to_vec())
-            })
-    };
+    let lookup = |key: &str| runtime::secret_value(secret, key);
     targets::ssh_material(name, policy, lookup)
         .map_err(|e| Desired::new(READY, false, "SecretInvalid", e.to_string()))
 }

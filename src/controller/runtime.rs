@@ -147,3 +147,29 @@ where
         .map(|g| ObjectRef::from_obj(g.as_ref()))
         .collect()
 }
+
+/// A Secret key's value, from `data` or (not yet normalised by the API server) `stringData`.
+pub fn secret_value(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|v| v.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.as_bytes().to_vec())
+        })
+}
+
+/// The queue-depth tracker of `kind`, fed into the shared gauge family.
+pub fn queue_depth(ctx: &Context, kind: &str) -> Arc<QueueDepth> {
+    let gauge = ctx
+        .metrics
+        .queue_depth
+        .get_or_create(&crate::telemetry::KindLabel { kind: kind.into() })
+        .clone();
+    Arc::new(QueueDepth::new(gauge))
+}

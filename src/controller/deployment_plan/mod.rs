@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, Desired};
-use super::runtime::{self, QueueDepth};
+use super::runtime;
 use super::{Context, Error, status};
 use crate::api::deployment_plan::{
     self as api, BatchProgress, DeploymentPlan, DeploymentPlanStatus, HostCounts, PlanPhase,
@@ -46,7 +46,7 @@ use crate::engine::plan::{
 };
 use crate::ssh::{Credentials, Endpoint, Fleet};
 use crate::targets;
-use crate::telemetry::{KindLabel, ResultLabel};
+use crate::telemetry::ResultLabel;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -196,12 +196,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             Api::<PartialObjectMeta<Inventory>>::all(ctx.client.clone()),
         ),
     };
-    let queue = Arc::new(QueueDepth::new(
-        ctx.metrics
-            .queue_depth
-            .get_or_create(&KindLabel { kind: KIND.into() })
-            .clone(),
-    ));
+    let queue = runtime::queue_depth(&ctx, KIND);
     let (trigger, store) = runtime::watch::<DeploymentPlan>(plans, queue.clone());
     let secret_changes = watcher(secrets, watcher::Config::default().any_semantic())
         .default_backoff()
@@ -284,20 +279,7 @@ async fn resolve(ctx: &Context, ns: &str, dp: &DeploymentPlan) -> Result<Resolve
                 ),
             ))
         })?;
-    let lookup = |key: &str| -> Option<Vec<u8>> {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|v| v.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .map(|s| s.as_bytes().to_vec())
-            })
-    };
+    let lookup = |key: &str| runtime::secret_value(&secret, key);
     let invalid = |e: String| DesiredOr::Desired(not_ready("SecretInvalid", e));
     let material = targets::ssh_material(secret_name, inv.spec.ssh.host_key_policy, lookup)
         .map_err(|e| invalid(e.to_string()))?;
