@@ -322,6 +322,18 @@ async fn killed_controller_resumes_without_rerunning_done_hosts() {
         "resume: {before} hosts done before the kill, {} recorded done, {dups} host stages re-run",
         done.len()
     );
+    // one run, announced once: the successor says it resumed, not that a run started
+    let events: Api<Event> = Api::namespaced(client().await, &ns);
+    let list = events.list(&ListParams::default()).await.expect("events");
+    let emitted = |reason: &str| -> i32 {
+        list.items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum()
+    };
+    assert_eq!(emitted("RunStarted"), 1, "RunStarted Events");
+    assert_eq!(emitted("RunResumed"), 1, "RunResumed Events");
 }
 
 fn parse_ranges(s: &str) -> Vec<usize> {
@@ -674,4 +686,63 @@ async fn job_stage_runs_as_an_owned_job_then_ssh_stages_follow() {
                 .any(|c| c.type_ == "Complete" && c.status == "True")
         });
     assert!(complete, "the Job completed: {:?}", job.status);
+}
+
+#[tokio::test]
+async fn a_failed_job_stage_fails_the_run_with_the_pods_exit_code_and_later_stages_never_run() {
+    use k8s_openapi::api::batch::v1::Job;
+    let kc = kubeconfig();
+    let ns = namespace("dp-jobfail");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let client = client().await;
+    let api: Api<DeploymentPlan> = Api::namespaced(client.clone(), &ns);
+    setup(&ns, 3);
+    let dir = out_dir();
+    // kwok fails pods labelled kwok-exit-code with that exit code (e2e/cluster/kwok.yaml)
+    let stages = format!(
+        "    - name: migrate\n      runOnce: true\n      timeout: 2m\n      job:\n        template: {{metadata: {{labels: {{kwok-exit-code: \"7\"}}}}, spec: {{containers: [{{name: m, image: example.com/migrate:43}}], restartPolicy: Never}}}}\n{}",
+        append_stage("rollout", dir.path(), "rollout.log", "true")
+    );
+    apply(
+        &kc,
+        &plan_yaml("jobfail", &ns, "{batchSize: 100%}", &stages, ""),
+    );
+    let dp = wait_phase(&api, "jobfail", PlanPhase::Failed).await;
+    let status = dp.status.clone().expect("status");
+    let f = status
+        .failures
+        .iter()
+        .find(|f| f.stage == "migrate")
+        .unwrap_or_else(|| panic!("a failure for stage migrate: {:?}", status.failures));
+    assert_eq!(f.reason, "NonZeroExit", "{f:?}");
+    assert_eq!(f.exit_code, Some(7), "{f:?}");
+    let counts: Vec<(String, u32, u32)> = status
+        .stages
+        .iter()
+        .map(|s| (s.name.clone(), s.succeeded, s.failed))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![("migrate".into(), 0, 1), ("rollout".into(), 0, 0)]
+    );
+    assert!(
+        lines(&dir.path().join("rollout.log")).is_empty(),
+        "no host ran the stage after the failed runOnce Job"
+    );
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let list = jobs
+        .list(&ListParams::default().labels("outrider.dev/plan=jobfail"))
+        .await
+        .expect("jobs");
+    assert_eq!(
+        list.items.len(),
+        1,
+        "backoffLimit 0 and no retries: one Job"
+    );
+    let failed = list.items[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
+    assert!(failed, "the Job failed: {:?}", list.items[0].status);
 }

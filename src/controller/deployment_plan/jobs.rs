@@ -1,16 +1,88 @@
 //! Job stages: a StageRunner that sends SSH stages to the SSH runner and runs `job:`
-//! stages as owned `batch/v1` Jobs in the cluster.
+//! stages as owned `batch/v1` Jobs in the cluster. One watch of the plans' Jobs (label
+//! `outrider.dev/plan`) feeds both the controller (`owns`) and the runs waiting on a Job.
+
+use kube::runtime::reflector::{self, ObjectRef, Store};
 
 use super::*;
+
+/// The plans' Jobs as one shared watch sees them: a cache, and a counter bumped on every
+/// change so a waiting stage wakes up instead of polling the API server.
+#[derive(Clone)]
+pub(super) struct JobWatch {
+    store: Store<Job>,
+    changed: watch::Receiver<u64>,
+}
+
+impl JobWatch {
+    /// The watch's cache and the stream of touched Jobs, for `Controller::owns_stream`.
+    pub(super) fn start(
+        jobs: Api<Job>,
+    ) -> (
+        Self,
+        impl futures::Stream<Item = Result<Job, watcher::Error>> + Send + 'static,
+    ) {
+        let (store, writer) = reflector::store();
+        let (tx, changed) = watch::channel(0u64);
+        let config = watcher::Config::default().labels(PLAN_LABEL).any_semantic();
+        let stream = reflector::reflector(writer, watcher(jobs, config))
+            .default_backoff()
+            .touched_objects()
+            .inspect(move |_| tx.send_modify(|n| *n = n.wrapping_add(1)));
+        (Self { store, changed }, stream)
+    }
+}
 
 /// Runs SSH stages through [`SshRunner`] and Job stages as `batch/v1` Jobs owned by the
 /// plan, in the plan's namespace.
 pub(super) struct ClusterRunner {
     pub(super) ssh: SshRunner,
     pub(super) jobs: Api<Job>,
+    /// The shared Job watch; without it (never in the controller) a stage polls.
+    pub(super) watch: Option<JobWatch>,
+    pub(super) namespace: String,
     pub(super) owner: Option<OwnerReference>,
     pub(super) plan: String,
     pub(super) run_key: String,
+}
+
+/// How a finished Job ended: `None` while it runs.
+fn job_result(job: &Job) -> Option<Result<(), (String, String)>> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let is = |t: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == t && c.status == "True")
+    };
+    if is("Complete").is_some() {
+        return Some(Ok(()));
+    }
+    is("Failed").map(|c| {
+        Err((
+            c.reason.clone().unwrap_or_default(),
+            c.message.clone().unwrap_or_default(),
+        ))
+    })
+}
+
+/// The first terminated container of a Job's pods: exit code, and "reason: message".
+fn terminated(pods: &[Pod]) -> Option<(i32, String)> {
+    pods.iter()
+        .flat_map(|p| {
+            p.status
+                .iter()
+                .flat_map(|s| s.container_statuses.iter().flatten())
+        })
+        .filter_map(|cs| cs.state.as_ref()?.terminated.as_ref())
+        .find(|t| t.exit_code != 0)
+        .map(|t| {
+            let why = [t.reason.as_deref(), t.message.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(": ");
+            (t.exit_code, why)
+        })
 }
 
 /// Keeps the first `max` bytes of a name, on a char boundary.
@@ -109,47 +181,69 @@ impl ClusterRunner {
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(api_failure(e)),
         }
+        let key = ObjectRef::<Job>::new(&name).within(&self.namespace);
+        let mut changed = self.watch.as_ref().map(|w| w.changed.clone());
+        let mut last_get = Instant::now();
         loop {
-            tokio::time::sleep(JOB_POLL).await;
-            let Some(job) = self.jobs.get_opt(&name).await.map_err(api_failure)? else {
+            let cached = self.watch.as_ref().and_then(|w| w.store.get(&key));
+            // the cache is authoritative for progress; the API server is asked when the
+            // cache has not seen the Job (yet, or any more) and now and then as a backstop
+            let job = match cached {
+                Some(job) if last_get.elapsed() < JOB_RECHECK => Some((*job).clone()),
+                _ => {
+                    last_get = Instant::now();
+                    self.jobs.get_opt(&name).await.map_err(api_failure)?
+                }
+            };
+            let Some(job) = job else {
                 return Err(plan::StageFailure::new(
                     plan::FailureReason::Other,
                     format!("Job {name} was deleted before it finished"),
                 ));
             };
-            let conditions = job
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.clone())
-                .unwrap_or_default();
-            let is = |t: &str| {
-                conditions
-                    .iter()
-                    .find(|c| c.type_ == t && c.status == "True")
-            };
-            if is("Complete").is_some() {
-                return Ok(plan::StageOutcome {
-                    duration: started.elapsed(),
-                    output_tail: format!("Job {name} completed"),
-                });
+            match job_result(&job) {
+                Some(Ok(())) => {
+                    return Ok(plan::StageOutcome {
+                        duration: started.elapsed(),
+                        output_tail: format!("Job {name} completed"),
+                    });
+                }
+                Some(Err((reason, message))) => {
+                    return Err(self.job_failure(&name, &reason, &message).await);
+                }
+                None => {}
             }
-            if let Some(c) = is("Failed") {
-                let reason = c.reason.clone().unwrap_or_default();
-                return Err(plan::StageFailure {
-                    reason: if reason == "DeadlineExceeded" {
-                        plan::FailureReason::TimedOut
-                    } else {
-                        plan::FailureReason::NonZeroExit
-                    },
-                    exit_code: None,
-                    signal: None,
-                    message: format!(
-                        "Job {name} failed: {reason}: {}",
-                        c.message.clone().unwrap_or_default()
-                    ),
-                    output_tail: String::new(),
-                });
+            match changed.as_mut() {
+                Some(rx) => {
+                    let _ = tokio::time::timeout(JOB_RECHECK, rx.changed()).await;
+                }
+                None => tokio::time::sleep(JOB_POLL).await,
             }
+        }
+    }
+
+    /// A failed Job as a stage failure, with its pod's exit code when there is one.
+    async fn job_failure(&self, name: &str, reason: &str, message: &str) -> plan::StageFailure {
+        let pods: Api<Pod> = Api::namespaced(self.jobs.clone().into_client(), &self.namespace);
+        let selector = format!("batch.kubernetes.io/job-name={name}");
+        let exit = match pods.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => terminated(&list.items),
+            Err(e) => {
+                tracing::debug!(job = name, error = %e, "cannot read the Job's pods");
+                None
+            }
+        };
+        let deadline = reason == "DeadlineExceeded";
+        plan::StageFailure {
+            reason: if deadline {
+                plan::FailureReason::TimedOut
+            } else {
+                plan::FailureReason::NonZeroExit
+            },
+            exit_code: exit.as_ref().map(|(code, _)| *code).filter(|_| !deadline),
+            signal: None,
+            message: format!("Job {name} failed: {reason}: {message}"),
+            output_tail: exit.map(|(_, why)| why).unwrap_or_default(),
         }
     }
 }

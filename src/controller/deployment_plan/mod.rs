@@ -48,7 +48,7 @@ use crate::ssh::{Credentials, Endpoint, Fleet};
 use crate::targets;
 use crate::telemetry::ResultLabel;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{EnvVar, Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -64,8 +64,10 @@ const PLAN_LABEL: &str = "outrider.dev/plan";
 const STAGE_LABEL: &str = "outrider.dev/stage";
 /// Finished Jobs are deleted this long after they end.
 const JOB_TTL_SECONDS: i32 = 3600;
-/// Poll interval of a running Job.
+/// Poll interval of a running Job when there is no Job watch (never in the controller).
 const JOB_POLL: Duration = Duration::from_secs(1);
+/// A Job stage waiting on the watch still asks the API server this often (a backstop).
+const JOB_RECHECK: Duration = Duration::from_secs(30);
 /// Most failures listed in status (the schema's limit).
 const MAX_FAILURES: usize = 100;
 /// Most `HostFailed` Events per run; the rest are summed up in one Event at the end.
@@ -91,11 +93,15 @@ struct RunHandle {
 
 /// The runs of every plan, by `namespace/name`.
 #[derive(Default)]
-pub struct Runs(Mutex<HashMap<String, RunHandle>>);
+pub struct Runs {
+    runs: Mutex<HashMap<String, RunHandle>>,
+    /// The shared watch of the plans' Jobs, set when the controller starts.
+    jobs: std::sync::OnceLock<JobWatch>,
+}
 
 impl Runs {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunHandle>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops every run (at the next host boundary), waits up to `grace`, then cancels the
@@ -184,18 +190,22 @@ fn terminal(phase: Option<PlanPhase>) -> bool {
 
 /// Runs the DeploymentPlan controller until `stop` fires, then stops the runs.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
-    let (plans, secrets, inventories) = match &ctx.namespace {
+    let (plans, secrets, inventories, jobs) = match &ctx.namespace {
         Some(ns) => (
             Api::namespaced(ctx.client.clone(), ns),
             Api::<PartialObjectMeta<Secret>>::namespaced(ctx.client.clone(), ns),
             Api::<PartialObjectMeta<Inventory>>::namespaced(ctx.client.clone(), ns),
+            Api::<Job>::namespaced(ctx.client.clone(), ns),
         ),
         None => (
             Api::all(ctx.client.clone()),
             Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
             Api::<PartialObjectMeta<Inventory>>::all(ctx.client.clone()),
+            Api::<Job>::all(ctx.client.clone()),
         ),
     };
+    let (job_watch, job_changes) = JobWatch::start(jobs);
+    let _ = ctx.plans.jobs.set(job_watch);
     let queue = runtime::queue_depth(&ctx, KIND);
     let (trigger, store) = runtime::watch::<DeploymentPlan>(plans, queue.clone());
     let secret_changes = watcher(secrets, watcher::Config::default().any_semantic())
@@ -207,6 +217,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let by_secret = store.clone();
     let by_inventory = store.clone();
     Controller::for_stream(trigger, store)
+        .owns_stream(job_changes)
         .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| {
             // the plan names its Inventory, not the Secret: wake the plans still waiting
             runtime::referrers(&by_secret, secret.namespace(), |dp: &DeploymentPlan| {
@@ -565,7 +576,7 @@ async fn write_not_ready(
 mod jobs;
 mod run_task;
 
-use jobs::ClusterRunner;
+use jobs::{ClusterRunner, JobWatch};
 use run_task::PlanRun;
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ impl PlanRun {
         let runner = ClusterRunner {
             ssh: runner,
             jobs: Api::namespaced(self.ctx.client.clone(), &self.api_namespace()),
+            watch: self.ctx.plans.jobs.get().cloned(),
+            namespace: self.api_namespace(),
             owner: self.plan.controller_owner_ref(&()),
             plan: self.plan.name_any(),
             run_key: self.progress_key.clone(),
@@ -158,6 +160,8 @@ struct Fold {
     conditions: Vec<Condition>,
     stage_started: HashMap<(usize, bool), Instant>,
     exceeded: bool,
+    /// Resumed from status: the run already announced itself (`RunResumed` instead).
+    resumed: bool,
     dirty: bool,
     generation: i64,
     /// `outrider_plan_hosts_in_flight`, given back for `running` hosts when the fold is
@@ -170,6 +174,24 @@ impl Drop for Fold {
         self.in_flight
             .dec_by(i64::try_from(self.running.len()).unwrap_or(0));
     }
+}
+
+/// Bytes of a failure's output kept in status: with at most [`MAX_FAILURES`] failures,
+/// status stays far below etcd's object limit even when the output is all escapes.
+const STATUS_TAIL_BYTES: usize = 512;
+
+/// The end of a failed host's output, at most [`STATUS_TAIL_BYTES`] bytes (on a char
+/// boundary; "…" marks a cut).
+fn status_tail(output: &str) -> String {
+    let output = output.trim_end();
+    if output.len() <= STATUS_TAIL_BYTES {
+        return output.to_string();
+    }
+    let mut start = output.len() - (STATUS_TAIL_BYTES - '…'.len_utf8());
+    while !output.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &output[start..])
 }
 
 fn stage_list(stages: &[plan::StageSpec]) -> Vec<StageProgress> {
@@ -236,6 +258,7 @@ impl Fold {
                 .unwrap_or_default(),
             stage_started: HashMap::new(),
             exceeded: false,
+            resumed,
             dirty: true,
             generation: run.generation.load(Ordering::SeqCst),
             in_flight: run.ctx.metrics.plan_hosts_in_flight.clone(),
@@ -250,7 +273,7 @@ impl Fold {
             exit_code: f.failure.exit_code,
             signal: f.failure.signal.clone(),
             attempts: f.attempts,
-            output_tail: plan::tail(&f.failure.output_tail, plan::OUTPUT_TAIL_MAX),
+            output_tail: status_tail(&f.failure.output_tail),
             finished_at: Some(Time(Timestamp::now())),
         }
     }
@@ -292,6 +315,7 @@ impl Fold {
         self.state.record(event);
         let mut out = Vec::new();
         match event {
+            PlanEvent::RunStarted { .. } if self.resumed => {}
             PlanEvent::RunStarted {
                 hosts,
                 batches,
@@ -513,5 +537,110 @@ impl Fold {
                 &Time(Timestamp::now()),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_tail_keeps_the_last_bytes_on_a_char_boundary() {
+        assert_eq!(status_tail("short\n"), "short");
+        let long = "é".repeat(1000);
+        let t = status_tail(&long);
+        assert!(t.len() <= STATUS_TAIL_BYTES, "{}", t.len());
+        assert!(t.starts_with('…') && t.ends_with('é'));
+        assert!(t.len() > STATUS_TAIL_BYTES - 4);
+    }
+
+    /// The worst status a 5,000-host run can write: every host failed or done in an
+    /// alternating pattern (no ranges to compress), the most failures, each with output
+    /// of JSON-escaped multibyte characters, every stage list at its schema maximum.
+    #[test]
+    fn status_of_a_5000_host_run_stays_under_256_kib() {
+        let hosts = 5000;
+        let mut state = ResumeState::default();
+        for i in 0..hosts {
+            if i % 2 == 0 {
+                state.done.insert(i);
+            } else {
+                state.failed.insert(i);
+                state.rolled_back.insert(i);
+                if i % 4 == 1 {
+                    state.rollback_failed.insert(i);
+                }
+            }
+        }
+        for i in 0..200u32 {
+            state.partial.insert(i * 25, 3);
+        }
+        let noisy: String = "\"\u{1}€\\\n".repeat(2000);
+        let failures: Vec<api::HostFailure> = (0..MAX_FAILURES)
+            .map(|i| {
+                Fold::failure(&plan::HostFailure {
+                    host: format!("{:-<60}{i:03}", "host"),
+                    stage: "s".repeat(63),
+                    attempts: 10,
+                    failure: plan::StageFailure {
+                        reason: plan::FailureReason::NonZeroExit,
+                        exit_code: Some(255),
+                        signal: Some("KILL".into()),
+                        message: "m".repeat(4096),
+                        output_tail: noisy.clone(),
+                    },
+                })
+            })
+            .collect();
+        let stage = |i: usize| StageProgress {
+            name: format!("{:x<60}{i:03}", "stage"),
+            succeeded: 5000,
+            failed: 5000,
+        };
+        let progress = Progress {
+            key: format!("{}/{}", "f".repeat(16), "f".repeat(16)),
+            hosts: "f".repeat(16),
+            state,
+        };
+        let condition = |t: &str| Condition {
+            type_: t.into(),
+            status: "False".into(),
+            reason: "BudgetExceeded".into(),
+            message: "x".repeat(1024),
+            observed_generation: Some(1),
+            last_transition_time: Time(Timestamp::now()),
+        };
+        let status = DeploymentPlanStatus {
+            observed_generation: Some(1),
+            run: Some("r".repeat(128)),
+            phase: Some(PlanPhase::RolledBack),
+            batch: Some(BatchProgress {
+                current: 50,
+                total: 50,
+            }),
+            hosts: Some(HostCounts {
+                total: 5000,
+                succeeded: 2500,
+                failed: 2500,
+                running: 0,
+                pending: 0,
+            }),
+            stages: (0..32).map(stage).collect(),
+            rollback: (0..16).map(stage).collect(),
+            failures,
+            started_at: Some(Time(Timestamp::now())),
+            finished_at: Some(Time(Timestamp::now())),
+            progress: serde_json::to_value(&progress).ok(),
+            conditions: vec![condition(READY), condition(PROGRESSING), condition(FAILED)],
+        };
+        let json = serde_json::to_vec(&status).expect("json");
+        assert!(
+            json.len() < 256 * 1024,
+            "status of a 5,000-host run is {} bytes",
+            json.len()
+        );
+        eprintln!("worst-case status: {} bytes", json.len());
+        let back: DeploymentPlanStatus = serde_json::from_slice(&json).expect("parse");
+        assert_eq!(progress_of(Some(&back)), Some(progress));
     }
 }
