@@ -12,6 +12,7 @@ K8S_VERSION=${K8S_VERSION:-v1.37.2}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
+VICTORIALOGS_VERSION=${VICTORIALOGS_VERSION:-v1.52.1}
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${OUTRIDER_CACHE:-$HOME/.cache/outrider}
@@ -96,14 +97,14 @@ GO
   link "$dir" etcd
 }
 
-build_gotool() { # build_gotool NAME MODULE/PKG VERSION
-  local name=$1 pkg=$2 version=$3
+build_gotool() { # build_gotool NAME MODULE/PKG VERSION [EXTRA_LDFLAGS]
+  local name=$1 pkg=$2 version=$3 ldflags=${4:-}
   local dir="$cache/$name-$version"
   if ! done_marker "$dir"; then
     need_go
     log "building $name $version into $dir"
     mkdir -p "$dir"
-    GOBIN="$dir" go install -ldflags "-s -w" "$pkg@$version"
+    GOBIN="$dir" go install -ldflags "-s -w $ldflags" "$pkg@$version"
     touch "$dir/.complete"
   fi
   link "$dir" "$name"
@@ -111,8 +112,14 @@ build_gotool() { # build_gotool NAME MODULE/PKG VERSION
 
 build_kwok() { build_gotool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"; }
 build_helm() { build_gotool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"; }
+# Log store for the agent's sink tests (tests/support/victorialogs.rs). Its go.mod has no replace
+# directives, so `go install pkg@version` works. buildinfo.Version is what `-version` prints.
+build_victorialogs() {
+  build_gotool victoria-logs github.com/VictoriaMetrics/VictoriaLogs/app/victoria-logs "$VICTORIALOGS_VERSION" \
+    "-X github.com/VictoriaMetrics/VictoriaMetrics/lib/buildinfo.Version=victoria-logs-$VICTORIALOGS_VERSION"
+}
 
-all=(etcd kubernetes kwok helm)
+all=(etcd kubernetes kwok helm victorialogs)
 [ $# -gt 0 ] && all=("$@")
 for t in "${all[@]}"; do "build_$t"; done
 log "tools ready in $bin"
