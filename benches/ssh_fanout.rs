@@ -15,7 +15,11 @@
 //!
 //! Environment: `BENCH_HOSTS` (500), `BENCH_PARALLELISM` ("20,50,100"),
 //! `BENCH_TOOLS` ("outrider,pssh,ansible"). A selected tool that is missing fails the bench.
-//! Needs root (sshd logs in as root): `e2e/deps.sh` and `e2e/bench/deps.sh` install the rest.
+//! Needs root (the test sshd runs as root); every tool logs in as the unprivileged test user
+//! [`BENCH_USER`] (login shell `/bin/sh`, created by `e2e/deps.sh`). Not root: root's shell
+//! on these machines is bash, which sources a `.bashrc` running `pyenv init` for every ssh
+//! command (~0.15 s of server CPU each, growing under contention) and would swamp what is
+//! measured. `e2e/deps.sh` and `e2e/bench/deps.sh` install the rest.
 //! The report goes to stdout and to `target/bench/ssh_fanout.md`.
 
 #[path = "../tests/support/sshd.rs"]
@@ -32,6 +36,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// The account every tool logs in as: unprivileged, `/bin/sh`, no rc files (`e2e/deps.sh`).
+const BENCH_USER: &str = "outrider-nosudo";
 const GNU_TIME: &str = "/usr/bin/time";
 const PSSH: &str = "parallel-ssh";
 const ANSIBLE: &str = "ansible";
@@ -144,7 +150,7 @@ struct Fleet {
     server: sshd::Sshd,
     work: tempfile::TempDir,
     addrs: Vec<String>,
-    /// ed25519 private key (mode 0600), authorized for root.
+    /// ed25519 private key (mode 0600), authorized for [`BENCH_USER`].
     key: PathBuf,
     /// known_hosts pinning every address's host keys (`[addr]:port` form).
     known_hosts: PathBuf,
@@ -162,7 +168,7 @@ impl Fleet {
         let keys = work.path().join("keys");
         fs::create_dir(&keys).expect("create the key dir");
         let (private_key, public_key) = sshd::user_key(&keys, "ed25519", None, "openssh");
-        server.authorize("root", &public_key);
+        server.authorize(BENCH_USER, &public_key);
         let key = work.path().join("id_ed25519");
         write_private(&key, &private_key);
 
@@ -202,7 +208,7 @@ impl Fleet {
     fn write_outrider_inventory(&self, path: &Path, hosts: usize) {
         let mut y = format!(
             "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: bench}}\nspec:\n  \
-             ssh: {{user: root, port: {}, secretRef: {{name: bench}}, connectTimeout: {}s, hostKeyPolicy: Strict}}\n  \
+             ssh: {{user: {BENCH_USER}, port: {}, secretRef: {{name: bench}}, connectTimeout: {}s, hostKeyPolicy: Strict}}\n  \
              hosts:\n",
             self.port(),
             CONNECT_TIMEOUT_SECS
@@ -529,6 +535,10 @@ fn preflight(settings: &Settings, outrider_bin: &Path) {
         gnu_time,
         "{GNU_TIME} (GNU time, which measures every client) not found: {INSTALL_HINT}"
     );
+    assert!(
+        runs("id", &["-u", BENCH_USER]),
+        "the test user {BENCH_USER} does not exist: run e2e/deps.sh as root (make deps)"
+    );
     for &tool in &settings.tools {
         match tool {
             Tool::Pssh => assert!(
@@ -597,7 +607,7 @@ fn calibrate(fleet: &Fleet) -> Calibration {
                         .arg(format!("ConnectTimeout={CONNECT_TIMEOUT_SECS}"))
                         .arg("-p")
                         .arg(fleet.port().to_string())
-                        .args(["-l", "root", &fleet.addrs[i], "uptime"])
+                        .args(["-l", BENCH_USER, &fleet.addrs[i], "uptime"])
                         .stdin(Stdio::null())
                         .output();
                     let ok = matches!(&out, Ok(o) if o.status.success()
@@ -675,7 +685,7 @@ fn measure(fleet: &Fleet, outrider_bin: &Path, run: &Run, tag: &str) -> Measurem
                 .arg(run.parallelism.to_string())
                 .arg("-t")
                 .arg(PSSH_TIMEOUT_SECS.to_string())
-                .args(["-l", "root", "-x"])
+                .args(["-l", BENCH_USER, "-x"])
                 .arg(format!(
                     "-i {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
                      -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout={} -p {}",
@@ -702,7 +712,7 @@ fn measure(fleet: &Fleet, outrider_bin: &Path, run: &Run, tag: &str) -> Measurem
                 .arg(&inventory)
                 .args(["-m", "raw", "-a", "uptime", "-f"])
                 .arg(run.parallelism.to_string())
-                .args(["-u", "root", "--private-key"])
+                .args(["-u", BENCH_USER, "--private-key"])
                 .arg(&fleet.key)
                 .env("ANSIBLE_CONFIG", &config)
                 .env("ANSIBLE_HOST_KEY_CHECKING", "True")
