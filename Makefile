@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KUBECTL := e2e/bin/kubectl --kubeconfig e2e/.cluster/kubeconfig
 CARGO ?= cargo
 
-.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh
+.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan
 
 all: build
 
@@ -53,3 +53,10 @@ bench-ssh: deps
 	e2e/bench/deps.sh
 	$(CARGO) build --release --locked
 	$(CARGO) bench --locked --bench ssh_fanout
+
+## bench-plan: a 3-stage DeploymentPlan on 500 loopback hosts through the controller vs ansible-playbook
+bench-plan: deps tools
+	e2e/bench/deps.sh
+	e2e/cluster.sh up
+	$(CARGO) build --release --locked
+	$(CARGO) bench --locked --bench plan_rollout

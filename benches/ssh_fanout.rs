@@ -22,13 +22,11 @@
 //! measured. `e2e/deps.sh` and `e2e/bench/deps.sh` install the rest.
 //! The report goes to stdout and to `target/bench/ssh_fanout.md`.
 
-#[path = "../tests/support/sshd.rs"]
-mod sshd;
+#[path = "support/mod.rs"]
+mod support;
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,8 +34,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// The account every tool logs in as: unprivileged, `/bin/sh`, no rc files (`e2e/deps.sh`).
-const BENCH_USER: &str = "outrider-nosudo";
+use support::*;
+
 const GNU_TIME: &str = "/usr/bin/time";
 const PSSH: &str = "parallel-ssh";
 const ANSIBLE: &str = "ansible";
@@ -50,12 +48,9 @@ const CALIBRATION_PARALLELISM: usize = 2;
 const SMOKE_HOSTS: usize = 2;
 /// A run that takes longer than this is killed (its process group) and reported as such.
 const RUN_GUARD: Duration = Duration::from_secs(30 * 60);
-/// How long to wait for sshd to reap every connection of a run.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause between runs, after sshd has drained.
 const SETTLE: Duration = Duration::from_secs(2);
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
-const CONNECT_TIMEOUT_SECS: u32 = 30;
 const PSSH_TIMEOUT_SECS: u32 = 60;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -143,148 +138,6 @@ impl Settings {
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-/// The sshd, the addresses it plays, and every input file the clients read.
-struct Fleet {
-    server: sshd::Sshd,
-    work: tempfile::TempDir,
-    addrs: Vec<String>,
-    /// ed25519 private key (mode 0600), authorized for [`BENCH_USER`].
-    key: PathBuf,
-    /// known_hosts pinning every address's host keys (`[addr]:port` form).
-    known_hosts: PathBuf,
-    /// Secret-like directory for outrider: `ssh-privatekey`, `known_hosts`.
-    secret_dir: PathBuf,
-}
-
-impl Fleet {
-    fn start(hosts: usize) -> Fleet {
-        let server = sshd::Sshd::start();
-        let work = tempfile::Builder::new()
-            .prefix("outrider-bench-")
-            .tempdir()
-            .expect("create the bench work dir");
-        let keys = work.path().join("keys");
-        fs::create_dir(&keys).expect("create the key dir");
-        let (private_key, public_key) = sshd::user_key(&keys, "ed25519", None, "openssh");
-        server.authorize(BENCH_USER, &public_key);
-        let key = work.path().join("id_ed25519");
-        write_private(&key, &private_key);
-
-        let addrs: Vec<String> = (0..hosts).map(address).collect();
-        let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        let known_hosts_text = server.known_hosts_for(&addr_refs);
-        let known_hosts = work.path().join("known_hosts");
-        fs::write(&known_hosts, &known_hosts_text).expect("write known_hosts");
-
-        let secret_dir = work.path().join("secret");
-        fs::create_dir(&secret_dir).expect("create the secret dir");
-        write_private(&secret_dir.join("ssh-privatekey"), &private_key);
-        fs::write(secret_dir.join("known_hosts"), &known_hosts_text)
-            .expect("write the secret's known_hosts");
-
-        // pssh's -x is split like a shell line: keep the paths free of blanks and quotes.
-        let path_text = work.path().display().to_string();
-        assert!(
-            !path_text.contains(|c: char| c.is_whitespace() || "'\"\\".contains(c)),
-            "the temp dir {path_text:?} must not hold blanks or quotes"
-        );
-        Fleet {
-            server,
-            work,
-            addrs,
-            key,
-            known_hosts,
-            secret_dir,
-        }
-    }
-
-    fn port(&self) -> u16 {
-        self.server.port
-    }
-
-    /// The first `hosts` hosts as an outrider Inventory manifest.
-    fn write_outrider_inventory(&self, path: &Path, hosts: usize) {
-        let mut y = format!(
-            "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: bench}}\nspec:\n  \
-             ssh: {{user: {BENCH_USER}, port: {}, secretRef: {{name: bench}}, connectTimeout: {}s, hostKeyPolicy: Strict}}\n  \
-             hosts:\n",
-            self.port(),
-            CONNECT_TIMEOUT_SECS
-        );
-        for (i, addr) in self.addrs.iter().take(hosts).enumerate() {
-            let _ = writeln!(y, "    - {{name: h{i}, address: {addr}}}");
-        }
-        fs::write(path, y).expect("write the outrider inventory");
-    }
-
-    /// The first `hosts` addresses, one a line (parallel-ssh's -h file).
-    fn write_pssh_hosts(&self, path: &Path, hosts: usize) {
-        let mut text = String::new();
-        for addr in self.addrs.iter().take(hosts) {
-            let _ = writeln!(text, "{addr}");
-        }
-        fs::write(path, text).expect("write the parallel-ssh hosts file");
-    }
-
-    /// The first `hosts` hosts as an ansible INI inventory.
-    fn write_ansible_inventory(&self, path: &Path, hosts: usize) {
-        let mut text = String::from("[fleet]\n");
-        for (i, addr) in self.addrs.iter().take(hosts).enumerate() {
-            let _ = writeln!(
-                text,
-                "h{i} ansible_host={addr} ansible_port={}",
-                self.port()
-            );
-        }
-        let _ = writeln!(
-            text,
-            "\n[fleet:vars]\nansible_ssh_common_args='-o UserKnownHostsFile={} \
-             -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes'",
-            self.known_hosts.display()
-        );
-        fs::write(path, text).expect("write the ansible inventory");
-    }
-
-    /// Direct children of the sshd listener: one per connection not yet reaped.
-    fn connections(&self) -> usize {
-        let pid = self.server.pid();
-        process_table()
-            .iter()
-            .filter(|(_, ppid)| *ppid == pid)
-            .count()
-    }
-
-    /// Waits (bounded) until sshd has reaped every connection, then returns its CPU seconds.
-    fn drained_cpu_seconds(&self) -> f64 {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
-            let open = self.connections();
-            if open == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                eprintln!(
-                    "[bench] warning: sshd still has {open} connection(s) after {DRAIN_TIMEOUT:?}; \
-                     their CPU is not counted yet"
-                );
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.server.cpu_seconds()
-    }
-}
-
-fn address(i: usize) -> String {
-    format!("127.0.{}.{}", 20 + i / 250, 1 + i % 250)
-}
-
-fn write_private(path: &Path, text: &str) {
-    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
 }
 
 /// One measured invocation of a tool.
@@ -535,10 +388,7 @@ fn preflight(settings: &Settings, outrider_bin: &Path) {
         gnu_time,
         "{GNU_TIME} (GNU time, which measures every client) not found: {INSTALL_HINT}"
     );
-    assert!(
-        runs("id", &["-u", BENCH_USER]),
-        "the test user {BENCH_USER} does not exist: run e2e/deps.sh as root (make deps)"
-    );
+    require_bench_user();
     for &tool in &settings.tools {
         match tool {
             Tool::Pssh => assert!(
@@ -699,13 +549,7 @@ fn measure(fleet: &Fleet, outrider_bin: &Path, run: &Run, tag: &str) -> Measurem
         Tool::Ansible => {
             let inventory = files.dir.join("inventory.ini");
             fleet.write_ansible_inventory(&inventory, run.hosts);
-            let control = files.dir.join("cp");
-            let local_tmp = files.dir.join("ansible-tmp");
-            let config = files.dir.join("ansible.cfg");
-            fs::create_dir_all(&control).expect("create the ansible control path dir");
-            fs::create_dir_all(&local_tmp).expect("create the ansible local temp dir");
-            // An empty config file: no /etc/ansible/ansible.cfg or ~/.ansible.cfg leaks in.
-            fs::write(&config, "").expect("write ansible.cfg");
+            ansible_env(&mut cmd, &files.dir);
             cmd.arg(ANSIBLE)
                 .arg("all")
                 .arg("-i")
@@ -713,17 +557,7 @@ fn measure(fleet: &Fleet, outrider_bin: &Path, run: &Run, tag: &str) -> Measurem
                 .args(["-m", "raw", "-a", "uptime", "-f"])
                 .arg(run.parallelism.to_string())
                 .args(["-u", BENCH_USER, "--private-key"])
-                .arg(&fleet.key)
-                .env("ANSIBLE_CONFIG", &config)
-                .env("ANSIBLE_HOST_KEY_CHECKING", "True")
-                .env("ANSIBLE_SSH_CONTROL_PATH_DIR", &control)
-                .env("ANSIBLE_LOCAL_TEMP", &local_tmp)
-                .env("ANSIBLE_HOME", files.dir.join("ansible-home"))
-                .env("ANSIBLE_TIMEOUT", CONNECT_TIMEOUT_SECS.to_string())
-                .env("ANSIBLE_DEPRECATION_WARNINGS", "False")
-                .env("ANSIBLE_SYSTEM_WARNINGS", "False")
-                .env("ANSIBLE_LOCALHOST_WARNING", "False")
-                .env("ANSIBLE_NOCOLOR", "True");
+                .arg(&fleet.key);
         }
     }
     let stdout = fs::File::create(&files.stdout).expect("create the run's stdout file");
@@ -799,51 +633,6 @@ fn measure(fleet: &Fleet, outrider_bin: &Path, run: &Run, tag: &str) -> Measurem
     }
 }
 
-/// `ssh -O exit` on every control socket in `dir` (outside the measurement).
-fn close_control_masters(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    let sockets: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    for chunk in sockets.chunks(50) {
-        let children: Vec<_> = chunk
-            .iter()
-            .filter_map(|socket| {
-                Command::new("ssh")
-                    .args(["-F", "/dev/null", "-O", "exit", "-o"])
-                    .arg(format!("ControlPath={}", socket.display()))
-                    .arg("127.0.0.1")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok()
-            })
-            .collect();
-        for mut child in children {
-            let _ = child.wait();
-        }
-    }
-}
-
-/// (wall s, user+sys s, max RSS KiB, exit note) from GNU time's `-o` file: its last line is
-/// `%e %U %S %M`; a line before it tells a non-zero exit or a signal.
-fn parse_time(path: &Path) -> Option<(f64, f64, u64, String)> {
-    let text = fs::read_to_string(path).ok()?;
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let last = lines.last()?;
-    let fields: Vec<&str> = last.split_whitespace().collect();
-    if fields.len() != 4 {
-        return None;
-    }
-    let wall = fields[0].parse::<f64>().ok()?;
-    let user = fields[1].parse::<f64>().ok()?;
-    let sys = fields[2].parse::<f64>().ok()?;
-    let rss = fields[3].parse::<u64>().ok()?;
-    let note = lines[..lines.len() - 1].join("; ");
-    Some((wall, user + sys, rss, note))
-}
-
 /// outrider: `NAME<TAB>ok<TAB>first stdout line` per host that succeeded (the line is uptime's).
 fn count_outrider(stdout: &str) -> usize {
     stdout
@@ -869,66 +658,6 @@ fn count_ansible(stdout: &str) -> usize {
         .lines()
         .filter(|l| l.contains(" | CHANGED | ") || l.contains(" | SUCCESS | "))
         .count()
-}
-
-/// (pid, ppid) of every process.
-fn process_table() -> Vec<(u32, u32)> {
-    let mut table = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return table;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        if let Some(ppid) = stat[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            table.push((pid, ppid));
-        }
-    }
-    table
-}
-
-/// Summed PSS (KiB) of `root` and every process below it.
-fn tree_pss_kib(root: u32) -> u64 {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for (pid, ppid) in process_table() {
-        children.entry(ppid).or_default().push(pid);
-    }
-    let mut total = 0;
-    let mut stack = vec![root];
-    while let Some(pid) = stack.pop() {
-        total += pss_kib(pid);
-        if let Some(kids) = children.get(&pid) {
-            stack.extend(kids);
-        }
-    }
-    total
-}
-
-fn pss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("Pss:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn render_report(
@@ -1068,53 +797,10 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// First line of a command's output (stdout, else stderr), or "?".
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = if o.stdout.iter().any(|b| !b.is_ascii_whitespace()) {
-                o.stdout
-            } else {
-                o.stderr
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
 fn tool_version(tool: Tool, outrider_bin: &Path) -> String {
     match tool {
         Tool::Outrider => command_line(outrider_bin.to_str().unwrap_or("outrider"), &["--version"]),
         Tool::Pssh => format!("parallel-ssh {}", command_line(PSSH, &["--version"])),
         Tool::Ansible => command_line(ANSIBLE, &["--version"]),
     }
-}
-
-/// The 1, 5 and 15 minute load averages ("0.52 0.58 0.59"): other work on the machine skews
-/// every number here.
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, model)| model.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
