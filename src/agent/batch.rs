@@ -142,7 +142,10 @@ mod tests {
         b.push(rec(10), now);
         assert!(!b.fits(&rec(10))); // 33 > 25: ship first
         b.take();
-        assert!(b.fits(&rec(1000)), "an empty batch takes an oversized record");
+        assert!(
+            b.fits(&rec(1000)),
+            "an empty batch takes an oversized record"
+        );
         b.push(rec(1000), now);
         assert!(b.is_full());
     }

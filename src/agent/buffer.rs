@@ -112,7 +112,10 @@ mod tests {
         assert_eq!(tx.used(), one * 2);
         // Third send must wait: the buffer is full.
         let blocked = tokio::time::timeout(Duration::from_millis(100), tx.send(forget("x"))).await;
-        assert!(blocked.is_err(), "send should block while the buffer is full");
+        assert!(
+            blocked.is_err(),
+            "send should block while the buffer is full"
+        );
         // Taking an item does not free room: only acknowledging it does.
         let taken = rx.recv().await.unwrap();
         assert_eq!(rx.used(), one * 2);
@@ -126,7 +129,9 @@ mod tests {
     #[tokio::test]
     async fn an_item_larger_than_the_buffer_still_passes_alone() {
         let (tx, mut rx) = bounded(8);
-        tx.send(forget("a-key-longer-than-eight-bytes")).await.unwrap();
+        tx.send(forget("a-key-longer-than-eight-bytes"))
+            .await
+            .unwrap();
         let t = rx.recv().await.unwrap();
         assert_eq!(t.weight, 8);
         rx.release(t.weight as u64);

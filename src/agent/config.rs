@@ -10,9 +10,7 @@ use std::time::Duration;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::api::log_pipeline::{
-    BufferType, Filter, LogPipeline, LogPipelineSpec, Output, Parser,
-};
+use crate::api::log_pipeline::{BufferType, Filter, LogPipeline, LogPipelineSpec, Output, Parser};
 
 /// What the controller renders into the `outrider-agent` ConfigMap (key `agent.yaml`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -147,11 +145,12 @@ pub struct BatchConfig {
 /// Loads `agent.yaml` and validates every pipeline in it.
 pub fn load_agent_file(path: &Path) -> Result<Vec<Pipeline>, ConfigError> {
     let text = read(path)?;
-    let file: AgentConfigFile = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
-        path: path.to_path_buf(),
-        what: "the agent configuration",
-        source,
-    })?;
+    let file: AgentConfigFile =
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+            path: path.to_path_buf(),
+            what: "the agent configuration",
+            source,
+        })?;
     validate_all(file.pipelines)
 }
 
@@ -161,11 +160,12 @@ pub fn load_manifests(paths: &[PathBuf]) -> Result<Vec<Pipeline>, ConfigError> {
     for path in paths {
         let text = read(path)?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).map_err(|source| ConfigError::Yaml {
-                path: path.clone(),
-                what: "a LogPipeline",
-                source,
-            })?;
+            let value =
+                serde_yaml::Value::deserialize(doc).map_err(|source| ConfigError::Yaml {
+                    path: path.clone(),
+                    what: "a LogPipeline",
+                    source,
+                })?;
             if value.is_null() {
                 continue;
             }
@@ -232,7 +232,10 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
     for (i, input) in spec.inputs.iter().enumerate() {
         let at = format!("spec.inputs[{i}]");
         if inputs.iter().any(|x: &InputConfig| x.name == input.name) {
-            return Err(bad(format!("{at}.name"), format!("duplicate name {:?}", input.name)));
+            return Err(bad(
+                format!("{at}.name"),
+                format!("duplicate name {:?}", input.name),
+            ));
         }
         if input.paths.is_empty() {
             return Err(bad(format!("{at}.paths"), "at least one path".into()));
@@ -256,12 +259,12 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
         let multiline = match &input.multiline {
             None => None,
             Some(m) => Some(MultilineConfig {
-                start: Regex::new(&m.start_pattern).map_err(|e| {
-                    bad(format!("{at}.multiline.startPattern"), e.to_string())
-                })?,
-                flush_timeout: m.flush_timeout.to_std().map_err(|e| {
-                    bad(format!("{at}.multiline.flushTimeout"), e.to_string())
-                })?,
+                start: Regex::new(&m.start_pattern)
+                    .map_err(|e| bad(format!("{at}.multiline.startPattern"), e.to_string()))?,
+                flush_timeout: m
+                    .flush_timeout
+                    .to_std()
+                    .map_err(|e| bad(format!("{at}.multiline.flushTimeout"), e.to_string()))?,
             }),
         };
         let parser = match (input.parser, &input.pattern) {
@@ -296,13 +299,18 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
         .filters
         .iter()
         .enumerate()
-        .map(|(i, f)| compile_filter(f).map_err(|(field, msg)| bad(format!("spec.filters[{i}]{field}"), msg)))
+        .map(|(i, f)| {
+            compile_filter(f).map_err(|(field, msg)| bad(format!("spec.filters[{i}]{field}"), msg))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut outputs: Vec<OutputConfig> = Vec::new();
     for (i, o) in spec.outputs.iter().enumerate() {
         let at = format!("spec.outputs[{i}]");
         if outputs.iter().any(|x| x.name == o.name) {
-            return Err(bad(format!("{at}.name"), format!("duplicate name {:?}", o.name)));
+            return Err(bad(
+                format!("{at}.name"),
+                format!("duplicate name {:?}", o.name),
+            ));
         }
         let kind = output_kind(o).map_err(|(field, msg)| bad(format!("{at}{field}"), msg))?;
         outputs.push(OutputConfig {
@@ -314,7 +322,12 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
     let batch = BatchConfig {
         max_events: (b.max_events as usize).max(1),
         max_bytes: parse_byte_size(&b.max_bytes)
-            .ok_or_else(|| bad("spec.delivery.batch.maxBytes".into(), format!("bad size {:?}", b.max_bytes)))?
+            .ok_or_else(|| {
+                bad(
+                    "spec.delivery.batch.maxBytes".into(),
+                    format!("bad size {:?}", b.max_bytes),
+                )
+            })?
             .max(1),
         max_wait: b
             .max_wait
@@ -322,8 +335,12 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
             .map_err(|e| bad("spec.delivery.batch.maxWait".into(), e.to_string()))?,
     };
     let buf = &spec.delivery.buffer;
-    let buffer_bytes = parse_byte_size(&buf.max_size)
-        .ok_or_else(|| bad("spec.delivery.buffer.maxSize".into(), format!("bad size {:?}", buf.max_size)))?;
+    let buffer_bytes = parse_byte_size(&buf.max_size).ok_or_else(|| {
+        bad(
+            "spec.delivery.buffer.maxSize".into(),
+            format!("bad size {:?}", buf.max_size),
+        )
+    })?;
     if buffer_bytes < batch.max_bytes {
         return Err(bad(
             "spec.delivery.buffer.maxSize".into(),
@@ -358,8 +375,7 @@ fn compile_filter(f: &Filter) -> Result<FilterConfig, (String, String)> {
             ));
         }
     };
-    let pattern =
-        Regex::new(&m.pattern).map_err(|e| (format!("{name}.pattern"), e.to_string()))?;
+    let pattern = Regex::new(&m.pattern).map_err(|e| (format!("{name}.pattern"), e.to_string()))?;
     Ok(FilterConfig {
         include,
         field: m.field.clone(),
@@ -370,7 +386,10 @@ fn compile_filter(f: &Filter) -> Result<FilterConfig, (String, String)> {
 fn parse_url(s: &str, field: &str) -> Result<reqwest::Url, (String, String)> {
     let url = reqwest::Url::parse(s).map_err(|e| (field.to_string(), format!("{s:?}: {e}")))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err((field.to_string(), format!("{s:?}: scheme must be http or https")));
+        return Err((
+            field.to_string(),
+            format!("{s:?}: scheme must be http or https"),
+        ));
     }
     Ok(url)
 }

@@ -148,9 +148,13 @@ fn open(
     } else if fingerprint.is_full() {
         // Same first bytes as a file being tailed under another inode: a copy in progress
         // (copytruncate). Wait until the original is truncated or released.
-        let copy_of_live = tailers
-            .values()
-            .any(|t| t.ctl.fingerprint.lock().map(|f| *f == fingerprint).unwrap_or(false));
+        let copy_of_live = tailers.values().any(|t| {
+            t.ctl
+                .fingerprint
+                .lock()
+                .map(|f| *f == fingerprint)
+                .unwrap_or(false)
+        });
         if copy_of_live {
             return None;
         }

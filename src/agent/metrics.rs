@@ -59,7 +59,11 @@ impl AgentMetrics {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("outrider_agent");
         r.register("lines_read", "Lines read, per input", m.lines_read.clone());
-        r.register("bytes_read", "File bytes read, per input", m.bytes_read.clone());
+        r.register(
+            "bytes_read",
+            "File bytes read, per input",
+            m.bytes_read.clone(),
+        );
         r.register(
             "lines_truncated",
             "Lines cut at the maximum line size, per input",
@@ -70,7 +74,11 @@ impl AgentMetrics {
             "Lines the parser could not parse (shipped raw), per input",
             m.parse_errors.clone(),
         );
-        r.register("files_open", "Files being tailed, per input", m.files_open.clone());
+        r.register(
+            "files_open",
+            "Files being tailed, per input",
+            m.files_open.clone(),
+        );
         r.register(
             "truncations",
             "Files found truncated (copytruncate) and re-read from 0, per input",

@@ -172,10 +172,11 @@ fn build_outputs(p: &Pipeline, env: &AgentEnv) -> Result<Vec<Output>, AgentError
         out.push(Output {
             name: o.name.clone(),
             sink: Sink::new(o, client.clone(), auth, env.gzip),
-            dead_letter: env
-                .state_dir
-                .join("dead-letter")
-                .join(format!("{}_{}.ndjson", p.key.replace('/', "_"), o.name)),
+            dead_letter: env.state_dir.join("dead-letter").join(format!(
+                "{}_{}.ndjson",
+                p.key.replace('/', "_"),
+                o.name
+            )),
             backoff: env.backoff,
         });
     }

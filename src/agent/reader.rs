@@ -78,7 +78,8 @@ impl LineSplitter {
             } else {
                 let room = self.max - self.carry.len();
                 let truncated = piece.len() > room;
-                self.carry.extend_from_slice(&piece[..piece.len().min(room)]);
+                self.carry
+                    .extend_from_slice(&piece[..piece.len().min(room)]);
                 let carry = std::mem::take(&mut self.carry);
                 f(Line {
                     bytes: strip_cr(&carry),
@@ -141,7 +142,10 @@ mod tests {
         assert!(s.has_partial());
         assert_eq!(
             split(&mut s, b"o\r\nthree\n", 6),
-            [("two".to_string(), 9, false), ("three".to_string(), 15, false)]
+            [
+                ("two".to_string(), 9, false),
+                ("three".to_string(), 15, false)
+            ]
         );
         assert!(!s.has_partial());
     }
@@ -154,7 +158,10 @@ mod tests {
             [("abcd".to_string(), 9, true), ("ok".to_string(), 12, false)]
         );
         // A long line arriving in pieces is cut once and never buffered beyond the limit.
-        assert_eq!(split(&mut s, b"xyzzy", 12), [("xyzz".to_string(), 17, true)]);
+        assert_eq!(
+            split(&mut s, b"xyzzy", 12),
+            [("xyzz".to_string(), 17, true)]
+        );
         assert_eq!(split(&mut s, b"more-of-it", 17), []);
         assert_eq!(
             split(&mut s, b"tail\nnext\n", 27),

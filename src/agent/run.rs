@@ -97,7 +97,9 @@ pub async fn run(
                 running = swap(running, new, &opts, &metrics).await;
                 metrics
                     .config_reloads
-                    .get_or_create(&ResultLabel { result: "ok".into() })
+                    .get_or_create(&ResultLabel {
+                        result: "ok".into(),
+                    })
                     .inc();
             }
             Err(e) => {

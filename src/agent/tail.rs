@@ -86,7 +86,11 @@ pub async fn tail(
     opened: Opened,
     stop: CancellationToken,
 ) {
-    let files_open = shared.metrics.files_open.get_or_create(&shared.labels).clone();
+    let files_open = shared
+        .metrics
+        .files_open
+        .get_or_create(&shared.labels)
+        .clone();
     files_open.inc();
     let mut t = Tailer::new(&shared, &opened);
     if let Ok(mut g) = ctl.fingerprint.lock() {

@@ -30,7 +30,11 @@ pub struct AgentArgs {
     #[arg(long)]
     pipeline: Vec<PathBuf>,
     /// Directory for checkpoints and dead-letter files (a hostPath in a DaemonSet).
-    #[arg(long, env = "OUTRIDER_STATE_DIR", default_value = "/var/lib/outrider-agent")]
+    #[arg(
+        long,
+        env = "OUTRIDER_STATE_DIR",
+        default_value = "/var/lib/outrider-agent"
+    )]
     state_dir: PathBuf,
     /// This node's name, added to every record as `node`.
     #[arg(long, env = "NODE_NAME")]

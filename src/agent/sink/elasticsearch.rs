@@ -73,9 +73,7 @@ pub fn per_item(resp: &[u8], sent: usize) -> Result<Attempt, SinkError> {
     let mut out = Attempt::default();
     if !parsed.errors && parsed.items.is_empty() {
         // Some proxies answer 200 without items; without evidence, retry.
-        return Err(SinkError::Retryable(
-            "_bulk response has no items".into(),
-        ));
+        return Err(SinkError::Retryable("_bulk response has no items".into()));
     }
     if parsed.items.len() != sent {
         return Err(SinkError::Retryable(format!(
@@ -148,7 +146,10 @@ mod tests {
     fn mismatched_item_count_is_retried_whole() {
         let resp = br#"{"errors":false,"items":[{"create":{"status":201}}]}"#;
         assert!(matches!(per_item(resp, 2), Err(SinkError::Retryable(_))));
-        assert!(matches!(per_item(b"<html>", 1), Err(SinkError::Retryable(_))));
+        assert!(matches!(
+            per_item(b"<html>", 1),
+            Err(SinkError::Retryable(_))
+        ));
     }
 
     #[test]

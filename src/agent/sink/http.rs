@@ -17,7 +17,12 @@ impl HttpSink {
     pub async fn send(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
         let (status, body) = self
             .opts
-            .post(self.url.clone(), "application/x-ndjson", ndjson(records), &[])
+            .post(
+                self.url.clone(),
+                "application/x-ndjson",
+                ndjson(records),
+                &[],
+            )
             .await
             .map_err(SinkError::Retryable)?;
         classify(status, &body)?;

@@ -66,10 +66,10 @@ pub fn push_body(labels: &[(String, Template)], records: &[&Encoded]) -> Vec<u8>
             .map(|(k, t)| (k.clone(), t.render(&rec)))
             .collect();
         let line = String::from_utf8_lossy(&r.json).into_owned();
-        streams
-            .entry(set)
-            .or_default()
-            .push(Value::Array(vec![Value::String(r.ts_nanos.to_string()), Value::String(line)]));
+        streams.entry(set).or_default().push(Value::Array(vec![
+            Value::String(r.ts_nanos.to_string()),
+            Value::String(line),
+        ]));
     }
     let streams: Vec<Value> = streams
         .into_iter()
@@ -85,12 +85,17 @@ mod tests {
     #[test]
     fn records_are_grouped_into_streams_by_rendered_labels() {
         let labels = vec![
-            ("service".to_string(), Template::parse("{{service}}").unwrap()),
+            (
+                "service".to_string(),
+                Template::parse("{{service}}").unwrap(),
+            ),
             ("node".to_string(), Template::parse("{{node}}").unwrap()),
         ];
         let mk = |svc: &str, ts: i64| Encoded {
-            json: serde_json::to_vec(&serde_json::json!({"service": svc, "node": "n1", "message": "m"}))
-                .unwrap(),
+            json: serde_json::to_vec(
+                &serde_json::json!({"service": svc, "node": "n1", "message": "m"}),
+            )
+            .unwrap(),
             id: String::new(),
             ts_nanos: ts,
         };

@@ -92,10 +92,7 @@ impl HttpOptions {
         body: Vec<u8>,
         extra: &[(&str, &str)],
     ) -> Result<(reqwest::StatusCode, Vec<u8>), String> {
-        let mut req = self
-            .client
-            .post(url)
-            .header("Content-Type", content_type);
+        let mut req = self.client.post(url).header("Content-Type", content_type);
         for (k, v) in extra {
             req = req.header(*k, *v);
         }
@@ -172,9 +169,9 @@ impl Sink {
         let opts = HttpOptions { client, auth, gzip };
         match &o.kind {
             OutputKind::Http { url, .. } => Sink::Http(http::HttpSink::new(url.clone(), opts)),
-            OutputKind::Elasticsearch { url, index, .. } => Sink::Elasticsearch(
-                elasticsearch::EsSink::new(url.clone(), index.clone(), opts),
-            ),
+            OutputKind::Elasticsearch { url, index, .. } => {
+                Sink::Elasticsearch(elasticsearch::EsSink::new(url.clone(), index.clone(), opts))
+            }
             OutputKind::Loki {
                 url,
                 labels,
@@ -279,7 +276,10 @@ pub async fn deliver(
                     .get_or_create(&labels)
                     .inc_by(a.duplicates as u64);
                 let ok = pending.len() - a.retry.len() - dead;
-                metrics.records_shipped.get_or_create(&labels).inc_by(ok as u64);
+                metrics
+                    .records_shipped
+                    .get_or_create(&labels)
+                    .inc_by(ok as u64);
                 if !a.retry.is_empty() {
                     metrics
                         .records_failed
@@ -387,9 +387,18 @@ mod tests {
     fn status_classes_decide_retry_or_reject() {
         use reqwest::StatusCode as S;
         assert!(classify(S::NO_CONTENT, b"").is_ok());
-        assert!(matches!(classify(S::TOO_MANY_REQUESTS, b""), Err(SinkError::Retryable(_))));
-        assert!(matches!(classify(S::SERVICE_UNAVAILABLE, b""), Err(SinkError::Retryable(_))));
-        assert!(matches!(classify(S::BAD_REQUEST, b"bad"), Err(SinkError::Rejected(_))));
+        assert!(matches!(
+            classify(S::TOO_MANY_REQUESTS, b""),
+            Err(SinkError::Retryable(_))
+        ));
+        assert!(matches!(
+            classify(S::SERVICE_UNAVAILABLE, b""),
+            Err(SinkError::Retryable(_))
+        ));
+        assert!(matches!(
+            classify(S::BAD_REQUEST, b"bad"),
+            Err(SinkError::Rejected(_))
+        ));
     }
 
     #[test]
@@ -398,7 +407,9 @@ mod tests {
         let s = dir.path().join("prod").join("es-creds");
         std::fs::create_dir_all(&s).unwrap();
         std::fs::write(s.join("token"), "t0k\n").unwrap();
-        assert!(matches!(Auth::from_secret_dir(dir.path(), "prod", "es-creds"), Some(Auth::Bearer(t)) if t == "t0k"));
+        assert!(
+            matches!(Auth::from_secret_dir(dir.path(), "prod", "es-creds"), Some(Auth::Bearer(t)) if t == "t0k")
+        );
         std::fs::write(s.join("username"), "u").unwrap();
         std::fs::write(s.join("password"), "p").unwrap();
         let a = Auth::from_secret_dir(dir.path(), "prod", "es-creds").unwrap();
