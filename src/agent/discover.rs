@@ -73,10 +73,9 @@ pub async fn run_input(
     let mut first = true;
     loop {
         let input = shared.input.clone();
-        let found = match tokio::task::spawn_blocking(move || scan(&input)).await {
-            Ok(f) => f,
-            Err(_) => Vec::new(),
-        };
+        let found = tokio::task::spawn_blocking(move || scan(&input))
+            .await
+            .unwrap_or_default();
         tailers.retain(|_, t| !t.task.is_finished());
         let ids: HashSet<DevIno> = found.iter().map(|(_, id)| *id).collect();
         for (id, t) in &tailers {

@@ -122,7 +122,13 @@ impl CriJoiner {
 
     /// Feeds one line; returns a complete entry when the line ends one.
     pub fn push(&mut self, line: &[u8]) -> Option<CriEntry> {
-        let Some((time, stream, tag, content)) = split_cri(line) else {
+        let Some(CriParts {
+            time,
+            stream,
+            tag,
+            content,
+        }) = split_cri(line)
+        else {
             // Not CRI: flush anything pending first would reorder; keep it simple and emit
             // the raw line (the pending partial stays until its F arrives).
             return Some(CriEntry {
@@ -162,7 +168,15 @@ impl CriJoiner {
     }
 }
 
-fn split_cri(line: &[u8]) -> Option<(&[u8], &[u8], &[u8], &[u8])> {
+/// The four space-separated parts of a CRI log line.
+struct CriParts<'a> {
+    time: &'a [u8],
+    stream: &'a [u8],
+    tag: &'a [u8],
+    content: &'a [u8],
+}
+
+fn split_cri(line: &[u8]) -> Option<CriParts<'_>> {
     let mut it = line.splitn(4, |b| *b == b' ');
     let time = it.next()?;
     let stream = it.next()?;
@@ -171,7 +185,12 @@ fn split_cri(line: &[u8]) -> Option<(&[u8], &[u8], &[u8], &[u8])> {
     if (tag != b"P" && tag != b"F") || (stream != b"stdout" && stream != b"stderr") {
         return None;
     }
-    Some((time, stream, tag, content))
+    Some(CriParts {
+        time,
+        stream,
+        tag,
+        content,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,173 @@
+//! The real `outrider agent` binary against the fault-injecting receiver's Elasticsearch
+//! `_bulk` and Loki push endpoints: per-item results, what is retried and what is
+//! dead-lettered.
+
+#[path = "support/agent.rs"]
+mod agent;
+#[path = "support/receiver.rs"]
+mod receiver;
+
+use std::path::Path;
+use std::time::Duration;
+
+use agent::{Agent, pipeline_yaml, wait_for};
+use receiver::Receiver;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn start(dir: &Path, output: &str, extra: &str) -> Agent {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let yaml = pipeline_yaml(
+        "sinks",
+        &format!("{{name: app, paths: [\"{}/*.log\"]}}", logs.display()),
+        output,
+        extra,
+    );
+    let lp = dir.join("lp.yaml");
+    std::fs::write(&lp, yaml).unwrap();
+    let state = dir.join("state");
+    Agent::start(
+        dir,
+        &[
+            "--pipeline",
+            lp.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--node-name",
+            "node-b",
+        ],
+    )
+}
+
+fn append(dir: &Path, lines: &[&str]) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join("app.log"))
+        .unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
+
+fn dead_letters(dir: &Path) -> Vec<serde_json::Value> {
+    let path = dir.join("state").join("dead-letter");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
+        for line in std::fs::read_to_string(e.path()).unwrap().lines() {
+            out.push(serde_json::from_str(line).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn bulk_retries_only_429_items_dead_letters_400_items_and_counts_409_as_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let agent = start(
+        dir.path(),
+        &format!(
+            "{{name: es, elasticsearch: {{url: \"{}\", index: logs-test}}}}",
+            rx.url()
+        ),
+        "  delivery: {batch: {maxEvents: 100, maxWait: 300ms}}\n",
+    );
+    append(
+        dir.path(),
+        &[
+            "ok-1", "busy-1", "reject-1", "exists-1", "ok-2", "busy-2", "ok-3",
+        ],
+    );
+    wait_for("ok and busy documents stored", LONG, || {
+        rx.record_count() >= 5
+    });
+    wait_for("the batch fully accounted", LONG, || {
+        agent.metric("outrider_agent_checkpoint_lag_bytes", &[]) == 0.0
+            && agent.metric("outrider_agent_records_shipped_total", &[]) >= 6.0
+    });
+    let mut stored = rx.messages();
+    stored.sort();
+    assert_eq!(stored, ["busy-1", "busy-2", "ok-1", "ok-2", "ok-3"]);
+    rx.with(|s| {
+        assert_eq!(s.bulk_requests.len(), 2, "{:?}", s.bulk_requests);
+        assert_eq!(
+            s.bulk_requests[0].len(),
+            7,
+            "the first request carries the whole batch"
+        );
+        // The retry carries only the items that got 429.
+        assert_eq!(s.bulk_requests[1], ["busy-1", "busy-2"]);
+    });
+    let dead = dead_letters(dir.path());
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0]["record"].as_str().unwrap().contains("reject-1"));
+    assert!(dead[0]["reason"].as_str().unwrap().contains("400"));
+    assert_eq!(
+        agent.metric("outrider_agent_records_dead_lettered_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        agent.metric("outrider_agent_records_duplicate_total", &[]),
+        1.0
+    );
+    // shipped = 5 stored + 1 already there (409); retried = the two 429 items once.
+    assert_eq!(
+        agent.metric("outrider_agent_records_shipped_total", &[]),
+        6.0
+    );
+    assert_eq!(
+        agent.metric("outrider_agent_records_retried_total", &[]),
+        2.0
+    );
+}
+
+#[test]
+fn loki_429_is_retried_and_400_is_dead_lettered_without_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let agent = start(
+        dir.path(),
+        &format!(
+            "{{name: loki, loki: {{url: \"{}\", labels: {{service: \"{{{{service}}}}\", node: \"{{{{node}}}}\", job: fixed}}}}}}",
+            rx.url()
+        ),
+        "  fields: {service: shop}\n  delivery: {batch: {maxEvents: 100, maxWait: 300ms}}\n",
+    );
+    // Two 429s, then success: the same entries arrive once.
+    rx.fail_next(&[429, 429]);
+    append(dir.path(), &["first-a", "first-b"]);
+    wait_for("entries after two 429s", LONG, || rx.record_count() >= 2);
+    assert_eq!(rx.requests(), 3);
+    rx.with(|s| {
+        assert_eq!(s.loki_labels[0]["service"], "shop");
+        assert_eq!(s.loki_labels[0]["node"], "node-b");
+        assert_eq!(s.loki_labels[0]["job"], "fixed");
+        assert_eq!(s.records[0]["message"], "first-a");
+    });
+    wait_for("first batch checkpointed", LONG, || {
+        agent.metric("outrider_agent_checkpoint_lag_bytes", &[]) == 0.0
+    });
+    // A 400: the entries are bad; retrying cannot help. One request, then dead-letter.
+    rx.fail_next(&[400]);
+    append(dir.path(), &["second-a", "second-b"]);
+    wait_for("the 400 batch dead-lettered", LONG, || {
+        dead_letters(dir.path()).len() >= 2
+    });
+    wait_for(
+        "checkpoint moved past the dead-lettered batch",
+        LONG,
+        || agent.metric("outrider_agent_checkpoint_lag_bytes", &[]) == 0.0,
+    );
+    assert_eq!(rx.requests(), 4, "a 400 must not be retried");
+    assert_eq!(
+        agent.metric("outrider_agent_records_dead_lettered_total", &[]),
+        2.0
+    );
+    // The next batch flows normally.
+    append(dir.path(), &["third"]);
+    wait_for("the batch after the 400", LONG, || rx.record_count() >= 3);
+    assert_eq!(rx.messages(), ["first-a", "first-b", "third"]);
+}
