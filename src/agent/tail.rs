@@ -413,3 +413,202 @@ pub fn record_id(pipeline: &str, key: &str, end: u64, bytes: &[u8]) -> String {
     }
     hex
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::buffer::{self, BufferRx};
+    use crate::agent::config::MultilineConfig;
+    use regex::Regex;
+    use std::io::Write;
+
+    fn shared(
+        parser: ParserConfig,
+        multiline: Option<&str>,
+        filters: Vec<FilterConfig>,
+    ) -> (Arc<InputShared>, BufferRx) {
+        let (tx, rx) = buffer::bounded(1 << 20);
+        let input = InputConfig {
+            name: "app".into(),
+            paths: vec![],
+            exclude: vec![],
+            multiline: multiline.map(|p| MultilineConfig {
+                start: Regex::new(p).unwrap(),
+                flush_timeout: Duration::from_millis(100),
+            }),
+            parser,
+        };
+        let s = InputShared {
+            pipeline: Arc::from("ns/p"),
+            input,
+            ctx: RecordContext {
+                node: "n1".into(),
+                input: "app".into(),
+                fields: Default::default(),
+            },
+            filters: Arc::new(filters),
+            tx,
+            metrics: AgentMetrics::default(),
+            labels: AgentMetrics::input("ns/p", "app"),
+            lag: Arc::default(),
+            opts: TailOptions {
+                poll: Duration::from_millis(10),
+                max_line: 4096,
+                release_after: Duration::from_millis(50),
+            },
+            truncated: TruncatedFiles::default(),
+        };
+        (Arc::new(s), rx)
+    }
+
+    fn open(path: &std::path::Path, offset: u64) -> Opened {
+        let file = File::open(path).unwrap();
+        Opened {
+            id: DevIno::of_file(&file).unwrap(),
+            fingerprint: Fingerprint::of_file(&file).unwrap(),
+            file,
+            path: path.to_string_lossy().into_owned(),
+            offset,
+        }
+    }
+
+    fn append(path: &std::path::Path, s: &str) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(s.as_bytes())
+            .unwrap();
+    }
+
+    /// Next item as (message or None for a marker, end offset), or "forget".
+    async fn next(rx: &mut BufferRx) -> (Option<serde_json::Value>, u64) {
+        let t = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an item within 5s")
+            .expect("buffer open");
+        rx.release(t.weight as u64);
+        match t.item {
+            Item::Event(e) => (
+                e.record.map(|r| serde_json::from_slice(&r.json).unwrap()),
+                e.pos.offset,
+            ),
+            Item::Forget(_) => (None, u64::MAX),
+        }
+    }
+
+    #[tokio::test]
+    async fn json_multiline_and_filters_produce_records_and_markers_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        append(
+            &path,
+            "{\"msg\":\"boom\",\"level\":\"ERROR\"}\n  at x\n{\"msg\":\"fine\",\"level\":\"INFO\"}\n",
+        );
+        let filters = vec![FilterConfig {
+            include: true,
+            field: Some("level".into()),
+            pattern: Regex::new("ERROR").unwrap(),
+        }];
+        let (s, mut rx) = shared(ParserConfig::Json, Some(r"^\{"), filters);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(
+            s.clone(),
+            Arc::default(),
+            open(&path, 0),
+            stop.clone(),
+        ));
+        // The stack-trace line joins the first record, which then fails to parse as JSON
+        // (it is two lines) and is kept raw; its level is missing so the filter drops it.
+        let (first, end1) = next(&mut rx).await;
+        assert!(first.is_none(), "{first:?}");
+        assert_eq!(end1, 38);
+        // The INFO record is filtered out too, after the multiline flush timeout.
+        let (second, end2) = next(&mut rx).await;
+        assert!(second.is_none());
+        assert_eq!(end2, std::fs::metadata(&path).unwrap().len());
+        append(
+            &path,
+            "{\"msg\":\"bad\",\"level\":\"ERROR\",\"time\":\"2026-01-01T00:00:00Z\"}\n",
+        );
+        let (third, _) = next(&mut rx).await;
+        let third = third.expect("an ERROR record passes");
+        assert_eq!(third["message"], "bad");
+        assert_eq!(third["timestamp"], "2026-01-01T00:00:00Z");
+        assert_eq!(third["node"], "n1");
+        assert_eq!(s.metrics.parse_errors.get_or_create(&s.labels).get(), 1);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn copytruncate_restarts_at_zero_and_remembers_the_old_offset_for_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let long = "x".repeat(1100);
+        append(&path, &format!("{long}\n"));
+        let (s, mut rx) = shared(ParserConfig::None, None, vec![]);
+        let stop = CancellationToken::new();
+        let opened = open(&path, 0);
+        let old_fp = opened.fingerprint.clone();
+        assert!(old_fp.is_full());
+        let task = tokio::spawn(tail(s.clone(), Arc::default(), opened, stop.clone()));
+        let (r, end) = next(&mut rx).await;
+        assert_eq!(r.unwrap()["message"], long.as_str());
+        assert_eq!(end, 1101);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&path, "after truncate\n");
+        let (r, end) = next(&mut rx).await;
+        assert_eq!(r.unwrap()["message"], "after truncate");
+        assert_eq!(end, 15, "read again from offset 0");
+        assert_eq!(s.metrics.truncations.get_or_create(&s.labels).get(), 1);
+        let remembered = s.truncated.lock().unwrap().get(&old_fp).map(|(o, _)| *o);
+        assert_eq!(remembered, Some(1101));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_no_longer_matched_is_drained_to_eof_then_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        append(&path, "one\n");
+        let (s, mut rx) = shared(ParserConfig::None, None, vec![]);
+        let ctl = Arc::new(TailerControl::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(s.clone(), ctl.clone(), open(&path, 0), stop.clone()));
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "one");
+        // Rename-rotate, then the writer's last lines land in the renamed file (one
+        // without a final newline).
+        let rotated = dir.path().join("a.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        ctl.gone.store(true, Ordering::Release);
+        append(&rotated, "two\nthree");
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "two");
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "three");
+        assert_eq!(
+            next(&mut rx).await.1,
+            u64::MAX,
+            "then the checkpoint entry is forgotten"
+        );
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("tailer exits after release")
+            .unwrap();
+    }
+
+    #[test]
+    fn record_ids_are_stable_and_depend_on_place_and_content() {
+        let a = record_id("ns/p", "app/1:2", 10, b"line");
+        assert_eq!(a, record_id("ns/p", "app/1:2", 10, b"line"));
+        assert_ne!(a, record_id("ns/p", "app/1:2", 11, b"line"));
+        assert_ne!(a, record_id("ns/p", "app/1:3", 10, b"line"));
+        assert_ne!(a, record_id("ns/p", "app/1:2", 10, b"lime"));
+    }
+}
