@@ -1,7 +1,8 @@
 //! Discovery: expands an input's globs (minus its excludes) on an interval, starts a
 //! tailer for every new file identity, and tells tailers whose identity is no longer
-//! matched to drain and release their file. A filesystem-event watcher is not used yet:
-//! polling at the scan interval is the (always-correct) fallback the issue allows.
+//! matched to drain and release their file. Filesystem events (`notify`: inotify on
+//! Linux) on the directories the globs start from trigger a scan at once; the interval
+//! scan stays as the fallback for when events are unavailable or overflow.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -56,6 +57,76 @@ fn excluded(input: &InputConfig, path: &Path) -> bool {
         .any(|p| p.matches(&name) || p.matches_path(path))
 }
 
+/// The directory each glob starts from (its longest prefix without wildcards), and
+/// whether wildcards in directory names need a recursive watch there.
+pub fn watch_roots(input: &InputConfig) -> Vec<(PathBuf, bool)> {
+    let mut out: Vec<(PathBuf, bool)> = Vec::new();
+    for pattern in &input.paths {
+        let path = Path::new(pattern);
+        let mut root = PathBuf::new();
+        let mut comps = path.components().peekable();
+        let mut recursive = false;
+        while let Some(c) = comps.next() {
+            let text = c.as_os_str().to_string_lossy();
+            let wild = text.contains(['*', '?', '[']);
+            if wild {
+                // A wildcard in a directory component (not the file name) needs recursion.
+                recursive = comps.peek().is_some();
+                break;
+            }
+            if comps.peek().is_none() {
+                break; // a literal file name: watch its directory
+            }
+            root.push(c);
+        }
+        if !out.iter().any(|(r, _)| *r == root) {
+            out.push((root, recursive));
+        }
+    }
+    out
+}
+
+/// Starts a watcher that nudges `wake` on any event under the input's roots. `None` when
+/// watching is not possible (polling continues to work).
+fn watcher(
+    input: &InputConfig,
+    wake: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        use notify::EventKind;
+        use notify::event::ModifyKind;
+        // Appends are the tailers' business; only files appearing, vanishing or being
+        // renamed matter here (errors, e.g. a queue overflow, trigger a scan too).
+        let relevant = match res {
+            Ok(ev) => matches!(
+                ev.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(_))
+            ),
+            Err(_) => true,
+        };
+        if relevant {
+            // A full channel already holds a pending wake-up: nothing is lost.
+            let _ = wake.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "filesystem events unavailable; polling only"))
+    .ok()?;
+    for (root, recursive) in watch_roots(input) {
+        let mode = if recursive {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
+        if let Err(e) = w.watch(&root, mode) {
+            tracing::debug!(root = %root.display(), error = %e, "cannot watch; polling only there");
+        }
+    }
+    Some(w)
+}
+
 struct Running {
     ctl: Arc<TailerControl>,
     task: JoinHandle<()>,
@@ -71,6 +142,8 @@ pub async fn run_input(
 ) {
     let mut tailers: HashMap<DevIno, Running> = HashMap::new();
     let mut first = true;
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = watcher(&shared.input, wake_tx);
     loop {
         let input = shared.input.clone();
         let found = tokio::task::spawn_blocking(move || scan(&input))
@@ -116,6 +189,7 @@ pub async fn run_input(
         }
         tokio::select! {
             _ = tokio::time::sleep(scan_interval) => {}
+            Some(()) = wake_rx.recv() => {}
             _ = stop.cancelled() => break,
         }
     }
@@ -192,6 +266,27 @@ mod tests {
             multiline: None,
             parser: ParserConfig::None,
         }
+    }
+
+    #[test]
+    fn watch_roots_stop_at_the_first_wildcard() {
+        let i = input(
+            &[
+                "/var/log/app/*.log",
+                "/var/log/pods/*/*/*.log",
+                "/var/log/syslog",
+                "/var/log/app/other-*.log",
+            ],
+            &[],
+        );
+        assert_eq!(
+            watch_roots(&i),
+            [
+                (PathBuf::from("/var/log/app"), false),
+                (PathBuf::from("/var/log/pods"), true),
+                (PathBuf::from("/var/log"), false),
+            ]
+        );
     }
 
     #[test]
