@@ -348,3 +348,92 @@ fn invalid_config_reload_keeps_the_old_pipeline_and_a_valid_one_is_swapped_in() 
     );
     assert!(drop.values().all(|c| *c == 1));
 }
+
+#[test]
+fn a_new_file_is_found_through_filesystem_events_long_before_the_interval_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let lp = http_pipeline(dir.path(), "notify", "*.log", &rx, FAST_BATCH);
+    let mut args = agent_args(dir.path(), &lp);
+    args.extend(["--scan-interval".to_string(), "120s".to_string()]);
+    let _agent = start(dir.path(), &args);
+    let t0 = std::time::Instant::now();
+    append_numbered(&dir.path().join("logs").join("new.log"), "seq", 0..10);
+    wait_for("the new file's lines", Duration::from_secs(20), || {
+        rx.record_count() >= 10
+    });
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn sigterm_ships_the_waiting_batch_and_checkpoints_so_a_restart_sends_nothing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    // maxWait far beyond the test: only shutdown can make this batch go.
+    let lp = http_pipeline(
+        dir.path(),
+        "term",
+        "*.log",
+        &rx,
+        "  delivery: {batch: {maxEvents: 100000, maxBytes: 8Mi, maxWait: 1h}}\n",
+    );
+    let file = dir.path().join("logs").join("app.log");
+    append_numbered(&file, "seq", 0..1000);
+    let mut agent = start(dir.path(), &agent_args(dir.path(), &lp));
+    wait_for("lines read", LONG, || {
+        agent.metric("outrider_agent_lines_read_total", &[]) >= 1000.0
+    });
+    assert_eq!(rx.record_count(), 0, "the batch waits for maxWait");
+    agent.terminate();
+    assert_eq!(
+        rx.record_count(),
+        1000,
+        "SIGTERM shipped the buffered batch"
+    );
+    append_numbered(&file, "seq", 1000..1010);
+    agent.restart();
+    // Only SIGTERM (or a full batch) ships here, so stop again to flush the new lines.
+    wait_for("new lines read", LONG, || {
+        agent.metric("outrider_agent_lines_read_total", &[]) >= 10.0
+    });
+    agent.terminate();
+    let (missing, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), 1010);
+    assert!(missing.is_empty());
+    assert_eq!(dups, 0);
+}
+
+#[test]
+fn cri_partial_lines_arrive_joined_with_stream_and_runtime_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let yaml = pipeline_yaml(
+        "cri",
+        &format!(
+            "{{name: pods, paths: [\"{}/*.log\"], parser: cri}}",
+            dir.path().join("logs").display()
+        ),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        FAST_BATCH,
+    );
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let lp = dir.path().join("cri.yaml");
+    std::fs::write(&lp, yaml).unwrap();
+    std::fs::write(
+        dir.path().join("logs").join("0.log"),
+        "2026-11-28T10:00:00.123456789Z stdout P part one, \n\
+         2026-11-28T10:00:00.2Z stdout P part two, \n\
+         2026-11-28T10:00:00.3Z stdout F the end\n\
+         2026-11-28T10:00:01Z stderr F whole line\n",
+    )
+    .unwrap();
+    let _agent = start(dir.path(), &agent_args(dir.path(), &lp));
+    wait_for("two records", LONG, || rx.record_count() >= 2);
+    rx.with(|s| {
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.records[0]["message"], "part one, part two, the end");
+        assert_eq!(s.records[0]["stream"], "stdout");
+        assert_eq!(s.records[0]["timestamp"], "2026-11-28T10:00:00.123456789Z");
+        assert_eq!(s.records[1]["message"], "whole line");
+        assert_eq!(s.records[1]["stream"], "stderr");
+    });
+}

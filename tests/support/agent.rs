@@ -44,17 +44,8 @@ impl Agent {
             .args([
                 "--metrics-addr",
                 &format!("127.0.0.1:{}", self.metrics_port),
-                "--scan-interval",
-                "200ms",
-                "--poll-interval",
-                "50ms",
-                "--reload-interval",
-                "300ms",
-                "--retry-initial",
-                "50ms",
-                "--retry-max",
-                "500ms",
             ])
+            .args(self.fast_defaults())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -65,6 +56,22 @@ impl Agent {
         wait_for("agent /readyz", Duration::from_secs(30), || {
             http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
         });
+    }
+
+    /// Fast timings for tests, each unless the test's own arguments set it.
+    fn fast_defaults(&self) -> Vec<String> {
+        let defaults = [
+            ("--scan-interval", "200ms"),
+            ("--poll-interval", "50ms"),
+            ("--reload-interval", "300ms"),
+            ("--retry-initial", "50ms"),
+            ("--retry-max", "500ms"),
+        ];
+        defaults
+            .iter()
+            .filter(|(flag, _)| !self.args.iter().any(|a| a == flag))
+            .flat_map(|(flag, v)| [flag.to_string(), v.to_string()])
+            .collect()
     }
 
     /// SIGKILL: no flush, no checkpoint write.
