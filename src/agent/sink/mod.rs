@@ -264,9 +264,12 @@ pub async fn deliver(
         let next: Vec<&Encoded> = match result {
             Ok(a) => {
                 let dead = a.dead.len();
-                for (i, reason) in &a.dead {
-                    dead_letter(&out.dead_letter, pending[*i], reason);
-                }
+                let rejected: Vec<(&Encoded, &str)> = a
+                    .dead
+                    .iter()
+                    .map(|(i, reason)| (pending[*i], reason.as_str()))
+                    .collect();
+                dead_letter(&out.dead_letter, &rejected);
                 metrics
                     .records_dead_lettered
                     .get_or_create(&labels)
@@ -291,9 +294,9 @@ pub async fn deliver(
             }
             Err(SinkError::Rejected(msg)) => {
                 tracing::warn!(output = %out.name, %pipeline, error = %msg, records = pending.len(), "output rejected the batch; dead-lettering it");
-                for r in &pending {
-                    dead_letter(&out.dead_letter, r, &msg);
-                }
+                let rejected: Vec<(&Encoded, &str)> =
+                    pending.iter().map(|r| (*r, msg.as_str())).collect();
+                dead_letter(&out.dead_letter, &rejected);
                 metrics
                     .records_dead_lettered
                     .get_or_create(&labels)
@@ -327,14 +330,23 @@ pub async fn deliver(
     Delivered::Done
 }
 
-/// Appends a rejected record with the reason. A failing dead-letter write is logged: the
-/// record is still counted, so the loss is visible in metrics.
-fn dead_letter(path: &Path, rec: &Encoded, reason: &str) {
-    let line = serde_json::json!({
-        "reason": reason,
-        "id": rec.id,
-        "record": String::from_utf8_lossy(&rec.json),
-    });
+/// Appends rejected records with their reasons (one write and one fsync per call). A
+/// failing dead-letter write is logged: the records are still counted, so the loss is
+/// visible in metrics.
+fn dead_letter(path: &Path, rejected: &[(&Encoded, &str)]) {
+    if rejected.is_empty() {
+        return;
+    }
+    let mut buf = Vec::new();
+    for (rec, reason) in rejected {
+        let line = serde_json::json!({
+            "reason": reason,
+            "id": rec.id,
+            "record": String::from_utf8_lossy(&rec.json),
+        });
+        buf.extend_from_slice(line.to_string().as_bytes());
+        buf.push(b'\n');
+    }
     let res = (|| -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -343,8 +355,6 @@ fn dead_letter(path: &Path, rec: &Encoded, reason: &str) {
             .create(true)
             .append(true)
             .open(path)?;
-        let mut buf = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
         f.write_all(&buf)?;
         f.sync_data()
     })();
