@@ -224,6 +224,6 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
     }
-    tracing::info!("shutdown requested: finishing in-flight reconciles");
+    tracing::info!("shutdown requested: finishing in-flight work");
     shutdown.cancel();
 }
