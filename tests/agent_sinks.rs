@@ -210,3 +210,55 @@ fn kill_9_mid_stream_into_bulk_stores_every_line_exactly_once_thanks_to_determin
     assert!(missing.is_empty(), "{} missing", missing.len());
     assert_eq!(dups, 0, "stored twice");
 }
+
+#[test]
+fn gzip_bodies_and_basic_auth_from_the_secret_dir_reach_the_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let secret = dir.path().join("secrets").join("test").join("rx-creds");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("username"), "shipper\n").unwrap();
+    std::fs::write(secret.join("password"), "s3cret").unwrap();
+    let yaml = pipeline_yaml(
+        "auth",
+        &format!("{{name: app, paths: [\"{}/*.log\"]}}", logs.display()),
+        &format!(
+            "{{name: rx, http: {{url: \"{}/ingest\", secretRef: {{name: rx-creds}}}}}}",
+            rx.url()
+        ),
+        "  delivery: {batch: {maxWait: 50ms}}\n",
+    );
+    let lp = dir.path().join("lp.yaml");
+    std::fs::write(&lp, yaml).unwrap();
+    let state = dir.path().join("state");
+    let secrets = dir.path().join("secrets");
+    let agent = Agent::start(
+        dir.path(),
+        &[
+            "--pipeline",
+            lp.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--secret-dir",
+            secrets.to_str().unwrap(),
+            "--gzip",
+        ],
+    );
+    append(dir.path(), &["compressed and authenticated"]);
+    wait_for("the record", LONG, || rx.record_count() >= 1);
+    rx.with(|s| {
+        assert_eq!(s.records[0]["message"], "compressed and authenticated");
+        assert_eq!(s.encodings[0].as_deref(), Some("gzip"));
+        // base64("shipper:s3cret")
+        assert_eq!(
+            s.authorization[0].as_deref(),
+            Some("Basic c2hpcHBlcjpzM2NyZXQ=")
+        );
+    });
+    assert!(
+        !agent.log_text().contains("s3cret"),
+        "the password must never be logged"
+    );
+}

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::Value;
 
@@ -31,6 +31,10 @@ pub struct Seen {
     pub bulk_requests: Vec<Vec<String>>,
     /// Statuses answered to whole requests, in order.
     pub statuses: Vec<u16>,
+    /// `Authorization` header of every request (None when absent).
+    pub authorization: Vec<Option<String>>,
+    /// `Content-Encoding` header of every request.
+    pub encodings: Vec<Option<String>>,
 }
 
 #[derive(Default)]
@@ -119,6 +123,29 @@ impl Receiver {
     }
 }
 
+/// Records the headers and returns the body, gunzipped when it says so.
+fn note(inner: &mut Inner, headers: &HeaderMap, body: Bytes) -> Vec<u8> {
+    let get = |h: &str| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    inner.seen.authorization.push(get("authorization"));
+    let enc = get("content-encoding");
+    inner.seen.encodings.push(enc.clone());
+    if enc.as_deref() == Some("gzip") {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .expect("valid gzip body");
+        out
+    } else {
+        body.to_vec()
+    }
+}
+
 /// Returns the status to answer if the request is to fail as a whole.
 fn whole_request_fault(inner: &mut Inner) -> Option<u16> {
     inner.seen.requests += 1;
@@ -131,8 +158,9 @@ fn whole_request_fault(inner: &mut Inner) -> Option<u16> {
     status
 }
 
-async fn ingest(State(s): State<Arc<Mutex<Inner>>>, body: Bytes) -> StatusCode {
+async fn ingest(State(s): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let mut inner = s.lock().unwrap();
+    let body = note(&mut inner, &headers, body);
     if let Some(code) = whole_request_fault(&mut inner) {
         return StatusCode::from_u16(code).unwrap();
     }
@@ -144,8 +172,13 @@ async fn ingest(State(s): State<Arc<Mutex<Inner>>>, body: Bytes) -> StatusCode {
     StatusCode::OK
 }
 
-async fn bulk(State(s): State<Arc<Mutex<Inner>>>, body: Bytes) -> (StatusCode, String) {
+async fn bulk(
+    State(s): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
     let mut inner = s.lock().unwrap();
+    let body = note(&mut inner, &headers, body);
     if let Some(code) = whole_request_fault(&mut inner) {
         return (StatusCode::from_u16(code).unwrap(), "{}".into());
     }
@@ -197,8 +230,9 @@ async fn bulk(State(s): State<Arc<Mutex<Inner>>>, body: Bytes) -> (StatusCode, S
     )
 }
 
-async fn loki(State(s): State<Arc<Mutex<Inner>>>, body: Bytes) -> StatusCode {
+async fn loki(State(s): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let mut inner = s.lock().unwrap();
+    let body = note(&mut inner, &headers, body);
     if let Some(code) = whole_request_fault(&mut inner) {
         return StatusCode::from_u16(code).unwrap();
     }
