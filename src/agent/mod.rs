@@ -20,6 +20,7 @@ pub mod reader;
 pub mod record;
 pub mod run;
 pub mod sink;
+pub mod spool;
 pub mod tail;
 
 /// Why the agent (or one pipeline) could not start.
