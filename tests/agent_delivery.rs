@@ -507,3 +507,97 @@ fn config_reload_under_load_leaves_no_gap_and_no_duplicates() {
     wait_for("the final line", LONG, || rx.record_count() > N as usize);
     rx.with(|s| assert_eq!(s.records.last().unwrap()["version"], "4"));
 }
+
+#[test]
+fn disk_buffer_reads_ahead_while_the_sink_is_down_and_survives_kill_9_and_deleted_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    rx.fail_all(503);
+    let lp = http_pipeline(
+        dir.path(),
+        "disk",
+        "*.log",
+        &rx,
+        "  delivery: {batch: {maxEvents: 1000, maxBytes: 256Ki, maxWait: 50ms}, buffer: {type: disk, maxSize: 64Mi}}\n",
+    );
+    let file = dir.path().join("logs").join("app.log");
+    const N: u64 = 20_000;
+    append_numbered(&file, "seq", 0..N);
+    let len = std::fs::metadata(&file).unwrap().len() as f64;
+    let mut agent = start(dir.path(), &agent_args(dir.path(), &lp));
+    // Unlike the memory buffer, the spool lets reading run ahead of a dead sink, and the
+    // file is checkpointed once its records are durable in the spool.
+    let checkpoint = dir.path().join("state/checkpoints/test_disk.json");
+    wait_for("the whole file spooled and checkpointed", LONG, || {
+        let Ok(text) = std::fs::read_to_string(&checkpoint) else {
+            return false;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let offsets: Vec<f64> = v["files"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|f| f["offset"].as_f64().unwrap())
+            .collect();
+        offsets == [len]
+    });
+    assert!(agent.metric("outrider_agent_buffer_bytes", &[]) > 0.0);
+    assert_eq!(rx.record_count(), 0);
+    // The source is rotated away and deleted, and the agent dies: only the spool has them.
+    std::fs::remove_file(&file).unwrap();
+    agent.kill9();
+    rx.heal();
+    agent.restart();
+    wait_for("every number from the spool", LONG, || {
+        rx.record_count() >= N as usize
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (missing, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), N);
+    assert!(missing.is_empty(), "{} missing", missing.len());
+    assert_eq!(dups, 0);
+}
+
+#[test]
+fn a_full_disk_buffer_pauses_reading_and_resumes_when_the_sink_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    rx.fail_all(503);
+    let lp = http_pipeline(
+        dir.path(),
+        "diskfull",
+        "*.log",
+        &rx,
+        "  delivery: {batch: {maxEvents: 500, maxBytes: 64Ki, maxWait: 50ms}, buffer: {type: disk, maxSize: 512Ki}}\n",
+    );
+    let file = dir.path().join("logs").join("app.log");
+    const N: u64 = 200_000; // 2.6 MB of lines, ~40 MB of records
+    append_numbered(&file, "seq", 0..N);
+    let len = std::fs::metadata(&file).unwrap().len() as f64;
+    let agent = start(dir.path(), &agent_args(dir.path(), &lp));
+    wait_for("spool full", LONG, || {
+        agent.metric("outrider_agent_buffer_bytes", &[]) >= 512.0 * 1024.0
+    });
+    wait_for("some failed attempts", LONG, || rx.requests() >= 5);
+    let read = agent.metric("outrider_agent_bytes_read_total", &[]);
+    assert!(
+        read < len / 2.0,
+        "read {read} of {len} bytes with a full spool"
+    );
+    let spool_bytes: u64 = std::fs::read_dir(dir.path().join("state/spool/test_diskfull"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    // The bound is checked before each group is appended: one group may overshoot.
+    assert!(
+        spool_bytes < 4 * 1024 * 1024,
+        "spool holds {spool_bytes} bytes"
+    );
+    rx.heal();
+    wait_for("every number", Duration::from_secs(120), || {
+        rx.record_count() >= N as usize
+    });
+    let (missing, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), N);
+    assert!(missing.is_empty());
+    assert_eq!(dups, 0);
+}

@@ -82,6 +82,14 @@ impl BufferRx {
             .map(|(item, weight)| Taken { item, weight })
     }
 
+    /// The next item if one is queued right now.
+    pub fn try_recv(&mut self) -> Option<Taken> {
+        self.rx
+            .try_recv()
+            .ok()
+            .map(|(item, weight)| Taken { item, weight })
+    }
+
     /// Gives back the room of acknowledged items.
     pub fn release(&self, weight: u64) {
         self.room

@@ -66,6 +66,8 @@ pub struct Pipeline {
     pub outputs: Vec<OutputConfig>,
     pub batch: BatchConfig,
     pub buffer_bytes: usize,
+    /// Spool to disk (`buffer.type: disk`) instead of holding records in memory.
+    pub disk_buffer: bool,
 }
 
 /// A validated input.
@@ -347,11 +349,6 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
             "must be at least spec.delivery.batch.maxBytes".into(),
         ));
     }
-    if buf.type_ == BufferType::Disk {
-        // The disk spool is not built yet: run with the bounded memory buffer rather than
-        // refuse the pipeline; checkpoints still make restarts lossless.
-        tracing::warn!(pipeline = %key, "buffer type disk is not implemented; using a memory buffer of the same size");
-    }
     Ok(Pipeline {
         key,
         fields: spec.fields.clone(),
@@ -360,6 +357,7 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
         outputs,
         batch,
         buffer_bytes,
+        disk_buffer: buf.type_ == BufferType::Disk,
         spec,
     })
 }

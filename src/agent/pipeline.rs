@@ -2,6 +2,10 @@
 //! shipper assembles batches, delivers each batch to every output, and only then moves
 //! and persists the checkpoints of the files the batch came from. Batches are shipped one
 //! at a time, so acknowledgements (and checkpoints) are in file order by construction.
+//!
+//! With `buffer.type: disk`, a spool writer moves items from the (small) memory buffer
+//! into the disk spool and checkpoints the source files once the records are durable
+//! there; the shipper reads the spool and acknowledges in the spool instead.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,11 +21,12 @@ use super::AgentError;
 use super::batch::Batch;
 use super::buffer::{self, BufferRx};
 use super::checkpoint::{Checkpoints, write_atomic};
-use super::config::{OutputKind, Pipeline};
+use super::config::{BatchConfig, OutputKind, Pipeline};
 use super::discover;
 use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
 use super::sink::{self, Auth, Backoff, Delivered, Output, Sink};
+use super::spool::{self, SpoolReader, SpoolWriter};
 use super::tail::{InputShared, TailOptions, TruncatedFiles};
 
 /// What every pipeline of the agent shares.
@@ -57,7 +62,15 @@ impl RunningPipeline {
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
         let checkpoints = Checkpoints::load(cp_path)?;
         let outputs = build_outputs(&pipeline, env)?;
-        let (tx, rx) = buffer::bounded(pipeline.buffer_bytes);
+        // With a disk buffer, memory only holds what waits to be spooled.
+        let memory_bytes = if pipeline.disk_buffer {
+            pipeline
+                .buffer_bytes
+                .min((4 * pipeline.batch.max_bytes).max(4 << 20))
+        } else {
+            pipeline.buffer_bytes
+        };
+        let (tx, rx) = buffer::bounded(memory_bytes);
         metrics
             .buffer_capacity_bytes
             .get_or_create(&AgentMetrics::pipeline(&key))
@@ -100,16 +113,46 @@ impl RunningPipeline {
             )));
         }
         drop(tx);
-        let shipper = tokio::spawn(ship_loop(Shipper {
-            key: key.clone(),
-            batch: Batch::new(pipeline.batch),
-            rx,
-            outputs,
-            checkpoints,
-            metrics: metrics.clone(),
-            lag,
-            abort: abort.clone(),
-        }));
+        let shipper = if pipeline.disk_buffer {
+            let dir = env
+                .state_dir
+                .join("spool")
+                .join(pipeline.key.replace('/', "_"));
+            let (writer, reader) = spool::open(&dir, pipeline.buffer_bytes as u64)
+                .map_err(|source| AgentError::StateDir { path: dir, source })?;
+            let write = spool_write_loop(SpoolWriteTask {
+                key: key.clone(),
+                rx,
+                writer,
+                checkpoints,
+                metrics: metrics.clone(),
+                lag: lag.clone(),
+                stop: stop.clone(),
+            });
+            let ship = spool_ship_loop(SpoolShipTask {
+                key: key.clone(),
+                limits: pipeline.batch,
+                reader,
+                outputs,
+                metrics: metrics.clone(),
+                abort: abort.clone(),
+                stop: stop.clone(),
+            });
+            tokio::spawn(async move {
+                futures::join!(write, ship);
+            })
+        } else {
+            tokio::spawn(ship_loop(Shipper {
+                key: key.clone(),
+                batch: Batch::new(pipeline.batch),
+                rx,
+                outputs,
+                checkpoints,
+                metrics: metrics.clone(),
+                lag,
+                abort: abort.clone(),
+            }))
+        };
         tracing::info!(pipeline = %key, "pipeline started");
         Ok(Self {
             pipeline,
@@ -243,19 +286,8 @@ async fn ship(s: &mut Shipper) -> bool {
             Item::Forget(_) => None,
         })
         .collect();
-    if !records.is_empty() {
-        let key = s.key.clone();
-        let metrics = s.metrics.clone();
-        let abort = s.abort.clone();
-        let results = join_all(
-            s.outputs
-                .iter_mut()
-                .map(|o| sink::deliver(o, &records, &metrics, &key, &abort)),
-        )
-        .await;
-        if results.contains(&Delivered::Aborted) {
-            return false;
-        }
+    if !deliver_all(&mut s.outputs, &records, &s.metrics, &s.key, &s.abort).await {
+        return false;
     }
     let mut weight = 0u64;
     let mut consumed = 0u64;
@@ -278,6 +310,183 @@ async fn ship(s: &mut Shipper) -> bool {
         .set(s.lag.load(Ordering::Relaxed).max(0));
     s.rx.release(weight);
     true
+}
+
+/// Delivers records to every output at once; false when shutdown aborted a delivery.
+async fn deliver_all(
+    outputs: &mut [Output],
+    records: &[&Encoded],
+    metrics: &AgentMetrics,
+    key: &str,
+    abort: &CancellationToken,
+) -> bool {
+    if records.is_empty() {
+        return true;
+    }
+    let results = join_all(
+        outputs
+            .iter_mut()
+            .map(|o| sink::deliver(o, records, metrics, key, abort)),
+    )
+    .await;
+    !results.contains(&Delivered::Aborted)
+}
+
+/// Moves items from memory to the disk spool. Source checkpoints move as soon as the
+/// records are durable in the spool: from then on the spool owns them.
+struct SpoolWriteTask {
+    key: Arc<str>,
+    rx: BufferRx,
+    writer: SpoolWriter,
+    checkpoints: Checkpoints,
+    metrics: AgentMetrics,
+    lag: Arc<AtomicI64>,
+    stop: CancellationToken,
+}
+
+/// Items spooled per fsync at most.
+const SPOOL_GROUP: usize = 4096;
+
+async fn spool_write_loop(mut w: SpoolWriteTask) {
+    loop {
+        // A full spool stops taking items: memory fills and the readers pause. When
+        // stopping, nothing frees room any more: leave the rest unspooled (and
+        // unchecked), to be read again from the files next time.
+        tokio::select! {
+            _ = w.writer.wait_room() => {}
+            _ = w.stop.cancelled(), if w.writer.is_full() => break,
+        }
+        let Some(first) = w.rx.recv().await else {
+            break;
+        };
+        let mut taken = vec![first];
+        while taken.len() < SPOOL_GROUP {
+            match w.rx.try_recv() {
+                Some(t) => taken.push(t),
+                None => break,
+            }
+        }
+        let written = taken
+            .iter()
+            .try_for_each(|t| match &t.item {
+                Item::Event(e) => e.record.as_ref().map_or(Ok(()), |r| w.writer.append(r)),
+                Item::Forget(_) => Ok(()),
+            })
+            .and_then(|()| w.writer.commit());
+        if let Err(e) = written {
+            // The spool's state is unknown: stop this pipeline rather than checkpoint
+            // records that may not be on disk. They are read again after a restart.
+            tracing::error!(pipeline = %w.key, error = %e, "writing the disk buffer failed; pipeline stops");
+            return;
+        }
+        let mut weight = 0u64;
+        let mut consumed = 0u64;
+        for t in &taken {
+            weight += t.weight as u64;
+            match &t.item {
+                Item::Event(e) => {
+                    consumed += e.consumed;
+                    w.checkpoints
+                        .set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
+                }
+                Item::Forget(k) => w.checkpoints.forget(k),
+            }
+        }
+        persist(&mut w.checkpoints, &w.key).await;
+        w.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
+        let labels = AgentMetrics::pipeline(&w.key);
+        w.metrics
+            .checkpoint_lag_bytes
+            .get_or_create(&labels)
+            .set(w.lag.load(Ordering::Relaxed).max(0));
+        w.metrics
+            .buffer_bytes
+            .get_or_create(&labels)
+            .set(w.writer.used() as i64);
+        w.rx.release(weight);
+    }
+    // Dropping the writer tells the shipper that nothing more will come.
+}
+
+/// Ships records from the disk spool in batches and acknowledges them in the spool.
+struct SpoolShipTask {
+    key: Arc<str>,
+    limits: BatchConfig,
+    reader: SpoolReader,
+    outputs: Vec<Output>,
+    metrics: AgentMetrics,
+    abort: CancellationToken,
+    stop: CancellationToken,
+}
+
+async fn spool_ship_loop(mut s: SpoolShipTask) {
+    let labels = AgentMetrics::pipeline(&s.key);
+    let mut batch: Vec<Encoded> = Vec::new();
+    let mut bytes = 0usize;
+    let mut end = 0u64;
+    let mut started: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = started.map(|t| t + s.limits.max_wait);
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut ship_now = false;
+        let mut last = false;
+        let mut carry = None;
+        tokio::select! {
+            r = s.reader.next() => match r {
+                Ok(Some((rec, e))) => {
+                    let len = rec.json.len() + 1;
+                    if !batch.is_empty() && bytes + len > s.limits.max_bytes {
+                        ship_now = true;
+                        carry = Some((rec, e, len));
+                    } else {
+                        bytes += len;
+                        batch.push(rec);
+                        end = e;
+                        started.get_or_insert_with(tokio::time::Instant::now);
+                        ship_now = batch.len() >= s.limits.max_events || bytes >= s.limits.max_bytes;
+                    }
+                }
+                Ok(None) => last = true,
+                Err(e) => {
+                    tracing::error!(pipeline = %s.key, error = %e, "reading the disk buffer failed; shipping stops");
+                    last = true;
+                }
+            },
+            _ = sleep => ship_now = true,
+            // Stopping: what is spooled stays there for the next start.
+            _ = s.stop.cancelled() => last = true,
+        }
+        if (ship_now || last) && !batch.is_empty() {
+            let refs: Vec<&Encoded> = batch.iter().collect();
+            if !deliver_all(&mut s.outputs, &refs, &s.metrics, &s.key, &s.abort).await {
+                return;
+            }
+            if let Err(e) = s.reader.ack(end) {
+                tracing::error!(pipeline = %s.key, error = %e, "writing the disk buffer cursor failed");
+            }
+            batch.clear();
+            bytes = 0;
+            started = None;
+        }
+        if let Some((rec, e, len)) = carry {
+            bytes += len;
+            batch.push(rec);
+            end = e;
+            started = Some(tokio::time::Instant::now());
+        }
+        s.metrics
+            .buffer_bytes
+            .get_or_create(&labels)
+            .set(s.reader.used() as i64);
+        if last {
+            return;
+        }
+    }
 }
 
 async fn persist(c: &mut Checkpoints, key: &str) {

@@ -235,6 +235,11 @@ impl SpoolWriter {
             .saturating_sub(self.shared.cursor.load(Ordering::Acquire))
     }
 
+    /// Whether the spool is at its size limit.
+    pub fn is_full(&self) -> bool {
+        self.used() >= self.shared.max
+    }
+
     /// Waits until the spool is below its size limit.
     pub async fn wait_room(&self) {
         loop {
