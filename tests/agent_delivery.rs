@@ -601,3 +601,54 @@ fn a_full_disk_buffer_pauses_reading_and_resumes_when_the_sink_is_back() {
     assert!(missing.is_empty());
     assert_eq!(dups, 0);
 }
+
+#[test]
+fn switching_from_disk_to_memory_buffer_still_ships_the_spooled_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    rx.fail_all(503);
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let file = logs.join("app.log");
+    const N: u64 = 5_000;
+    append_numbered(&file, "seq", 0..N);
+    let len = std::fs::metadata(&file).unwrap().len();
+    let config = dir.path().join("agent.yaml");
+    let render = |buffer: &str| {
+        format!(
+            "pipelines:\n- namespace: test\n  name: switch\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}, buffer: {{type: {buffer}}}}}\n",
+            logs.display(),
+            rx.url()
+        )
+    };
+    std::fs::write(&config, render("disk")).unwrap();
+    let state = dir.path().join("state");
+    let agent = Agent::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--shutdown-grace",
+            "1s",
+        ],
+    );
+    let checkpoint = state.join("checkpoints/test_switch.json");
+    wait_for("the file checkpointed into the spool", LONG, || {
+        std::fs::read_to_string(&checkpoint)
+            .is_ok_and(|t| t.contains(&format!("\"offset\": {len}")))
+    });
+    std::fs::write(&config, render("memory")).unwrap();
+    wait_for("reload applied", LONG, || {
+        agent.metric("outrider_agent_config_reloads_total", &["ok"]) >= 1.0
+    });
+    rx.heal();
+    wait_for("every spooled number", LONG, || {
+        rx.record_count() >= N as usize
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (missing, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), N);
+    assert!(missing.is_empty(), "{} missing", missing.len());
+    assert_eq!(dups, 0);
+}

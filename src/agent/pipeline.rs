@@ -61,6 +61,7 @@ impl RunningPipeline {
         let key: Arc<str> = Arc::from(pipeline.key.as_str());
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
         let checkpoints = Checkpoints::load(cp_path)?;
+        let saved_all = checkpoints.entries().clone();
         let outputs = build_outputs(&pipeline, env)?;
         // With a disk buffer, memory only holds what waits to be spooled.
         let memory_bytes = if pipeline.disk_buffer {
@@ -80,11 +81,82 @@ impl RunningPipeline {
         let lag = Arc::new(AtomicI64::new(0));
         let truncated: TruncatedFiles = TruncatedFiles::default();
         let filters = Arc::new(pipeline.filters.clone());
+        let spool_dir = env
+            .state_dir
+            .join("spool")
+            .join(pipeline.key.replace('/', "_"));
+        let shipper: futures::future::BoxFuture<'static, ()> = if pipeline.disk_buffer {
+            let dir = spool_dir;
+            let (writer, reader) = spool::open(&dir, pipeline.buffer_bytes as u64)
+                .map_err(|source| AgentError::StateDir { path: dir, source })?;
+            let write = spool_write_loop(SpoolWriteTask {
+                key: key.clone(),
+                rx,
+                writer,
+                checkpoints,
+                metrics: metrics.clone(),
+                lag: lag.clone(),
+                stop: stop.clone(),
+            });
+            let ship = spool_ship_loop(SpoolShipTask {
+                key: key.clone(),
+                limits: pipeline.batch,
+                reader,
+                outputs,
+                metrics: metrics.clone(),
+                abort: abort.clone(),
+                stop: stop.clone(),
+            });
+            Box::pin(async move {
+                futures::join!(write, ship);
+            })
+        } else {
+            // Switched from a disk buffer: its records are already checkpointed in the
+            // source files, so the leftover spool must still be shipped.
+            let mut drain = None;
+            if spool_dir.exists() {
+                let (writer, reader) = spool::open(&spool_dir, pipeline.buffer_bytes as u64)
+                    .map_err(|source| AgentError::StateDir {
+                        path: spool_dir.clone(),
+                        source,
+                    })?;
+                drop(writer);
+                if reader.used() > 0 {
+                    tracing::info!(pipeline = %key, bytes = reader.used(), "shipping the leftover disk buffer");
+                    drain = Some(SpoolShipTask {
+                        key: key.clone(),
+                        limits: pipeline.batch,
+                        reader,
+                        outputs: build_outputs(&pipeline, env)?,
+                        metrics: metrics.clone(),
+                        abort: abort.clone(),
+                        stop: stop.clone(),
+                    });
+                }
+            }
+            let memory = ship_loop(Shipper {
+                key: key.clone(),
+                batch: Batch::new(pipeline.batch),
+                rx,
+                outputs,
+                checkpoints,
+                metrics: metrics.clone(),
+                lag: lag.clone(),
+                abort: abort.clone(),
+            });
+            Box::pin(async move {
+                let drain = async {
+                    if let Some(d) = drain {
+                        spool_ship_loop(d).await;
+                    }
+                };
+                futures::join!(memory, drain);
+            })
+        };
         let mut inputs = Vec::new();
         for input in &pipeline.inputs {
             let prefix = format!("{}/", input.name);
-            let saved: BTreeMap<_, _> = checkpoints
-                .entries()
+            let saved: BTreeMap<_, _> = saved_all
                 .iter()
                 .filter(|(k, _)| k.starts_with(&prefix))
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -113,46 +185,7 @@ impl RunningPipeline {
             )));
         }
         drop(tx);
-        let shipper = if pipeline.disk_buffer {
-            let dir = env
-                .state_dir
-                .join("spool")
-                .join(pipeline.key.replace('/', "_"));
-            let (writer, reader) = spool::open(&dir, pipeline.buffer_bytes as u64)
-                .map_err(|source| AgentError::StateDir { path: dir, source })?;
-            let write = spool_write_loop(SpoolWriteTask {
-                key: key.clone(),
-                rx,
-                writer,
-                checkpoints,
-                metrics: metrics.clone(),
-                lag: lag.clone(),
-                stop: stop.clone(),
-            });
-            let ship = spool_ship_loop(SpoolShipTask {
-                key: key.clone(),
-                limits: pipeline.batch,
-                reader,
-                outputs,
-                metrics: metrics.clone(),
-                abort: abort.clone(),
-                stop: stop.clone(),
-            });
-            tokio::spawn(async move {
-                futures::join!(write, ship);
-            })
-        } else {
-            tokio::spawn(ship_loop(Shipper {
-                key: key.clone(),
-                batch: Batch::new(pipeline.batch),
-                rx,
-                outputs,
-                checkpoints,
-                metrics: metrics.clone(),
-                lag,
-                abort: abort.clone(),
-            }))
-        };
+        let shipper = tokio::spawn(shipper);
         tracing::info!(pipeline = %key, "pipeline started");
         Ok(Self {
             pipeline,
