@@ -202,6 +202,11 @@ fn step(f: &File, buf: &mut [u8], offset: u64, fp: &Fingerprint) -> std::io::Res
             Err(e) => return Err(e),
         }
     };
+    // Truncated (and rewritten) between the check and the read: what was read may be the
+    // new content at the old offset. Discard it; the old offset is what was really read.
+    if n > 0 && !fp.matches(f)? {
+        return Ok(Step::Truncated(Fingerprint::of_file(f)?));
+    }
     // A short fingerprint grows with the file until it covers the full length.
     let new_fp = (n > 0 && !fp.is_full() && offset + n as u64 > fp.len as u64)
         .then(|| Fingerprint::of_file(f))
