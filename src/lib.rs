@@ -2,6 +2,7 @@
 //!
 //! Layers (data flows one way): [`api`] → [`controller`] → [`engine`] → transports.
 
+pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod engine;

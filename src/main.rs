@@ -42,6 +42,9 @@ enum Command {
     Exec(cli::exec::ExecArgs),
     /// Work with DeploymentPlan files locally (`plan run`: no cluster needed).
     Plan(cli::plan::PlanArgs),
+    /// Run the node log agent: tail, parse, enrich and ship log files (a DaemonSet; or
+    /// `--pipeline lp.yaml` to run LogPipeline manifests with no cluster).
+    Agent(cli::agent::AgentArgs),
 }
 
 #[derive(Args)]
@@ -100,6 +103,20 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(cli::plan::run(args))?;
             std::process::exit(if succeeded { 0 } else { 1 });
+        }
+        Command::Agent(args) => {
+            // reqwest uses rustls with ring, like kube: install that one provider first.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            telemetry::init_tracing(cli.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(async {
+                    let shutdown = CancellationToken::new();
+                    tokio::spawn(wait_for_signal(shutdown.clone()));
+                    cli::agent::run(args, shutdown).await
+                })
         }
         Command::Controller(args) => {
             // kube's TLS uses rustls; exactly one crypto provider must be installed before
@@ -207,6 +224,6 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
     }
-    tracing::info!("shutdown requested: finishing in-flight reconciles");
+    tracing::info!("shutdown requested: finishing in-flight work");
     shutdown.cancel();
 }

@@ -1,0 +1,148 @@
+//! The bounded memory buffer between a pipeline's readers and its outputs.
+//!
+//! Capacity is counted in bytes. A reader takes room before it hands an item over and
+//! waits while the buffer is full: that wait is the backpressure that pauses reading. Room
+//! is given back only when the outputs have acknowledged the item, so the bound covers the
+//! batch in flight too. Nothing is ever dropped to make room.
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+
+use super::record::Item;
+
+/// Largest capacity a semaphore can count (and far more than any node should buffer).
+const MAX_CAPACITY: usize = u32::MAX as usize;
+
+/// The buffer was closed: the pipeline is stopping.
+#[derive(Debug, thiserror::Error)]
+#[error("the pipeline buffer is closed")]
+pub struct Closed;
+
+/// The readers' end; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct BufferTx {
+    tx: mpsc::UnboundedSender<(Item, u32)>,
+    room: Arc<Semaphore>,
+    capacity: u32,
+}
+
+/// The outputs' end.
+#[derive(Debug)]
+pub struct BufferRx {
+    rx: mpsc::UnboundedReceiver<(Item, u32)>,
+    room: Arc<Semaphore>,
+    capacity: u32,
+}
+
+/// A buffer holding at most `capacity` bytes of items (in flight included).
+pub fn bounded(capacity: usize) -> (BufferTx, BufferRx) {
+    let capacity = capacity.clamp(1, MAX_CAPACITY) as u32;
+    let room = Arc::new(Semaphore::new(capacity as usize));
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        BufferTx {
+            tx,
+            room: room.clone(),
+            capacity,
+        },
+        BufferRx { rx, room, capacity },
+    )
+}
+
+impl BufferTx {
+    /// Hands an item over, waiting for room first (backpressure).
+    pub async fn send(&self, item: Item) -> Result<(), Closed> {
+        // An item larger than the whole buffer waits for an empty buffer instead of forever.
+        let need = (item.size().min(self.capacity as usize)) as u32;
+        let permit = self.room.acquire_many(need).await.map_err(|_| Closed)?;
+        permit.forget();
+        self.tx.send((item, need)).map_err(|_| Closed)
+    }
+
+    /// Bytes currently held.
+    pub fn used(&self) -> usize {
+        self.capacity as usize - self.room.available_permits()
+    }
+}
+
+/// An item taken from the buffer; its room is given back by [`BufferRx::release`].
+#[derive(Debug)]
+pub struct Taken {
+    pub item: Item,
+    pub weight: u32,
+}
+
+impl BufferRx {
+    /// The next item; `None` once every reader is gone and the buffer is empty.
+    pub async fn recv(&mut self) -> Option<Taken> {
+        self.rx
+            .recv()
+            .await
+            .map(|(item, weight)| Taken { item, weight })
+    }
+
+    /// The next item if one is queued right now.
+    pub fn try_recv(&mut self) -> Option<Taken> {
+        self.rx
+            .try_recv()
+            .ok()
+            .map(|(item, weight)| Taken { item, weight })
+    }
+
+    /// Gives back the room of acknowledged items.
+    pub fn release(&self, weight: u64) {
+        self.room
+            .add_permits(weight.min(self.capacity as u64) as usize);
+    }
+
+    /// Bytes currently held (queued plus in flight).
+    pub fn used(&self) -> usize {
+        self.capacity as usize - self.room.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn forget(name: &str) -> Item {
+        Item::Forget(Arc::from(name))
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_blocks_the_reader_until_items_are_acknowledged() {
+        let one = forget("x").size();
+        let (tx, mut rx) = bounded(one * 2);
+        tx.send(forget("x")).await.unwrap();
+        tx.send(forget("x")).await.unwrap();
+        assert_eq!(tx.used(), one * 2);
+        // Third send must wait: the buffer is full.
+        let blocked = tokio::time::timeout(Duration::from_millis(100), tx.send(forget("x"))).await;
+        assert!(
+            blocked.is_err(),
+            "send should block while the buffer is full"
+        );
+        // Taking an item does not free room: only acknowledging it does.
+        let taken = rx.recv().await.unwrap();
+        assert_eq!(rx.used(), one * 2);
+        rx.release(taken.weight as u64);
+        tokio::time::timeout(Duration::from_secs(5), tx.send(forget("x")))
+            .await
+            .expect("room was released")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_item_larger_than_the_buffer_still_passes_alone() {
+        let (tx, mut rx) = bounded(8);
+        tx.send(forget("a-key-longer-than-eight-bytes"))
+            .await
+            .unwrap();
+        let t = rx.recv().await.unwrap();
+        assert_eq!(t.weight, 8);
+        rx.release(t.weight as u64);
+        assert_eq!(rx.used(), 0);
+    }
+}

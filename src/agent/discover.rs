@@ -1,0 +1,308 @@
+//! Discovery: expands an input's globs (minus its excludes) on an interval, starts a
+//! tailer for every new file identity, and tells tailers whose identity is no longer
+//! matched to drain and release their file. Filesystem events (`notify`: inotify on
+//! Linux) on the directories the globs start from trigger a scan at once; the interval
+//! scan stays as the fallback for when events are unavailable or overflow.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::checkpoint::Entry;
+use super::config::InputConfig;
+use super::identity::{DevIno, Fingerprint, resume_offset};
+use super::record::Item;
+use super::tail::{self, InputShared, Opened, TailerControl};
+
+/// Regular files matching the input's paths and none of its excludes, sorted by path.
+/// An exclude matches the file name or the whole path.
+pub fn scan(input: &InputConfig) -> Vec<(PathBuf, DevIno)> {
+    let mut out: BTreeMap<PathBuf, DevIno> = BTreeMap::new();
+    for pattern in &input.paths {
+        let Ok(paths) = glob::glob(pattern) else {
+            continue;
+        };
+        for path in paths.flatten() {
+            if excluded(input, &path) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            if let Ok(id) = DevIno::of_path(&path) {
+                out.insert(path, id);
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn excluded(input: &InputConfig, path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    input
+        .exclude
+        .iter()
+        .any(|p| p.matches(&name) || p.matches_path(path))
+}
+
+/// The directory each glob starts from (its longest prefix without wildcards), and
+/// whether wildcards in directory names need a recursive watch there.
+pub fn watch_roots(input: &InputConfig) -> Vec<(PathBuf, bool)> {
+    let mut out: Vec<(PathBuf, bool)> = Vec::new();
+    for pattern in &input.paths {
+        let path = Path::new(pattern);
+        let mut root = PathBuf::new();
+        let mut comps = path.components().peekable();
+        let mut recursive = false;
+        while let Some(c) = comps.next() {
+            let text = c.as_os_str().to_string_lossy();
+            let wild = text.contains(['*', '?', '[']);
+            if wild {
+                // A wildcard in a directory component (not the file name) needs recursion.
+                recursive = comps.peek().is_some();
+                break;
+            }
+            if comps.peek().is_none() {
+                break; // a literal file name: watch its directory
+            }
+            root.push(c);
+        }
+        if !out.iter().any(|(r, _)| *r == root) {
+            out.push((root, recursive));
+        }
+    }
+    out
+}
+
+/// Starts a watcher that nudges `wake` on any event under the input's roots. `None` when
+/// watching is not possible (polling continues to work).
+fn watcher(
+    input: &InputConfig,
+    wake: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        use notify::EventKind;
+        use notify::event::ModifyKind;
+        // Appends are the tailers' business; only files appearing, vanishing or being
+        // renamed matter here (errors, e.g. a queue overflow, trigger a scan too).
+        let relevant = match res {
+            Ok(ev) => matches!(
+                ev.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(_))
+            ),
+            Err(_) => true,
+        };
+        if relevant {
+            // A full channel already holds a pending wake-up: nothing is lost.
+            let _ = wake.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "filesystem events unavailable; polling only"))
+    .ok()?;
+    for (root, recursive) in watch_roots(input) {
+        let mode = if recursive {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
+        if let Err(e) = w.watch(&root, mode) {
+            tracing::debug!(root = %root.display(), error = %e, "cannot watch; polling only there");
+        }
+    }
+    Some(w)
+}
+
+struct Running {
+    ctl: Arc<TailerControl>,
+    task: JoinHandle<()>,
+}
+
+/// Runs discovery for one input until `stop`, then waits for its tailers.
+/// `saved` holds this input's checkpoint entries at pipeline start.
+pub async fn run_input(
+    shared: Arc<InputShared>,
+    mut saved: BTreeMap<String, Entry>,
+    scan_interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tailers: HashMap<DevIno, Running> = HashMap::new();
+    let mut first = true;
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = watcher(&shared.input, wake_tx);
+    loop {
+        let input = shared.input.clone();
+        let found = tokio::task::spawn_blocking(move || scan(&input))
+            .await
+            .unwrap_or_default();
+        tailers.retain(|_, t| !t.task.is_finished());
+        let ids: HashSet<DevIno> = found.iter().map(|(_, id)| *id).collect();
+        for (id, t) in &tailers {
+            t.ctl.gone.store(!ids.contains(id), Ordering::Release);
+        }
+        for (path, id) in &found {
+            if tailers.contains_key(id) {
+                continue;
+            }
+            let Some(opened) = open(&shared, &tailers, &mut saved, path, *id) else {
+                continue;
+            };
+            tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "tailing file");
+            let ctl = Arc::new(TailerControl::default());
+            let task = tokio::spawn(tail::tail(
+                shared.clone(),
+                ctl.clone(),
+                opened,
+                stop.clone(),
+            ));
+            tailers.insert(*id, Running { ctl, task });
+        }
+        if first {
+            first = false;
+            // Entries of files that vanished while the agent was away: nothing left to read.
+            let input_name = &shared.input.name;
+            let stale: Vec<String> = saved
+                .keys()
+                .filter(|k| !ids.iter().any(|id| &id.key(input_name) == *k))
+                .cloned()
+                .collect();
+            for k in stale {
+                saved.remove(&k);
+                if shared.tx.send(Item::Forget(Arc::from(k))).await.is_err() {
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(scan_interval) => {}
+            Some(()) = wake_rx.recv() => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    for (_, t) in tailers {
+        let _ = t.task.await;
+    }
+}
+
+/// Opens a newly found file and decides where to start reading it, or `None` to look
+/// again at the next scan.
+fn open(
+    shared: &InputShared,
+    tailers: &HashMap<DevIno, Running>,
+    saved: &mut BTreeMap<String, Entry>,
+    path: &Path,
+    id: DevIno,
+) -> Option<Opened> {
+    let file = File::open(path).ok()?;
+    // The path may have been replaced between the scan and the open.
+    if DevIno::of_file(&file).ok()? != id {
+        return None;
+    }
+    let size = file.metadata().ok()?.len();
+    let fingerprint = Fingerprint::of_file(&file).ok()?;
+    let key = id.key(&shared.input.name);
+    let offset = if let Some(entry) = saved.remove(&key) {
+        let matches = entry.saved.fingerprint.matches(&file).unwrap_or(false);
+        resume_offset(Some(&entry.saved), matches, size)
+    } else if fingerprint.is_full() {
+        // Same first bytes as a file being tailed under another inode: a copy in progress
+        // (copytruncate). Wait until the original is truncated or released.
+        let copy_of_live = tailers.values().any(|t| {
+            t.ctl
+                .fingerprint
+                .lock()
+                .map(|f| *f == fingerprint)
+                .unwrap_or(false)
+        });
+        if copy_of_live {
+            return None;
+        }
+        // The copy of a file that was truncated: continue where the original stopped.
+        let truncated = shared
+            .truncated
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&fingerprint));
+        truncated.map_or(0, |(off, _)| off.min(size))
+    } else {
+        0
+    };
+    Some(Opened {
+        file,
+        path: path.to_string_lossy().into_owned(),
+        id,
+        offset,
+        fingerprint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::config::ParserConfig;
+
+    fn input(paths: &[&str], exclude: &[&str]) -> InputConfig {
+        InputConfig {
+            name: "app".into(),
+            paths: paths.iter().map(|s| s.to_string()).collect(),
+            exclude: exclude
+                .iter()
+                .map(|s| glob::Pattern::new(s).unwrap())
+                .collect(),
+            multiline: None,
+            parser: ParserConfig::None,
+        }
+    }
+
+    #[test]
+    fn watch_roots_stop_at_the_first_wildcard() {
+        let i = input(
+            &[
+                "/var/log/app/*.log",
+                "/var/log/pods/*/*/*.log",
+                "/var/log/syslog",
+                "/var/log/app/other-*.log",
+            ],
+            &[],
+        );
+        assert_eq!(
+            watch_roots(&i),
+            [
+                (PathBuf::from("/var/log/app"), false),
+                (PathBuf::from("/var/log/pods"), true),
+                (PathBuf::from("/var/log"), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn scan_matches_globs_and_skips_excludes_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["a.log", "b.log", "c.log.gz", "notes.txt"] {
+            std::fs::write(d.join(f), "x\n").unwrap();
+        }
+        std::fs::create_dir(d.join("sub.log")).unwrap();
+        let pattern = format!("{}/*.log*", d.display());
+        let found = scan(&input(&[&pattern], &["*.gz"]));
+        let names: Vec<_> = found
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.log", "b.log"]);
+    }
+}

@@ -1,0 +1,154 @@
+//! The agent's Prometheus metrics, registered in the process registry that
+//! [`crate::telemetry::serve`] exposes on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-input metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InputLabels {
+    pub pipeline: String,
+    pub input: String,
+}
+
+/// Labels of per-output metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputLabels {
+    pub pipeline: String,
+    pub output: String,
+}
+
+/// Labels of per-pipeline metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub pipeline: String,
+}
+
+/// Label of config reload results (`ok`, `invalid`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+/// Every agent metric. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct AgentMetrics {
+    pub lines_read: Family<InputLabels, Counter>,
+    pub bytes_read: Family<InputLabels, Counter>,
+    pub lines_truncated: Family<InputLabels, Counter>,
+    pub parse_errors: Family<InputLabels, Counter>,
+    pub files_open: Family<InputLabels, Gauge>,
+    pub truncations: Family<InputLabels, Counter>,
+    pub records_shipped: Family<OutputLabels, Counter>,
+    pub records_failed: Family<OutputLabels, Counter>,
+    pub records_retried: Family<OutputLabels, Counter>,
+    pub records_dead_lettered: Family<OutputLabels, Counter>,
+    pub records_duplicate: Family<OutputLabels, Counter>,
+    pub checkpoint_lag_bytes: Family<PipelineLabels, Gauge>,
+    pub buffer_bytes: Family<PipelineLabels, Gauge>,
+    pub buffer_capacity_bytes: Family<PipelineLabels, Gauge>,
+    pub config_reloads: Family<ResultLabel, Counter>,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics and registers them under `outrider_agent_`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("outrider_agent");
+        r.register("lines_read", "Lines read, per input", m.lines_read.clone());
+        r.register(
+            "bytes_read",
+            "File bytes read, per input",
+            m.bytes_read.clone(),
+        );
+        r.register(
+            "lines_truncated",
+            "Lines cut at the maximum line size, per input",
+            m.lines_truncated.clone(),
+        );
+        r.register(
+            "parse_errors",
+            "Lines the parser could not parse (shipped raw), per input",
+            m.parse_errors.clone(),
+        );
+        r.register(
+            "files_open",
+            "Files being tailed, per input",
+            m.files_open.clone(),
+        );
+        r.register(
+            "truncations",
+            "Files found truncated (copytruncate) and re-read from 0, per input",
+            m.truncations.clone(),
+        );
+        r.register(
+            "records_shipped",
+            "Records acknowledged by the output, per output",
+            m.records_shipped.clone(),
+        );
+        r.register(
+            "records_failed",
+            "Records in failed delivery attempts, per output",
+            m.records_failed.clone(),
+        );
+        r.register(
+            "records_retried",
+            "Records sent again after a retryable failure, per output",
+            m.records_retried.clone(),
+        );
+        r.register(
+            "records_dead_lettered",
+            "Records the output rejected for good, written to the dead-letter file, per output",
+            m.records_dead_lettered.clone(),
+        );
+        r.register(
+            "records_duplicate",
+            "Records the output already had (Elasticsearch 409 on create), counted delivered",
+            m.records_duplicate.clone(),
+        );
+        r.register(
+            "checkpoint_lag_bytes",
+            "File bytes read but not yet acknowledged by every output (not checkpointed)",
+            m.checkpoint_lag_bytes.clone(),
+        );
+        r.register(
+            "buffer_bytes",
+            "Bytes held in the pipeline buffer, in-flight batch included",
+            m.buffer_bytes.clone(),
+        );
+        r.register(
+            "buffer_capacity_bytes",
+            "Capacity of the pipeline buffer",
+            m.buffer_capacity_bytes.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reloads, per result (ok, invalid)",
+            m.config_reloads.clone(),
+        );
+        m
+    }
+
+    pub fn input(pipeline: &str, input: &str) -> InputLabels {
+        InputLabels {
+            pipeline: pipeline.into(),
+            input: input.into(),
+        }
+    }
+
+    pub fn output(pipeline: &str, output: &str) -> OutputLabels {
+        OutputLabels {
+            pipeline: pipeline.into(),
+            output: output.into(),
+        }
+    }
+
+    pub fn pipeline(pipeline: &str) -> PipelineLabels {
+        PipelineLabels {
+            pipeline: pipeline.into(),
+        }
+    }
+}

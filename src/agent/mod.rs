@@ -1,0 +1,46 @@
+//! The node log agent: discover files, tail them, parse and enrich lines into records,
+//! batch, ship to the outputs, and move checkpoints only when the outputs acknowledged.
+//!
+//! Data flows one way: [`discover`] → [`tail`] (with [`reader`], [`multiline`],
+//! [`parse`], [`record`], [`filter`]) → [`buffer`] → [`batch`] → [`sink`] →
+//! [`checkpoint`]; [`pipeline`] wires one pipeline, [`run`] the whole agent.
+
+pub mod batch;
+pub mod buffer;
+pub mod checkpoint;
+pub mod config;
+pub mod discover;
+pub mod filter;
+pub mod identity;
+pub mod metrics;
+pub mod multiline;
+pub mod parse;
+pub mod pipeline;
+pub mod reader;
+pub mod record;
+pub mod run;
+pub mod sink;
+pub mod spool;
+pub mod tail;
+
+/// Why the agent (or one pipeline) could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    #[error("pipeline {pipeline}: {field}: {message}")]
+    Secret {
+        pipeline: String,
+        field: String,
+        message: String,
+    },
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,537 @@
+//! One running pipeline: discovery and tailers per input feed a bounded buffer; one
+//! shipper assembles batches, delivers each batch to every output, and only then moves
+//! and persists the checkpoints of the files the batch came from. Batches are shipped one
+//! at a time, so acknowledgements (and checkpoints) are in file order by construction.
+//!
+//! With `buffer.type: disk`, a spool writer moves items from the (small) memory buffer
+//! into the disk spool and checkpoints the source files once the records are durable
+//! there; the shipper reads the spool and acknowledges in the spool instead.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::AgentError;
+use super::batch::Batch;
+use super::buffer::{self, BufferRx};
+use super::checkpoint::{Checkpoints, write_atomic};
+use super::config::{BatchConfig, OutputKind, Pipeline};
+use super::discover;
+use super::metrics::AgentMetrics;
+use super::record::{Encoded, Item, RecordContext};
+use super::sink::{self, Auth, Backoff, Delivered, Output, Sink};
+use super::spool::{self, SpoolReader, SpoolWriter};
+use super::tail::{InputShared, TailOptions, TruncatedFiles};
+
+/// What every pipeline of the agent shares.
+#[derive(Clone, Debug)]
+pub struct AgentEnv {
+    pub state_dir: PathBuf,
+    pub node_name: String,
+    pub secret_dir: Option<PathBuf>,
+    pub scan_interval: Duration,
+    pub tail: TailOptions,
+    pub gzip: bool,
+    pub request_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+/// A started pipeline.
+pub struct RunningPipeline {
+    pub pipeline: Pipeline,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    inputs: Vec<JoinHandle<()>>,
+    shipper: JoinHandle<()>,
+}
+
+impl RunningPipeline {
+    /// Starts a validated pipeline from its checkpoints.
+    pub fn start(
+        pipeline: Pipeline,
+        env: &AgentEnv,
+        metrics: &AgentMetrics,
+    ) -> Result<Self, AgentError> {
+        let key: Arc<str> = Arc::from(pipeline.key.as_str());
+        let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
+        let checkpoints = Checkpoints::load(cp_path)?;
+        let saved_all = checkpoints.entries().clone();
+        let outputs = build_outputs(&pipeline, env)?;
+        // With a disk buffer, memory only holds what waits to be spooled.
+        let memory_bytes = if pipeline.disk_buffer {
+            pipeline
+                .buffer_bytes
+                .min((4 * pipeline.batch.max_bytes).max(4 << 20))
+        } else {
+            pipeline.buffer_bytes
+        };
+        let (tx, rx) = buffer::bounded(memory_bytes);
+        metrics
+            .buffer_capacity_bytes
+            .get_or_create(&AgentMetrics::pipeline(&key))
+            .set(pipeline.buffer_bytes as i64);
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let lag = Arc::new(AtomicI64::new(0));
+        let truncated: TruncatedFiles = TruncatedFiles::default();
+        let filters = Arc::new(pipeline.filters.clone());
+        let spool_dir = env
+            .state_dir
+            .join("spool")
+            .join(pipeline.key.replace('/', "_"));
+        let shipper: futures::future::BoxFuture<'static, ()> = if pipeline.disk_buffer {
+            let dir = spool_dir;
+            let (writer, reader) = spool::open(&dir, pipeline.buffer_bytes as u64)
+                .map_err(|source| AgentError::StateDir { path: dir, source })?;
+            let write = spool_write_loop(SpoolWriteTask {
+                key: key.clone(),
+                rx,
+                writer,
+                checkpoints,
+                metrics: metrics.clone(),
+                lag: lag.clone(),
+                stop: stop.clone(),
+            });
+            let ship = spool_ship_loop(SpoolShipTask {
+                key: key.clone(),
+                limits: pipeline.batch,
+                reader,
+                outputs,
+                metrics: metrics.clone(),
+                abort: abort.clone(),
+                stop: stop.clone(),
+            });
+            Box::pin(async move {
+                futures::join!(write, ship);
+            })
+        } else {
+            // Switched from a disk buffer: its records are already checkpointed in the
+            // source files, so the leftover spool must still be shipped.
+            let mut drain = None;
+            if spool_dir.exists() {
+                let (writer, reader) = spool::open(&spool_dir, pipeline.buffer_bytes as u64)
+                    .map_err(|source| AgentError::StateDir {
+                        path: spool_dir.clone(),
+                        source,
+                    })?;
+                drop(writer);
+                if reader.used() > 0 {
+                    tracing::info!(pipeline = %key, bytes = reader.used(), "shipping the leftover disk buffer");
+                    drain = Some(SpoolShipTask {
+                        key: key.clone(),
+                        limits: pipeline.batch,
+                        reader,
+                        outputs: build_outputs(&pipeline, env)?,
+                        metrics: metrics.clone(),
+                        abort: abort.clone(),
+                        stop: stop.clone(),
+                    });
+                }
+            }
+            let memory = ship_loop(Shipper {
+                key: key.clone(),
+                batch: Batch::new(pipeline.batch),
+                rx,
+                outputs,
+                checkpoints,
+                metrics: metrics.clone(),
+                lag: lag.clone(),
+                abort: abort.clone(),
+            });
+            Box::pin(async move {
+                let drain = async {
+                    if let Some(d) = drain {
+                        spool_ship_loop(d).await;
+                    }
+                };
+                futures::join!(memory, drain);
+            })
+        };
+        let mut inputs = Vec::new();
+        for input in &pipeline.inputs {
+            let prefix = format!("{}/", input.name);
+            let saved: BTreeMap<_, _> = saved_all
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let shared = Arc::new(InputShared {
+                pipeline: key.clone(),
+                input: input.clone(),
+                ctx: RecordContext {
+                    node: env.node_name.clone(),
+                    input: input.name.clone(),
+                    fields: pipeline.fields.clone(),
+                },
+                filters: filters.clone(),
+                tx: tx.clone(),
+                metrics: metrics.clone(),
+                labels: AgentMetrics::input(&key, &input.name),
+                lag: lag.clone(),
+                opts: env.tail,
+                truncated: truncated.clone(),
+            });
+            inputs.push(tokio::spawn(discover::run_input(
+                shared,
+                saved,
+                env.scan_interval,
+                stop.clone(),
+            )));
+        }
+        drop(tx);
+        let shipper = tokio::spawn(shipper);
+        tracing::info!(pipeline = %key, "pipeline started");
+        Ok(Self {
+            pipeline,
+            stop,
+            abort,
+            inputs,
+            shipper,
+        })
+    }
+
+    /// Stops reading, ships and checkpoints what is buffered, and gives up on delivery
+    /// after `grace` (what was not acknowledged is re-read from the checkpoint next time).
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        for i in self.inputs {
+            let _ = i.await;
+        }
+        let abort = self.abort.clone();
+        let mut shipper = self.shipper;
+        tokio::select! {
+            _ = &mut shipper => {}
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(pipeline = %self.pipeline.key, "outputs did not drain within the grace period; unacknowledged records will be re-read on restart");
+                abort.cancel();
+                let _ = shipper.await;
+            }
+        }
+        tracing::info!(pipeline = %self.pipeline.key, "pipeline stopped");
+    }
+}
+
+fn build_outputs(p: &Pipeline, env: &AgentEnv) -> Result<Vec<Output>, AgentError> {
+    let client = sink::http_client(env.request_timeout).map_err(AgentError::HttpClient)?;
+    let namespace = p.key.split('/').next().unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, o) in p.outputs.iter().enumerate() {
+        let secret = match &o.kind {
+            OutputKind::Loki { secret, .. }
+            | OutputKind::Elasticsearch { secret, .. }
+            | OutputKind::Http { secret, .. } => secret.clone(),
+            _ => None,
+        };
+        let auth = match (&secret, &env.secret_dir) {
+            (None, _) => None,
+            (Some(name), Some(dir)) => Some(Auth::from_secret_dir(dir, namespace, name).ok_or_else(
+                || AgentError::Secret {
+                    pipeline: p.key.clone(),
+                    field: format!("spec.outputs[{i}].secretRef"),
+                    message: format!(
+                        "Secret {namespace}/{name} has no username+password, token or apiKey under {}",
+                        dir.display()
+                    ),
+                },
+            )?),
+            (Some(name), None) => {
+                tracing::warn!(pipeline = %p.key, output = %o.name, secret = %name, "no --secret-dir: sending without credentials");
+                None
+            }
+        };
+        out.push(Output {
+            name: o.name.clone(),
+            sink: Sink::new(o, client.clone(), auth, env.gzip),
+            dead_letter: env.state_dir.join("dead-letter").join(format!(
+                "{}_{}.ndjson",
+                p.key.replace('/', "_"),
+                o.name
+            )),
+            backoff: env.backoff,
+        });
+    }
+    Ok(out)
+}
+
+struct Shipper {
+    key: Arc<str>,
+    batch: Batch,
+    rx: BufferRx,
+    outputs: Vec<Output>,
+    checkpoints: Checkpoints,
+    metrics: AgentMetrics,
+    lag: Arc<AtomicI64>,
+    abort: CancellationToken,
+}
+
+async fn ship_loop(mut s: Shipper) {
+    let labels = AgentMetrics::pipeline(&s.key);
+    loop {
+        let deadline = s.batch.deadline();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut done = false;
+        let mut ship_now = false;
+        tokio::select! {
+            t = s.rx.recv() => match t {
+                Some(t) => {
+                    if !s.batch.fits(&t) && !ship(&mut s).await {
+                        return;
+                    }
+                    s.batch.push(t, tokio::time::Instant::now());
+                    ship_now = s.batch.is_full();
+                }
+                None => done = true,
+            },
+            _ = sleep => ship_now = true,
+        }
+        if (ship_now || done) && !s.batch.is_empty() && !ship(&mut s).await {
+            return;
+        }
+        s.metrics
+            .buffer_bytes
+            .get_or_create(&labels)
+            .set(s.rx.used() as i64);
+        if done {
+            return;
+        }
+    }
+}
+
+/// Delivers the current batch to every output, then checkpoints it. False when delivery
+/// was aborted (shutdown): nothing of the batch is checkpointed.
+async fn ship(s: &mut Shipper) -> bool {
+    let items = s.batch.take();
+    let records: Vec<&Encoded> = items
+        .iter()
+        .filter_map(|t| match &t.item {
+            Item::Event(e) => e.record.as_ref(),
+            Item::Forget(_) => None,
+        })
+        .collect();
+    if !deliver_all(&mut s.outputs, &records, &s.metrics, &s.key, &s.abort).await {
+        return false;
+    }
+    let mut weight = 0u64;
+    let mut consumed = 0u64;
+    for t in &items {
+        weight += t.weight as u64;
+        match &t.item {
+            Item::Event(e) => {
+                consumed += e.consumed;
+                s.checkpoints
+                    .set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
+            }
+            Item::Forget(k) => s.checkpoints.forget(k),
+        }
+    }
+    persist(&mut s.checkpoints, &s.key).await;
+    s.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
+    s.metrics
+        .checkpoint_lag_bytes
+        .get_or_create(&AgentMetrics::pipeline(&s.key))
+        .set(s.lag.load(Ordering::Relaxed).max(0));
+    s.rx.release(weight);
+    true
+}
+
+/// Delivers records to every output at once; false when shutdown aborted a delivery.
+async fn deliver_all(
+    outputs: &mut [Output],
+    records: &[&Encoded],
+    metrics: &AgentMetrics,
+    key: &str,
+    abort: &CancellationToken,
+) -> bool {
+    if records.is_empty() {
+        return true;
+    }
+    let results = join_all(
+        outputs
+            .iter_mut()
+            .map(|o| sink::deliver(o, records, metrics, key, abort)),
+    )
+    .await;
+    !results.contains(&Delivered::Aborted)
+}
+
+/// Moves items from memory to the disk spool. Source checkpoints move as soon as the
+/// records are durable in the spool: from then on the spool owns them.
+struct SpoolWriteTask {
+    key: Arc<str>,
+    rx: BufferRx,
+    writer: SpoolWriter,
+    checkpoints: Checkpoints,
+    metrics: AgentMetrics,
+    lag: Arc<AtomicI64>,
+    stop: CancellationToken,
+}
+
+/// Items spooled per fsync at most.
+const SPOOL_GROUP: usize = 4096;
+
+async fn spool_write_loop(mut w: SpoolWriteTask) {
+    loop {
+        // A full spool stops taking items: memory fills and the readers pause. When
+        // stopping, nothing frees room any more: leave the rest unspooled (and
+        // unchecked), to be read again from the files next time.
+        tokio::select! {
+            _ = w.writer.wait_room() => {}
+            _ = w.stop.cancelled(), if w.writer.is_full() => break,
+        }
+        let Some(first) = w.rx.recv().await else {
+            break;
+        };
+        let mut taken = vec![first];
+        while taken.len() < SPOOL_GROUP {
+            match w.rx.try_recv() {
+                Some(t) => taken.push(t),
+                None => break,
+            }
+        }
+        let written = taken
+            .iter()
+            .try_for_each(|t| match &t.item {
+                Item::Event(e) => e.record.as_ref().map_or(Ok(()), |r| w.writer.append(r)),
+                Item::Forget(_) => Ok(()),
+            })
+            .and_then(|()| w.writer.commit());
+        if let Err(e) = written {
+            // The spool's state is unknown: stop this pipeline rather than checkpoint
+            // records that may not be on disk. They are read again after a restart.
+            tracing::error!(pipeline = %w.key, error = %e, "writing the disk buffer failed; pipeline stops");
+            return;
+        }
+        let mut weight = 0u64;
+        let mut consumed = 0u64;
+        for t in &taken {
+            weight += t.weight as u64;
+            match &t.item {
+                Item::Event(e) => {
+                    consumed += e.consumed;
+                    w.checkpoints
+                        .set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
+                }
+                Item::Forget(k) => w.checkpoints.forget(k),
+            }
+        }
+        persist(&mut w.checkpoints, &w.key).await;
+        w.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
+        let labels = AgentMetrics::pipeline(&w.key);
+        w.metrics
+            .checkpoint_lag_bytes
+            .get_or_create(&labels)
+            .set(w.lag.load(Ordering::Relaxed).max(0));
+        w.metrics
+            .buffer_bytes
+            .get_or_create(&labels)
+            .set(w.writer.used() as i64);
+        w.rx.release(weight);
+    }
+    // Dropping the writer tells the shipper that nothing more will come.
+}
+
+/// Ships records from the disk spool in batches and acknowledges them in the spool.
+struct SpoolShipTask {
+    key: Arc<str>,
+    limits: BatchConfig,
+    reader: SpoolReader,
+    outputs: Vec<Output>,
+    metrics: AgentMetrics,
+    abort: CancellationToken,
+    stop: CancellationToken,
+}
+
+async fn spool_ship_loop(mut s: SpoolShipTask) {
+    let labels = AgentMetrics::pipeline(&s.key);
+    let mut batch: Vec<Encoded> = Vec::new();
+    let mut bytes = 0usize;
+    let mut end = 0u64;
+    let mut started: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = started.map(|t| t + s.limits.max_wait);
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut ship_now = false;
+        let mut last = false;
+        let mut carry = None;
+        tokio::select! {
+            r = s.reader.next() => match r {
+                Ok(Some((rec, e))) => {
+                    let len = rec.json.len() + 1;
+                    if !batch.is_empty() && bytes + len > s.limits.max_bytes {
+                        ship_now = true;
+                        carry = Some((rec, e, len));
+                    } else {
+                        bytes += len;
+                        batch.push(rec);
+                        end = e;
+                        started.get_or_insert_with(tokio::time::Instant::now);
+                        ship_now = batch.len() >= s.limits.max_events || bytes >= s.limits.max_bytes;
+                    }
+                }
+                Ok(None) => last = true,
+                Err(e) => {
+                    tracing::error!(pipeline = %s.key, error = %e, "reading the disk buffer failed; shipping stops");
+                    last = true;
+                }
+            },
+            _ = sleep => ship_now = true,
+            // Stopping: what is spooled stays there for the next start.
+            _ = s.stop.cancelled() => last = true,
+        }
+        if (ship_now || last) && !batch.is_empty() {
+            let refs: Vec<&Encoded> = batch.iter().collect();
+            if !deliver_all(&mut s.outputs, &refs, &s.metrics, &s.key, &s.abort).await {
+                return;
+            }
+            if let Err(e) = s.reader.ack(end) {
+                tracing::error!(pipeline = %s.key, error = %e, "writing the disk buffer cursor failed");
+            }
+            batch.clear();
+            bytes = 0;
+            started = None;
+        }
+        if let Some((rec, e, len)) = carry {
+            bytes += len;
+            batch.push(rec);
+            end = e;
+            started = Some(tokio::time::Instant::now());
+        }
+        s.metrics
+            .buffer_bytes
+            .get_or_create(&labels)
+            .set(s.reader.used() as i64);
+        if last {
+            return;
+        }
+    }
+}
+
+async fn persist(c: &mut Checkpoints, key: &str) {
+    let Some((path, body)) = c.pending_write() else {
+        return;
+    };
+    let res = tokio::task::spawn_blocking(move || write_atomic(&path, &body)).await;
+    match res {
+        Ok(Ok(())) => c.written(),
+        Ok(Err(e)) => {
+            tracing::error!(pipeline = %key, error = %e, "writing checkpoints failed; will retry after the next batch")
+        }
+        Err(e) => tracing::error!(pipeline = %key, error = %e, "checkpoint writer panicked"),
+    }
+}

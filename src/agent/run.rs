@@ -1,0 +1,162 @@
+//! The agent process: loads and validates the configuration, runs one
+//! [`RunningPipeline`] per pipeline, reloads the configuration file when it changes
+//! (validate first, then swap only the pipelines that changed; checkpoints carry over),
+//! and on shutdown stops reading, ships what is buffered and writes the checkpoints.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::AgentError;
+use super::config::{self, Pipeline};
+use super::metrics::{AgentMetrics, ResultLabel};
+use super::pipeline::{AgentEnv, RunningPipeline};
+use crate::telemetry::Readiness;
+
+/// Where the pipelines come from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// `agent.yaml` rendered by the controller (watched for changes).
+    File(PathBuf),
+    /// LogPipeline manifests given on the command line (watched too).
+    Manifests(Vec<PathBuf>),
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<Vec<Pipeline>, config::ConfigError> {
+        match self {
+            ConfigSource::File(p) => config::load_agent_file(p),
+            ConfigSource::Manifests(ps) => config::load_manifests(ps),
+        }
+    }
+
+    /// The raw bytes of every file, to notice a change cheaply.
+    fn snapshot(&self) -> Vec<Option<Vec<u8>>> {
+        let paths: Vec<&PathBuf> = match self {
+            ConfigSource::File(p) => vec![p],
+            ConfigSource::Manifests(ps) => ps.iter().collect(),
+        };
+        paths.iter().map(|p| std::fs::read(p).ok()).collect()
+    }
+}
+
+/// Everything `outrider agent` needs.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub source: ConfigSource,
+    pub env: AgentEnv,
+    /// How often the configuration files are checked for changes.
+    pub reload_interval: Duration,
+    /// How long shutdown waits for the outputs to acknowledge what is buffered.
+    pub shutdown_grace: Duration,
+}
+
+/// Runs the agent until `shutdown` fires. An invalid configuration at start is an error;
+/// an invalid configuration later keeps the running one and is logged and counted.
+pub async fn run(
+    opts: AgentOptions,
+    metrics: AgentMetrics,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&opts.env.state_dir).map_err(|source| AgentError::StateDir {
+        path: opts.env.state_dir.clone(),
+        source,
+    })?;
+    let mut snapshot = opts.source.snapshot();
+    let pipelines = opts.source.load()?;
+    let mut running: BTreeMap<String, RunningPipeline> = BTreeMap::new();
+    for p in pipelines {
+        let key = p.key.clone();
+        match RunningPipeline::start(p, &opts.env, &metrics) {
+            Ok(r) => {
+                running.insert(key, r);
+            }
+            Err(e) => {
+                stop_all(running, opts.shutdown_grace).await;
+                return Err(e);
+            }
+        }
+    }
+    ready.set(true);
+    tracing::info!(pipelines = running.len(), node = %opts.env.node_name, "agent running");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(opts.reload_interval) => {}
+        }
+        let now = opts.source.snapshot();
+        if now == snapshot {
+            continue;
+        }
+        snapshot = now;
+        match opts.source.load() {
+            Ok(new) => {
+                running = swap(running, new, &opts, &metrics).await;
+                metrics
+                    .config_reloads
+                    .get_or_create(&ResultLabel {
+                        result: "ok".into(),
+                    })
+                    .inc();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "new configuration is invalid; keeping the running one");
+                metrics
+                    .config_reloads
+                    .get_or_create(&ResultLabel {
+                        result: "invalid".into(),
+                    })
+                    .inc();
+            }
+        }
+    }
+    ready.set(false);
+    tracing::info!("shutting down: shipping what is buffered and writing checkpoints");
+    stop_all(running, opts.shutdown_grace).await;
+    Ok(())
+}
+
+/// Replaces the pipelines whose spec changed, stops removed ones and starts new ones.
+/// A changed pipeline is stopped (drained and checkpointed) before its successor starts
+/// from the same checkpoints: no gap and no duplicates.
+async fn swap(
+    mut running: BTreeMap<String, RunningPipeline>,
+    new: Vec<Pipeline>,
+    opts: &AgentOptions,
+    metrics: &AgentMetrics,
+) -> BTreeMap<String, RunningPipeline> {
+    let mut next = BTreeMap::new();
+    let mut wanted: BTreeMap<String, Pipeline> =
+        new.into_iter().map(|p| (p.key.clone(), p)).collect();
+    let keys: Vec<String> = running.keys().cloned().collect();
+    for key in keys {
+        let unchanged = wanted
+            .get(&key)
+            .is_some_and(|p| running.get(&key).is_some_and(|r| r.pipeline.spec == p.spec));
+        if let Some(r) = running.remove(&key) {
+            if unchanged {
+                wanted.remove(&key);
+                next.insert(key, r);
+            } else {
+                tracing::info!(pipeline = %key, "configuration changed; restarting the pipeline");
+                r.shutdown(opts.shutdown_grace).await;
+            }
+        }
+    }
+    for (key, p) in wanted {
+        match RunningPipeline::start(p, &opts.env, metrics) {
+            Ok(r) => {
+                next.insert(key, r);
+            }
+            Err(e) => tracing::error!(pipeline = %key, error = %e, "cannot start pipeline"),
+        }
+    }
+    next
+}
+
+async fn stop_all(running: BTreeMap<String, RunningPipeline>, grace: Duration) {
+    futures::future::join_all(running.into_values().map(|r| r.shutdown(grace))).await;
+}

@@ -1,0 +1,619 @@
+//! One tailer per open file: reads large chunks from the open descriptor, splits lines,
+//! joins CRI partials and multiline records, parses, enriches, filters and hands the
+//! records to the pipeline buffer (waiting when it is full). The descriptor stays open
+//! across a rename, so a rotated file is drained to EOF before it is released; a file
+//! found shorter or rewritten (copytruncate) is read again from 0.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sha1::{Digest, Sha1};
+use tokio_util::sync::CancellationToken;
+
+use super::buffer::BufferTx;
+use super::config::{FilterConfig, InputConfig, ParserConfig};
+use super::filter;
+use super::identity::{self, Change, DevIno, Fingerprint};
+use super::metrics::{AgentMetrics, InputLabels};
+use super::multiline::{Multiline, Piece};
+use super::parse::{self, CriJoiner};
+use super::reader::{LineSplitter, READ_CHUNK};
+use super::record::{self, Encoded, Event, Item, PodInfo, RecordContext, SourcePos};
+
+/// Timing and limits of tailers.
+#[derive(Clone, Copy, Debug)]
+pub struct TailOptions {
+    /// Wait at EOF before looking again.
+    pub poll: Duration,
+    /// Longest line (and joined record) kept; longer ones are cut and counted.
+    pub max_line: usize,
+    /// A file that is no longer matched is released after it stayed at EOF this long
+    /// (a writer may still append right after a rename).
+    pub release_after: Duration,
+}
+
+/// Offsets reached in files that were then truncated, by their old fingerprint: the copy
+/// that copytruncate left behind is read from there instead of from 0.
+pub type TruncatedFiles = Arc<Mutex<HashMap<Fingerprint, (u64, Instant)>>>;
+
+/// What every tailer of one input shares.
+pub struct InputShared {
+    pub pipeline: Arc<str>,
+    pub input: InputConfig,
+    pub ctx: RecordContext,
+    pub filters: Arc<Vec<FilterConfig>>,
+    pub tx: BufferTx,
+    pub metrics: AgentMetrics,
+    pub labels: InputLabels,
+    /// Bytes read but not yet acknowledged, for the whole pipeline.
+    pub lag: Arc<AtomicI64>,
+    pub opts: TailOptions,
+    pub truncated: TruncatedFiles,
+}
+
+/// How discovery talks to a running tailer.
+#[derive(Debug, Default)]
+pub struct TailerControl {
+    /// The file is no longer matched under its identity: drain and release it.
+    pub gone: AtomicBool,
+    /// The tailer's current fingerprint (discovery compares new files against it).
+    pub fingerprint: Mutex<Fingerprint>,
+}
+
+/// A file to tail from `offset`.
+pub struct Opened {
+    pub file: File,
+    pub path: String,
+    pub id: DevIno,
+    pub offset: u64,
+    pub fingerprint: Fingerprint,
+}
+
+enum Step {
+    Read(usize, Option<Fingerprint>),
+    Truncated(Fingerprint),
+}
+
+/// Tails one file until it is released or `stop` fires.
+pub async fn tail(
+    shared: Arc<InputShared>,
+    ctl: Arc<TailerControl>,
+    opened: Opened,
+    stop: CancellationToken,
+) {
+    let files_open = shared
+        .metrics
+        .files_open
+        .get_or_create(&shared.labels)
+        .clone();
+    files_open.inc();
+    let mut t = Tailer::new(&shared, &opened);
+    if let Ok(mut g) = ctl.fingerprint.lock() {
+        *g = opened.fingerprint.clone();
+    }
+    let mut file = Some(opened.file);
+    let mut buf = Some(vec![0u8; READ_CHUNK]);
+    let mut eof_since: Option<Instant> = None;
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let (Some(f), Some(mut b)) = (file.take(), buf.take()) else {
+            break;
+        };
+        let offset = t.offset;
+        let fp = (*t.fp).clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = step(&f, &mut b, offset, &fp);
+            (f, b, r)
+        })
+        .await;
+        let Ok((f, b, result)) = joined else {
+            break;
+        };
+        let read = match result {
+            Ok(Step::Read(n, new_fp)) => {
+                if let Some(fp) = new_fp {
+                    t.set_fingerprint(fp, &ctl);
+                }
+                n
+            }
+            Ok(Step::Truncated(new_fp)) => {
+                tracing::info!(path = %t.path, offset = t.offset, "file truncated (copytruncate?); reading it again from 0");
+                shared
+                    .metrics
+                    .truncations
+                    .get_or_create(&shared.labels)
+                    .inc();
+                if t.fp.is_full()
+                    && let Ok(mut m) = shared.truncated.lock()
+                {
+                    m.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(300));
+                    m.insert((*t.fp).clone(), (t.offset, Instant::now()));
+                }
+                t.restart(new_fp, &ctl);
+                file = Some(f);
+                buf = Some(b);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(path = %t.path, error = %e, "reading failed; retrying");
+                0
+            }
+        };
+        let mut items = Vec::new();
+        if read > 0 {
+            eof_since = None;
+            t.consume(&b[..read], &mut items);
+        } else {
+            let now = Instant::now();
+            if let Some(p) = t.multiline.as_mut().and_then(|m| m.flush_stale(now)) {
+                items.push(t.emit(p));
+            }
+            let since = *eof_since.get_or_insert(now);
+            if ctl.gone.load(Ordering::Acquire) && since.elapsed() >= shared.opts.release_after {
+                t.finish(&mut items);
+                items.push(Item::Forget(t.key.clone()));
+                send_all(&shared, items, &stop).await;
+                tracing::info!(path = %t.path, "file drained and released");
+                break;
+            }
+        }
+        file = Some(f);
+        buf = Some(b);
+        if !send_all(&shared, items, &stop).await {
+            break;
+        }
+        if read == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(shared.opts.poll) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+    }
+    files_open.dec();
+}
+
+/// Sends items in order, waiting for buffer room; false when stopping.
+async fn send_all(shared: &InputShared, items: Vec<Item>, stop: &CancellationToken) -> bool {
+    for item in items {
+        tokio::select! {
+            r = shared.tx.send(item) => if r.is_err() { return false },
+            _ = stop.cancelled() => return false,
+        }
+    }
+    true
+}
+
+/// One blocking look at the file: truncation check, then a read at `offset`.
+fn step(f: &File, buf: &mut [u8], offset: u64, fp: &Fingerprint) -> std::io::Result<Step> {
+    if identity::check(f, offset, fp)? == Change::Truncated {
+        return Ok(Step::Truncated(Fingerprint::of_file(f)?));
+    }
+    let n = loop {
+        match f.read_at(buf, offset) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    // Truncated (and rewritten) between the check and the read: what was read may be the
+    // new content at the old offset. Discard it; the old offset is what was really read.
+    if n > 0 && !fp.matches(f)? {
+        return Ok(Step::Truncated(Fingerprint::of_file(f)?));
+    }
+    // A short fingerprint grows with the file until it covers the full length.
+    let new_fp = (n > 0 && !fp.is_full() && offset + n as u64 > fp.len as u64)
+        .then(|| Fingerprint::of_file(f))
+        .transpose()?;
+    Ok(Step::Read(n, new_fp))
+}
+
+/// Per-file processing state.
+struct Tailer<'a> {
+    shared: &'a InputShared,
+    key: Arc<str>,
+    path: Arc<str>,
+    pod: Option<PodInfo>,
+    fp: Arc<Fingerprint>,
+    offset: u64,
+    /// End of the last emitted piece (lag accounting).
+    emitted: u64,
+    splitter: LineSplitter,
+    cri: Option<CriJoiner>,
+    multiline: Option<Multiline>,
+}
+
+impl<'a> Tailer<'a> {
+    fn new(shared: &'a InputShared, o: &Opened) -> Self {
+        let max = shared.opts.max_line;
+        let multiline = shared.input.multiline.as_ref().and_then(|m| {
+            Multiline::new(&m.start, m.flush_timeout, max)
+                .map_err(|e| tracing::error!(error = %e, "multiline pattern"))
+                .ok()
+        });
+        Self {
+            shared,
+            key: Arc::from(o.id.key(&shared.input.name)),
+            path: Arc::from(o.path.as_str()),
+            pod: record::pod_from_path(&o.path),
+            fp: Arc::new(o.fingerprint.clone()),
+            offset: o.offset,
+            emitted: o.offset,
+            splitter: LineSplitter::new(max),
+            cri: matches!(shared.input.parser, ParserConfig::Cri).then(|| CriJoiner::new(max)),
+            multiline,
+        }
+    }
+
+    fn set_fingerprint(&mut self, fp: Fingerprint, ctl: &TailerControl) {
+        if let Ok(mut g) = ctl.fingerprint.lock() {
+            *g = fp.clone();
+        }
+        self.fp = Arc::new(fp);
+    }
+
+    fn restart(&mut self, fp: Fingerprint, ctl: &TailerControl) {
+        self.set_fingerprint(fp, ctl);
+        self.offset = 0;
+        self.emitted = 0;
+        self.splitter.reset();
+        if let Some(c) = self.cri.as_mut() {
+            *c = CriJoiner::new(self.shared.opts.max_line);
+        }
+        if let Some(m) = self.multiline.as_mut() {
+            m.reset();
+        }
+    }
+
+    fn consume(&mut self, chunk: &[u8], items: &mut Vec<Item>) {
+        let s = self.shared;
+        s.metrics
+            .bytes_read
+            .get_or_create(&s.labels)
+            .inc_by(chunk.len() as u64);
+        let start = self.offset;
+        self.offset += chunk.len() as u64;
+        let mut splitter = std::mem::replace(&mut self.splitter, LineSplitter::new(1));
+        let mut lines = 0u64;
+        let mut truncated = 0u64;
+        let now = Instant::now();
+        splitter.feed(chunk, start, |line| {
+            lines += 1;
+            if line.truncated {
+                truncated += 1;
+            }
+            self.line(line.bytes, line.end, now, items);
+        });
+        self.splitter = splitter;
+        s.metrics.lines_read.get_or_create(&s.labels).inc_by(lines);
+        if truncated > 0 {
+            s.metrics
+                .lines_truncated
+                .get_or_create(&s.labels)
+                .inc_by(truncated);
+        }
+    }
+
+    fn line(&mut self, bytes: &[u8], end: u64, now: Instant, items: &mut Vec<Item>) {
+        let piece = match self.cri.as_mut() {
+            Some(j) => {
+                let Some(e) = j.push(bytes) else { return };
+                if e.failed {
+                    self.count_parse_error();
+                }
+                Piece {
+                    bytes: e.content,
+                    end,
+                    time: e.time,
+                    stream: (!e.failed).then_some(e.stream),
+                }
+            }
+            None => Piece {
+                bytes: bytes.to_vec(),
+                end,
+                time: None,
+                stream: None,
+            },
+        };
+        let done = match self.multiline.as_mut() {
+            Some(m) => m.push(piece, now),
+            None => Some(piece),
+        };
+        if let Some(p) = done {
+            items.push(self.emit(p));
+        }
+    }
+
+    /// Emits what is left when the file is released: a pending multiline record and an
+    /// unterminated last line.
+    fn finish(&mut self, items: &mut Vec<Item>) {
+        if let Some(rest) = self.splitter.finish() {
+            let end = self.offset;
+            self.line(&rest, end, Instant::now(), items);
+        }
+        if let Some(p) = self.multiline.as_mut().and_then(|m| m.flush()) {
+            items.push(self.emit(p));
+        }
+    }
+
+    fn count_parse_error(&self) {
+        self.shared
+            .metrics
+            .parse_errors
+            .get_or_create(&self.shared.labels)
+            .inc();
+    }
+
+    /// Turns a complete piece into a buffer item: a record, or a checkpoint-only marker
+    /// when it is empty or filtered out.
+    fn emit(&mut self, p: Piece) -> Item {
+        let s = self.shared;
+        let consumed = p.end.saturating_sub(self.emitted);
+        self.emitted = p.end;
+        s.lag.fetch_add(consumed as i64, Ordering::Relaxed);
+        let pos = SourcePos {
+            file: self.key.clone(),
+            path: self.path.clone(),
+            fingerprint: self.fp.clone(),
+            offset: p.end,
+        };
+        if p.bytes.is_empty() {
+            return Item::Event(Event {
+                pos,
+                record: None,
+                consumed,
+            });
+        }
+        let id = record_id(&s.pipeline, &self.key, p.end, &p.bytes);
+        let text = String::from_utf8_lossy(&p.bytes).into_owned();
+        let mut parsed = parse::parse(&s.input.parser, text);
+        if parsed.failed {
+            self.count_parse_error();
+        }
+        if let Some(stream) = p.stream {
+            parsed
+                .fields
+                .insert("stream".into(), serde_json::Value::String(stream));
+        }
+        let (rec, ts_nanos) = record::build(
+            &s.ctx,
+            &self.path,
+            self.pod.as_ref(),
+            parsed.message,
+            parsed.fields,
+            parsed.time.or(p.time),
+            Utc::now(),
+        );
+        let record = filter::keep(&s.filters, &rec)
+            .then(|| serde_json::to_vec(&rec).ok())
+            .flatten()
+            .map(|json| Encoded { json, id, ts_nanos });
+        Item::Event(Event {
+            pos,
+            record,
+            consumed,
+        })
+    }
+}
+
+/// Deterministic record id: the same bytes at the same place of the same file always get
+/// the same id, so a re-read after a crash is recognised downstream.
+pub fn record_id(pipeline: &str, key: &str, end: u64, bytes: &[u8]) -> String {
+    let mut h = Sha1::new();
+    h.update(pipeline.as_bytes());
+    h.update([0]);
+    h.update(key.as_bytes());
+    h.update(end.to_le_bytes());
+    h.update(bytes);
+    let digest = h.finalize();
+    let mut hex = String::with_capacity(40);
+    for b in digest.iter() {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::buffer::{self, BufferRx};
+    use crate::agent::config::MultilineConfig;
+    use regex::Regex;
+    use std::io::Write;
+
+    fn shared(
+        parser: ParserConfig,
+        multiline: Option<&str>,
+        filters: Vec<FilterConfig>,
+    ) -> (Arc<InputShared>, BufferRx) {
+        let (tx, rx) = buffer::bounded(1 << 20);
+        let input = InputConfig {
+            name: "app".into(),
+            paths: vec![],
+            exclude: vec![],
+            multiline: multiline.map(|p| MultilineConfig {
+                start: Regex::new(p).unwrap(),
+                flush_timeout: Duration::from_millis(100),
+            }),
+            parser,
+        };
+        let s = InputShared {
+            pipeline: Arc::from("ns/p"),
+            input,
+            ctx: RecordContext {
+                node: "n1".into(),
+                input: "app".into(),
+                fields: Default::default(),
+            },
+            filters: Arc::new(filters),
+            tx,
+            metrics: AgentMetrics::default(),
+            labels: AgentMetrics::input("ns/p", "app"),
+            lag: Arc::default(),
+            opts: TailOptions {
+                poll: Duration::from_millis(10),
+                max_line: 4096,
+                release_after: Duration::from_millis(50),
+            },
+            truncated: TruncatedFiles::default(),
+        };
+        (Arc::new(s), rx)
+    }
+
+    fn open(path: &std::path::Path, offset: u64) -> Opened {
+        let file = File::open(path).unwrap();
+        Opened {
+            id: DevIno::of_file(&file).unwrap(),
+            fingerprint: Fingerprint::of_file(&file).unwrap(),
+            file,
+            path: path.to_string_lossy().into_owned(),
+            offset,
+        }
+    }
+
+    fn append(path: &std::path::Path, s: &str) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(s.as_bytes())
+            .unwrap();
+    }
+
+    /// Next item as (message or None for a marker, end offset), or "forget".
+    async fn next(rx: &mut BufferRx) -> (Option<serde_json::Value>, u64) {
+        let t = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an item within 5s")
+            .expect("buffer open");
+        rx.release(t.weight as u64);
+        match t.item {
+            Item::Event(e) => (
+                e.record.map(|r| serde_json::from_slice(&r.json).unwrap()),
+                e.pos.offset,
+            ),
+            Item::Forget(_) => (None, u64::MAX),
+        }
+    }
+
+    #[tokio::test]
+    async fn json_multiline_and_filters_produce_records_and_markers_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        append(
+            &path,
+            "{\"msg\":\"boom\",\"level\":\"ERROR\"}\n  at x\n{\"msg\":\"fine\",\"level\":\"INFO\"}\n",
+        );
+        let filters = vec![FilterConfig {
+            include: true,
+            field: Some("level".into()),
+            pattern: Regex::new("ERROR").unwrap(),
+        }];
+        let (s, mut rx) = shared(ParserConfig::Json, Some(r"^\{"), filters);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(
+            s.clone(),
+            Arc::default(),
+            open(&path, 0),
+            stop.clone(),
+        ));
+        // The stack-trace line joins the first record, which then fails to parse as JSON
+        // (it is two lines) and is kept raw; its level is missing so the filter drops it.
+        let (first, end1) = next(&mut rx).await;
+        assert!(first.is_none(), "{first:?}");
+        assert_eq!(end1, 38);
+        // The INFO record is filtered out too, after the multiline flush timeout.
+        let (second, end2) = next(&mut rx).await;
+        assert!(second.is_none());
+        assert_eq!(end2, std::fs::metadata(&path).unwrap().len());
+        append(
+            &path,
+            "{\"msg\":\"bad\",\"level\":\"ERROR\",\"time\":\"2026-01-01T00:00:00Z\"}\n",
+        );
+        let (third, _) = next(&mut rx).await;
+        let third = third.expect("an ERROR record passes");
+        assert_eq!(third["message"], "bad");
+        assert_eq!(third["timestamp"], "2026-01-01T00:00:00Z");
+        assert_eq!(third["node"], "n1");
+        assert_eq!(s.metrics.parse_errors.get_or_create(&s.labels).get(), 1);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn copytruncate_restarts_at_zero_and_remembers_the_old_offset_for_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let long = "x".repeat(1100);
+        append(&path, &format!("{long}\n"));
+        let (s, mut rx) = shared(ParserConfig::None, None, vec![]);
+        let stop = CancellationToken::new();
+        let opened = open(&path, 0);
+        let old_fp = opened.fingerprint.clone();
+        assert!(old_fp.is_full());
+        let task = tokio::spawn(tail(s.clone(), Arc::default(), opened, stop.clone()));
+        let (r, end) = next(&mut rx).await;
+        assert_eq!(r.unwrap()["message"], long.as_str());
+        assert_eq!(end, 1101);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&path, "after truncate\n");
+        let (r, end) = next(&mut rx).await;
+        assert_eq!(r.unwrap()["message"], "after truncate");
+        assert_eq!(end, 15, "read again from offset 0");
+        assert_eq!(s.metrics.truncations.get_or_create(&s.labels).get(), 1);
+        let remembered = s.truncated.lock().unwrap().get(&old_fp).map(|(o, _)| *o);
+        assert_eq!(remembered, Some(1101));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_no_longer_matched_is_drained_to_eof_then_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        append(&path, "one\n");
+        let (s, mut rx) = shared(ParserConfig::None, None, vec![]);
+        let ctl = Arc::new(TailerControl::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(s.clone(), ctl.clone(), open(&path, 0), stop.clone()));
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "one");
+        // Rename-rotate, then the writer's last lines land in the renamed file (one
+        // without a final newline).
+        let rotated = dir.path().join("a.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        ctl.gone.store(true, Ordering::Release);
+        append(&rotated, "two\nthree");
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "two");
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "three");
+        assert_eq!(
+            next(&mut rx).await.1,
+            u64::MAX,
+            "then the checkpoint entry is forgotten"
+        );
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("tailer exits after release")
+            .unwrap();
+    }
+
+    #[test]
+    fn record_ids_are_stable_and_depend_on_place_and_content() {
+        let a = record_id("ns/p", "app/1:2", 10, b"line");
+        assert_eq!(a, record_id("ns/p", "app/1:2", 10, b"line"));
+        assert_ne!(a, record_id("ns/p", "app/1:2", 11, b"line"));
+        assert_ne!(a, record_id("ns/p", "app/1:3", 10, b"line"));
+        assert_ne!(a, record_id("ns/p", "app/1:2", 10, b"lime"));
+    }
+}

@@ -1,0 +1,133 @@
+//! `outrider agent`: the node log shipper. Runs the pipelines of the controller-rendered
+//! `agent.yaml` (`--config`), or LogPipeline manifests directly (`--pipeline`, no cluster),
+//! and serves /metrics /healthz /readyz.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use outrider::agent::config::parse_byte_size;
+use outrider::agent::metrics::AgentMetrics;
+use outrider::agent::pipeline::AgentEnv;
+use outrider::agent::run::{self, AgentOptions, ConfigSource};
+use outrider::agent::sink::Backoff;
+use outrider::agent::tail::TailOptions;
+use outrider::api::common::DurationString;
+use outrider::telemetry::{self, Readiness};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "pipeline"])))]
+pub struct AgentArgs {
+    /// Agent configuration rendered by the controller (`agent.yaml` from the ConfigMap).
+    #[arg(long, env = "OUTRIDER_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// A LogPipeline manifest to run directly, without a cluster (repeatable).
+    #[arg(long)]
+    pipeline: Vec<PathBuf>,
+    /// Directory for checkpoints and dead-letter files (a hostPath in a DaemonSet).
+    #[arg(
+        long,
+        env = "OUTRIDER_STATE_DIR",
+        default_value = "/var/lib/outrider-agent"
+    )]
+    state_dir: PathBuf,
+    /// This node's name, added to every record as `node`.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Mounted Secrets, as `<dir>/<namespace>/<name>/<key>` files.
+    #[arg(long, env = "OUTRIDER_SECRET_DIR")]
+    secret_dir: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "OUTRIDER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// gzip request bodies of the HTTP, Loki and Elasticsearch outputs.
+    #[arg(long, env = "OUTRIDER_AGENT_GZIP")]
+    gzip: bool,
+    /// How often paths are re-globbed for new and rotated files.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    scan_interval: Duration,
+    /// Wait at end of file before reading again.
+    #[arg(long, default_value = "250ms", value_parser = duration)]
+    poll_interval: Duration,
+    /// Longest line kept; longer lines are truncated and counted (`1Mi`).
+    #[arg(long, default_value = "1Mi", value_parser = size)]
+    max_line_bytes: usize,
+    /// How long shutdown waits for outputs to acknowledge buffered records.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    shutdown_grace: Duration,
+    /// How often the configuration files are checked for changes.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    reload_interval: Duration,
+    /// Timeout of one request to an output.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    request_timeout: Duration,
+    /// First retry delay (doubles per attempt, with jitter).
+    #[arg(long, default_value = "200ms", value_parser = duration)]
+    retry_initial: Duration,
+    /// Longest retry delay.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    retry_max: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    DurationString(s.to_string())
+        .to_std()
+        .map_err(|e| e.to_string())
+}
+
+fn size(s: &str) -> Result<usize, String> {
+    parse_byte_size(s).ok_or_else(|| format!("{s:?} is not a size like 1048576, 64Ki or 1Mi"))
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let source = match args.config {
+        Some(c) => ConfigSource::File(c),
+        None => ConfigSource::Manifests(args.pipeline),
+    };
+    let node_name = args
+        .node_name
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics::new(&mut registry);
+    let ready = Readiness::default();
+    let (addr, server) =
+        telemetry::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    tracing::info!(%addr, "serving /metrics /healthz /readyz");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    let opts = AgentOptions {
+        source,
+        env: AgentEnv {
+            state_dir: args.state_dir,
+            node_name,
+            secret_dir: args.secret_dir,
+            scan_interval: args.scan_interval,
+            tail: TailOptions {
+                poll: args.poll_interval,
+                max_line: args.max_line_bytes,
+                release_after: args.scan_interval.max(Duration::from_secs(1)),
+            },
+            gzip: args.gzip,
+            request_timeout: args.request_timeout,
+            backoff: Backoff {
+                initial: args.retry_initial,
+                max: args.retry_max,
+            },
+        },
+        reload_interval: args.reload_interval,
+        shutdown_grace: args.shutdown_grace,
+    };
+    run::run(opts, metrics, ready, shutdown)
+        .await
+        .context("running the agent")
+}
