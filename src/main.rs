@@ -65,7 +65,7 @@ struct ControllerArgs {
         default_value = "outrider-controller"
     )]
     lease_name: String,
-    /// Namespace of the Lease (the pod's namespace in a cluster).
+    /// The operator's namespace (the pod's, in a cluster): its Lease, and the node agents' ConfigMap and Pods.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Seconds a leader holds the Lease without renewing it.
@@ -163,6 +163,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         metrics.clone(),
         Some(identity.clone()),
         args.watch_namespace,
+        args.lease_namespace.clone(),
     ));
 
     if !args.leader_elect {

@@ -4,6 +4,7 @@
 mod api;
 mod chart;
 mod controller;
+mod log_pipeline;
 mod plan;
 #[path = "../../tests/support/sshd.rs"]
 mod sshd;

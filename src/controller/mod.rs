@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod deployment_plan;
 pub mod inventory;
 pub mod leader;
+pub mod log_pipeline;
 pub mod runtime;
 pub mod status;
 
@@ -28,6 +29,8 @@ pub struct Context {
     pub namespace: Option<String>,
     /// DeploymentPlan runs in progress (background tasks), by namespace/name.
     pub plans: deployment_plan::Runs,
+    /// The operator's own namespace: the node agents' ConfigMap and Pods live there.
+    pub operator_namespace: String,
 }
 
 impl Context {
@@ -36,6 +39,7 @@ impl Context {
         metrics: Metrics,
         instance: Option<String>,
         namespace: Option<String>,
+        operator_namespace: String,
     ) -> Self {
         let reporter = Reporter {
             controller: "outrider".into(),
@@ -48,6 +52,7 @@ impl Context {
             backoff: backoff::ErrorBackoff::default(),
             namespace,
             plans: deployment_plan::Runs::default(),
+            operator_namespace,
         }
     }
 }
@@ -80,6 +85,7 @@ impl Error {
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tokio::join!(
         inventory::run(ctx.clone(), stop.clone()),
-        deployment_plan::run(ctx, stop),
+        deployment_plan::run(ctx.clone(), stop.clone()),
+        log_pipeline::run(ctx, stop),
     );
 }
