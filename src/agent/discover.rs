@@ -155,6 +155,7 @@ pub async fn run_input(
         for (id, t) in &tailers {
             t.ctl.gone.store(!ids.contains(id), Ordering::Release);
         }
+        deferred.retain(|id, _| ids.contains(id));
         for (path, id) in &found {
             if tailers.contains_key(id) {
                 continue;
@@ -163,7 +164,11 @@ pub async fn run_input(
                 continue;
             };
             tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "tailing file");
-            let ctl = Arc::new(TailerControl::default());
+            // Known before the task first runs, so a copy found in this same scan is compared.
+            let ctl = Arc::new(TailerControl {
+                fingerprint: std::sync::Mutex::new(opened.fingerprint.clone()),
+                ..TailerControl::default()
+            });
             let task = tokio::spawn(tail::tail(
                 shared.clone(),
                 ctl.clone(),
