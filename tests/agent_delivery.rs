@@ -230,8 +230,20 @@ fn copytruncate_every_2000_lines_loses_nothing() {
             .0
             .is_empty()
     });
-    let (_, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), N);
-    assert_eq!(dups, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let counts = count_numbers(&rx.messages(), "seq");
+    let dup_numbers: Vec<u64> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(
+        dup_numbers.is_empty(),
+        "{} duplicates: {:?}..{:?}",
+        dup_numbers.len(),
+        dup_numbers.first(),
+        dup_numbers.last()
+    );
 }
 
 #[test]
@@ -570,7 +582,7 @@ fn a_full_disk_buffer_pauses_reading_and_resumes_when_the_sink_is_back() {
         "  delivery: {batch: {maxEvents: 500, maxBytes: 64Ki, maxWait: 50ms}, buffer: {type: disk, maxSize: 512Ki}}\n",
     );
     let file = dir.path().join("logs").join("app.log");
-    const N: u64 = 200_000; // 2.6 MB of lines, ~40 MB of records
+    const N: u64 = 100_000; // 1.3 MB of lines, ~20 MB of records
     append_numbered(&file, "seq", 0..N);
     let len = std::fs::metadata(&file).unwrap().len() as f64;
     let agent = start(dir.path(), &agent_args(dir.path(), &lp));

@@ -53,9 +53,29 @@ pub fn bounded(capacity: usize) -> (BufferTx, BufferRx) {
 impl BufferTx {
     /// Hands an item over, waiting for room first (backpressure).
     pub async fn send(&self, item: Item) -> Result<(), Closed> {
+        let weight = self.reserve(&item).await?;
+        self.push(item, weight)
+    }
+
+    /// Waits for room for `item` and takes it; returns the weight to [`BufferTx::push`]
+    /// with. Cancel-safe: room is only taken when the wait completes.
+    pub async fn reserve(&self, item: &Item) -> Result<u32, Closed> {
         // An item larger than the whole buffer waits for an empty buffer instead of forever.
         let need = (item.size().min(self.capacity as usize)) as u32;
         let permit = self.room.acquire_many(need).await.map_err(|_| Closed)?;
+        permit.forget();
+        Ok(need)
+    }
+
+    /// Hands over an item whose room was reserved.
+    pub fn push(&self, item: Item, weight: u32) -> Result<(), Closed> {
+        self.tx.send((item, weight)).map_err(|_| Closed)
+    }
+
+    /// Hands an item over only if there is room right now.
+    pub fn try_send(&self, item: Item) -> Result<(), Closed> {
+        let need = (item.size().min(self.capacity as usize)) as u32;
+        let permit = self.room.try_acquire_many(need).map_err(|_| Closed)?;
         permit.forget();
         self.tx.send((item, need)).map_err(|_| Closed)
     }

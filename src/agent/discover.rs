@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -141,6 +141,7 @@ pub async fn run_input(
     stop: CancellationToken,
 ) {
     let mut tailers: HashMap<DevIno, Running> = HashMap::new();
+    let mut deferred: HashMap<DevIno, Instant> = HashMap::new();
     let mut first = true;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = watcher(&shared.input, wake_tx);
@@ -154,15 +155,20 @@ pub async fn run_input(
         for (id, t) in &tailers {
             t.ctl.gone.store(!ids.contains(id), Ordering::Release);
         }
+        deferred.retain(|id, _| ids.contains(id));
         for (path, id) in &found {
             if tailers.contains_key(id) {
                 continue;
             }
-            let Some(opened) = open(&shared, &tailers, &mut saved, path, *id) else {
+            let Some(opened) = open(&shared, &tailers, &mut saved, &mut deferred, path, *id) else {
                 continue;
             };
             tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "tailing file");
-            let ctl = Arc::new(TailerControl::default());
+            // Known before the task first runs, so a copy found in this same scan is compared.
+            let ctl = Arc::new(TailerControl {
+                fingerprint: std::sync::Mutex::new(opened.fingerprint.clone()),
+                ..TailerControl::default()
+            });
             let task = tokio::spawn(tail::tail(
                 shared.clone(),
                 ctl.clone(),
@@ -198,12 +204,25 @@ pub async fn run_input(
     }
 }
 
+/// Longest a new file waits because it looks like a copy of a tailed one.
+const MAX_DEFER: Duration = Duration::from_secs(30);
+
+/// The offset a truncated original reached, if `file` starts with what it had read.
+fn take_truncated(shared: &InputShared, file: &File) -> Option<u64> {
+    let mut m = shared.truncated.lock().ok()?;
+    let i = m
+        .iter()
+        .position(|(fp, _, _)| fp.matches(file).unwrap_or(false))?;
+    Some(m.remove(i).1)
+}
+
 /// Opens a newly found file and decides where to start reading it, or `None` to look
 /// again at the next scan.
 fn open(
     shared: &InputShared,
     tailers: &HashMap<DevIno, Running>,
     saved: &mut BTreeMap<String, Entry>,
+    deferred: &mut HashMap<DevIno, Instant>,
     path: &Path,
     id: DevIno,
 ) -> Option<Opened> {
@@ -218,29 +237,29 @@ fn open(
     let offset = if let Some(entry) = saved.remove(&key) {
         let matches = entry.saved.fingerprint.matches(&file).unwrap_or(false);
         resume_offset(Some(&entry.saved), matches, size)
-    } else if fingerprint.is_full() {
-        // Same first bytes as a file being tailed under another inode: a copy in progress
-        // (copytruncate). Wait until the original is truncated or released.
-        let copy_of_live = tailers.values().any(|t| {
-            t.ctl
-                .fingerprint
-                .lock()
-                .map(|f| *f == fingerprint)
-                .unwrap_or(false)
-        });
-        if copy_of_live {
+    } else if let Some(off) = take_truncated(shared, &file) {
+        // The copy of a file that was truncated: continue where the original stopped.
+        off.min(size)
+    } else if tailers.values().any(|t| {
+        t.ctl
+            .fingerprint
+            .lock()
+            .map(|f| f.len > 0 && f.matches(&file).unwrap_or(false))
+            .unwrap_or(false)
+    }) {
+        // Starts like content a live tailer is reading: a copytruncate copy whose original
+        // is not truncated yet (or not noticed yet). Wait, but not forever: an unrelated
+        // file may share a short prefix.
+        let since = *deferred.entry(id).or_insert_with(Instant::now);
+        if since.elapsed() < MAX_DEFER {
             return None;
         }
-        // The copy of a file that was truncated: continue where the original stopped.
-        let truncated = shared
-            .truncated
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&fingerprint));
-        truncated.map_or(0, |(off, _)| off.min(size))
+        tracing::warn!(path = %path.display(), "file still looks like a copy of a tailed file; reading it from 0");
+        0
     } else {
         0
     };
+    deferred.remove(&id);
     Some(Opened {
         file,
         path: path.to_string_lossy().into_owned(),

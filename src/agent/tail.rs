@@ -4,7 +4,6 @@
 //! across a rename, so a rotated file is drained to EOF before it is released; a file
 //! found shorter or rewritten (copytruncate) is read again from 0.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -37,9 +36,9 @@ pub struct TailOptions {
     pub release_after: Duration,
 }
 
-/// Offsets reached in files that were then truncated, by their old fingerprint: the copy
-/// that copytruncate left behind is read from there instead of from 0.
-pub type TruncatedFiles = Arc<Mutex<HashMap<Fingerprint, (u64, Instant)>>>;
+/// Offsets reached in files that were then truncated, with the fingerprint of what was read:
+/// the copy that copytruncate left behind is read from there instead of from 0.
+pub type TruncatedFiles = Arc<Mutex<Vec<(Fingerprint, u64, Instant)>>>;
 
 /// What every tailer of one input shares.
 pub struct InputShared {
@@ -108,8 +107,9 @@ pub async fn tail(
         };
         let offset = t.offset;
         let fp = (*t.fp).clone();
+        let ctl2 = ctl.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let r = step(&f, &mut b, offset, &fp);
+            let r = step(&f, &mut b, offset, &fp, &ctl2);
             (f, b, r)
         })
         .await;
@@ -130,11 +130,12 @@ pub async fn tail(
                     .truncations
                     .get_or_create(&shared.labels)
                     .inc();
-                if t.fp.is_full()
+                if t.fp.len > 0
+                    && t.offset > 0
                     && let Ok(mut m) = shared.truncated.lock()
                 {
-                    m.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(300));
-                    m.insert((*t.fp).clone(), (t.offset, Instant::now()));
+                    m.retain(|(_, _, at)| at.elapsed() < Duration::from_secs(300));
+                    m.push(((*t.fp).clone(), t.offset, Instant::now()));
                 }
                 t.restart(new_fp, &ctl);
                 file = Some(f);
@@ -179,21 +180,52 @@ pub async fn tail(
     files_open.dec();
 }
 
-/// Sends items in order, waiting for buffer room; false when stopping.
+/// Sends items in order, waiting for buffer room; false when stopping. When stopping,
+/// what was already read is still handed over while there is room (so shutdown ships it);
+/// the rest is dropped unacknowledged and read again after the restart.
 async fn send_all(shared: &InputShared, items: Vec<Item>, stop: &CancellationToken) -> bool {
-    for item in items {
-        tokio::select! {
-            r = shared.tx.send(item) => if r.is_err() { return false },
-            _ = stop.cancelled() => return false,
+    let mut items = items.into_iter();
+    while let Some(item) = items.next() {
+        if stop.is_cancelled() {
+            let _ = std::iter::once(item)
+                .chain(items.by_ref())
+                .try_for_each(|i| shared.tx.try_send(i));
+            return false;
+        }
+        let reserved = tokio::select! {
+            r = shared.tx.reserve(&item) => r,
+            _ = stop.cancelled() => {
+                let _ = std::iter::once(item)
+                    .chain(items.by_ref())
+                    .try_for_each(|i| shared.tx.try_send(i));
+                return false;
+            }
+        };
+        if reserved.and_then(|w| shared.tx.push(item, w)).is_err() {
+            return false;
         }
     }
     true
 }
 
 /// One blocking look at the file: truncation check, then a read at `offset`.
-fn step(f: &File, buf: &mut [u8], offset: u64, fp: &Fingerprint) -> std::io::Result<Step> {
+fn step(
+    f: &File,
+    buf: &mut [u8],
+    offset: u64,
+    fp: &Fingerprint,
+    ctl: &TailerControl,
+) -> std::io::Result<Step> {
     if identity::check(f, offset, fp)? == Change::Truncated {
         return Ok(Step::Truncated(Fingerprint::of_file(f)?));
+    }
+    if !fp.is_full() {
+        // Publish the prefix about to be read before reading it, so discovery never sees
+        // a copy of content this tailer is reading without knowing it (copytruncate).
+        let now = Fingerprint::of_file(f)?;
+        if let Ok(mut g) = ctl.fingerprint.lock() {
+            *g = now;
+        }
     }
     let n = loop {
         match f.read_at(buf, offset) {
@@ -573,8 +605,15 @@ mod tests {
         assert_eq!(r.unwrap()["message"], "after truncate");
         assert_eq!(end, 15, "read again from offset 0");
         assert_eq!(s.metrics.truncations.get_or_create(&s.labels).get(), 1);
-        let remembered = s.truncated.lock().unwrap().get(&old_fp).map(|(o, _)| *o);
-        assert_eq!(remembered, Some(1101));
+        let remembered: Vec<u64> = s
+            .truncated
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(fp, _, _)| *fp == old_fp)
+            .map(|(_, o, _)| *o)
+            .collect();
+        assert_eq!(remembered, [1101]);
         stop.cancel();
         task.await.unwrap();
     }
