@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use outrider::api::log_pipeline::LogPipeline;
 
@@ -53,7 +53,6 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     let client = client().await;
     let api: Api<LogPipeline> = Api::namespaced(client.clone(), &ns);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     apply(
         &kc,
@@ -121,7 +120,7 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         .unwrap_or_default()
         .remove("agent.yaml")
         .expect("agent.yaml");
-    assert_eq!(outrider::controller::log_pipeline::config_hash(&text), hash);
+    assert_eq!(outrider::agent::report::config_hash(text.as_bytes()), hash);
     let file: outrider::agent::config::AgentConfigFile =
         serde_yaml::from_str(&text).expect("agent.yaml parses");
     let names: Vec<String> = file
@@ -151,14 +150,14 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     let nodes = lp.status.as_ref().and_then(|s| s.nodes).expect("nodes");
     assert_eq!(nodes.updated, 0);
     assert_eq!(ready(&lp).map(|r| r.1), Some("RollingOut".into()));
-    // each reports the hash it runs, as the agent does
-    for pod in ["agent-0", "agent-1"] {
-        let patch =
-            serde_json::json!({"metadata": {"annotations": {"outrider.dev/config-hash": hash}}});
-        pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .expect("annotate");
-    }
+    // the real agent, given the rendered agent.yaml and its Pod's name, reports what it runs
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, &text).expect("write agent.yaml");
+    let _agents: Vec<AgentProcess> = ["agent-0", "agent-1"]
+        .iter()
+        .map(|pod| AgentProcess::start(&kc, &ns, pod, &config, dir.path()))
+        .collect();
     let lp = wait_reason(&api, "shop", "AllNodesShipping").await;
     let nodes = lp.status.as_ref().and_then(|s| s.nodes).expect("nodes");
     assert_eq!((nodes.desired, nodes.ready, nodes.updated), (2, 2, 2));
@@ -178,4 +177,43 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         },
     )
     .await;
+}
+
+/// `outrider agent --config FILE` standing in for the agent in Pod `pod` (POD_NAME and
+/// POD_NAMESPACE as the downward API sets them), talking to the test API server.
+struct AgentProcess(std::process::Child);
+
+impl AgentProcess {
+    fn start(
+        kc: &std::path::Path,
+        ns: &str,
+        pod: &str,
+        config: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> Self {
+        let state = dir.join(format!("state-{pod}"));
+        let log = std::fs::File::create(dir.join(format!("{pod}.log"))).expect("agent log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+            .arg("agent")
+            .arg("--config")
+            .arg(config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--node-name", pod, "--metrics-addr", "127.0.0.1:0"])
+            .env("KUBECONFIG", kc)
+            .env("POD_NAME", pod)
+            .env("POD_NAMESPACE", ns)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start outrider agent");
+        Self(child)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

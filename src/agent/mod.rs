@@ -18,6 +18,7 @@ pub mod parse;
 pub mod pipeline;
 pub mod reader;
 pub mod record;
+pub mod report;
 pub mod run;
 pub mod sink;
 pub mod spool;

@@ -13,6 +13,7 @@ use super::AgentError;
 use super::config::{self, Pipeline};
 use super::metrics::{AgentMetrics, ResultLabel};
 use super::pipeline::{AgentEnv, RunningPipeline};
+use super::report::{PodRef, config_hash};
 use crate::telemetry::Readiness;
 
 /// Where the pipelines come from.
@@ -51,6 +52,21 @@ pub struct AgentOptions {
     pub reload_interval: Duration,
     /// How long shutdown waits for the outputs to acknowledge what is buffered.
     pub shutdown_grace: Duration,
+    /// The agent's own Pod, annotated with the hash of the `agent.yaml` it runs.
+    pub pod: Option<PodRef>,
+}
+
+impl AgentOptions {
+    /// Reports the running configuration (only for a controller-rendered `agent.yaml`).
+    fn report(&self, snapshot: &[Option<Vec<u8>>]) {
+        let (Some(pod), ConfigSource::File(_), [Some(bytes)]) = (&self.pod, &self.source, snapshot)
+        else {
+            return;
+        };
+        let pod = pod.clone();
+        let hash = config_hash(bytes);
+        tokio::spawn(async move { pod.report(&hash).await });
+    }
 }
 
 /// Runs the agent until `shutdown` fires. An invalid configuration at start is an error;
@@ -81,6 +97,7 @@ pub async fn run(
         }
     }
     ready.set(true);
+    opts.report(&snapshot);
     tracing::info!(pipelines = running.len(), node = %opts.env.node_name, "agent running");
     loop {
         tokio::select! {
@@ -95,6 +112,7 @@ pub async fn run(
         match opts.source.load() {
             Ok(new) => {
                 running = swap(running, new, &opts, &metrics).await;
+                opts.report(&snapshot);
                 metrics
                     .config_reloads
                     .get_or_create(&ResultLabel {

@@ -12,6 +12,7 @@ use clap::Args;
 use outrider::agent::config::parse_byte_size;
 use outrider::agent::metrics::AgentMetrics;
 use outrider::agent::pipeline::AgentEnv;
+use outrider::agent::report::PodRef;
 use outrider::agent::run::{self, AgentOptions, ConfigSource};
 use outrider::agent::sink::Backoff;
 use outrider::agent::tail::TailOptions;
@@ -106,6 +107,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         }
     });
     let opts = AgentOptions {
+        pod: PodRef::from_env(),
         source,
         env: AgentEnv {
             state_dir: args.state_dir,

@@ -22,13 +22,13 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, Desired};
 use super::runtime;
 use super::{Context, Error, status};
 use crate::agent::config::{AgentConfigFile, PipelineEntry, validate};
+use crate::agent::report::{CONFIG_HASH_ANNOTATION, config_hash};
 use crate::api::FIELD_MANAGER;
 use crate::api::log_pipeline::{LogPipeline, LogPipelineSpec, LogPipelineStatus, NodeCounts};
 
@@ -37,19 +37,10 @@ const READY: &str = "Ready";
 /// The agent configuration: this ConfigMap, this key, in the operator's namespace.
 pub const AGENT_CONFIGMAP: &str = "outrider-agent";
 pub const AGENT_CONFIG_KEY: &str = "agent.yaml";
-/// On the ConfigMap: the hash of `agent.yaml`. On an agent's Pod: the hash of what it runs.
-pub const CONFIG_HASH_ANNOTATION: &str = "outrider.dev/config-hash";
 /// Label selecting the node agents' Pods.
 pub const AGENT_POD_SELECTOR: &str = "app.kubernetes.io/name=outrider-agent";
 /// Rollout state is re-read this often even without a Pod change.
 const RESYNC: Duration = Duration::from_secs(60);
-
-/// `sha256:<hex>` of a rendered configuration: what agents report back.
-pub fn config_hash(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
 
 /// Runs the LogPipeline controller until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
@@ -195,7 +186,7 @@ async fn render(ctx: &Context) -> Result<Rendered, Error> {
         }
     }
     let text = serde_yaml::to_string(&AgentConfigFile { pipelines }).unwrap_or_default();
-    let hash = config_hash(&text);
+    let hash = config_hash(text.as_bytes());
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
     let current = maps.get_opt(AGENT_CONFIGMAP).await?;
     let deployed = current
@@ -437,13 +428,5 @@ mod tests {
             }]),
         };
         assert!(selects(Some(&absent), &linux));
-    }
-
-    #[test]
-    fn config_hash_is_sha256_of_the_text() {
-        assert_eq!(
-            config_hash(""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
     }
 }
