@@ -307,20 +307,8 @@ async fn reconcile(
     let _timer = ctx.metrics.reconcile_started(KIND);
     let key = runtime::object_key(guard.as_ref());
     let ns = guard.namespace().ok_or(Error::NoNamespace)?;
-    let lp = match &guard.0 {
-        Ok(lp) => lp,
-        Err(invalid) => {
-            let message = format!("cannot read this LogPipeline: {}", invalid.error);
-            runtime::publish_event(
-                &ctx,
-                guard.as_ref(),
-                EventType::Warning,
-                "InvalidObject",
-                message,
-            )
-            .await;
-            return Ok(Action::await_change());
-        }
+    let Some(lp) = runtime::readable(&ctx, guard.as_ref()).await else {
+        return Ok(Action::await_change());
     };
     let rendered = render(&ctx).await?;
     let me = format!("{ns}/{}", lp.name_any());

@@ -114,6 +114,22 @@ where
     }
 }
 
+/// The object, or `None` after a Warning Event on it saying why it cannot be read (only when
+/// the stored object no longer matches these types, e.g. a CRD newer than this controller).
+pub async fn readable<'a, K>(ctx: &Context, guard: &'a DeserializeGuard<K>) -> Option<&'a K>
+where
+    K: Resource<DynamicType = ()>,
+{
+    match &guard.0 {
+        Ok(obj) => Some(obj),
+        Err(invalid) => {
+            let message = format!("cannot read this {}: {}", K::kind(&()), invalid.error);
+            publish_event(ctx, guard, EventType::Warning, "InvalidObject", message).await;
+            None
+        }
+    }
+}
+
 /// Caps a message at `max` bytes on a character boundary.
 pub fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {

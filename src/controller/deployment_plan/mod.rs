@@ -331,20 +331,8 @@ async fn reconcile(
     let _timer = ctx.metrics.reconcile_started(KIND);
     let key = runtime::object_key(guard.as_ref());
     let ns = guard.namespace().ok_or(Error::NoNamespace)?;
-    let dp = match &guard.0 {
-        Ok(dp) => dp,
-        Err(invalid) => {
-            let message = format!("cannot read this DeploymentPlan: {}", invalid.error);
-            runtime::publish_event(
-                &ctx,
-                guard.as_ref(),
-                EventType::Warning,
-                "InvalidObject",
-                message,
-            )
-            .await;
-            return Ok(Action::await_change());
-        }
+    let Some(dp) = runtime::readable(&ctx, guard.as_ref()).await else {
+        return Ok(Action::await_change());
     };
     let api: Api<DeploymentPlan> = Api::namespaced(ctx.client.clone(), &ns);
     let action = finalizer(&api, FINALIZER, Arc::new(dp.clone()), |event| async {
