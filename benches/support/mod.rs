@@ -5,6 +5,9 @@
 #[path = "../../tests/support/sshd.rs"]
 pub mod sshd;
 
+/// `(pid, ppid)` of every process: the harness reads /proc the same way.
+pub use sshd::process_table;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -243,37 +246,6 @@ pub fn parse_time(path: &Path) -> Option<(f64, f64, u64, String)> {
     let rss = fields[3].parse::<u64>().ok()?;
     let note = lines[..lines.len() - 1].join("; ");
     Some((wall, user + sys, rss, note))
-}
-
-/// (pid, ppid) of every process.
-pub fn process_table() -> Vec<(u32, u32)> {
-    let mut table = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return table;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        if let Some(ppid) = stat[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            table.push((pid, ppid));
-        }
-    }
-    table
 }
 
 /// Summed PSS (KiB) of `root` and every process below it.

@@ -530,34 +530,41 @@ fn banner_ok(port: u16) -> bool {
     stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-2.0-"
 }
 
-/// Every process below `root` (by parent pid), depth first.
-fn descendants(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            let Some(close) = stat.rfind(')') else {
-                continue;
-            };
-            // After "(comm)": state, ppid, ...
-            if let Some(ppid) = stat[close + 1..]
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u32>().ok())
-            {
-                parents.push((pid, ppid));
-            }
+/// `(pid, ppid)` of every process, from /proc/<pid>/stat.
+pub fn process_table() -> Vec<(u32, u32)> {
+    let mut table = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return table;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // After "(comm)": state, ppid, ...
+        if let Some(ppid) = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            table.push((pid, ppid));
         }
     }
+    table
+}
+
+/// Every process below `root` (by parent pid), depth first.
+fn descendants(root: u32) -> Vec<u32> {
+    let parents = process_table();
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(parent) = stack.pop() {
