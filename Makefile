@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KUBECTL := e2e/bin/kubectl --kubeconfig e2e/.cluster/kubeconfig
 CARGO ?= cargo
 
-.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan
+.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan bench-agent
 
 all: build
 
@@ -60,3 +60,10 @@ bench-plan: deps tools
 	e2e/cluster.sh up
 	$(CARGO) build --release --locked
 	$(CARGO) bench --locked --bench plan_rollout
+
+## bench-agent: 1 GiB of log lines shipped on one core: outrider (HTTP, Loki→VictoriaLogs) vs rsyslog
+bench-agent: deps
+	e2e/bench/deps.sh
+	e2e/tools.sh victorialogs
+	$(CARGO) build --release --locked
+	$(CARGO) bench --locked --bench agent_throughput

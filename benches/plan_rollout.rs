@@ -267,18 +267,6 @@ impl Drop for PlanWatch {
     }
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 struct Outcome {
     label: String,
     complete_hosts: usize,

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the peers `make bench-ssh` measures against, only when something is missing:
-# parallel-ssh (pssh), ansible (ansible-core) and GNU time (time), which measures every client.
+# parallel-ssh (pssh), ansible (ansible-core), GNU time (time), which measures every client, and
+# rsyslog, the peer of `make bench-agent`.
 set -euo pipefail
 # command -> package
 declare -A need=(
   [parallel-ssh]=pssh
   [ansible]=ansible-core
   [/usr/bin/time]=time
+  [rsyslogd]=rsyslog
 )
 missing=()
 for cmd in "${!need[@]}"; do

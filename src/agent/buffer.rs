@@ -60,11 +60,33 @@ impl BufferTx {
     /// Waits for room for `item` and takes it; returns the weight to [`BufferTx::push`]
     /// with. Cancel-safe: room is only taken when the wait completes.
     pub async fn reserve(&self, item: &Item) -> Result<u32, Closed> {
-        // An item larger than the whole buffer waits for an empty buffer instead of forever.
-        let need = (item.size().min(self.capacity as usize)) as u32;
-        let permit = self.room.acquire_many(need).await.map_err(|_| Closed)?;
-        permit.forget();
+        let need = self.weight(item);
+        self.reserve_weight(need).await?;
         Ok(need)
+    }
+
+    /// The room `item` takes. An item larger than the whole buffer takes the whole buffer:
+    /// it waits for an empty buffer instead of forever.
+    pub fn weight(&self, item: &Item) -> u32 {
+        item.size().min(self.capacity as usize) as u32
+    }
+
+    /// The whole buffer's capacity in bytes.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Waits for `weight` bytes of room (at most the capacity) and takes them: one wait for
+    /// many items, each then handed over with [`BufferTx::push`] and its own weight.
+    /// Cancel-safe: room is only taken when the wait completes.
+    pub async fn reserve_weight(&self, weight: u32) -> Result<(), Closed> {
+        let permit = self
+            .room
+            .acquire_many(weight.min(self.capacity))
+            .await
+            .map_err(|_| Closed)?;
+        permit.forget();
+        Ok(())
     }
 
     /// Hands over an item whose room was reserved.
@@ -74,7 +96,7 @@ impl BufferTx {
 
     /// Hands an item over only if there is room right now.
     pub fn try_send(&self, item: Item) -> Result<(), Closed> {
-        let need = (item.size().min(self.capacity as usize)) as u32;
+        let need = self.weight(&item);
         let permit = self.room.try_acquire_many(need).map_err(|_| Closed)?;
         permit.forget();
         self.tx.send((item, need)).map_err(|_| Closed)

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AgentError;
 use super::batch::Batch;
-use super::buffer::{self, BufferRx};
+use super::buffer::{self, BufferRx, Taken};
 use super::checkpoint::{Checkpoints, write_atomic};
 use super::config::{BatchConfig, OutputKind, Pipeline};
 use super::discover;
@@ -322,19 +322,7 @@ async fn ship(s: &mut Shipper) -> bool {
     if !deliver_all(&mut s.outputs, &records, &s.metrics, &s.key, &s.abort).await {
         return false;
     }
-    let mut weight = 0u64;
-    let mut consumed = 0u64;
-    for t in &items {
-        weight += t.weight as u64;
-        match &t.item {
-            Item::Event(e) => {
-                consumed += e.consumed;
-                s.checkpoints
-                    .set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
-            }
-            Item::Forget(k) => s.checkpoints.forget(k),
-        }
-    }
+    let (weight, consumed) = advance(&mut s.checkpoints, &items);
     persist(&mut s.checkpoints, &s.key).await;
     s.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
     s.metrics
@@ -412,19 +400,7 @@ async fn spool_write_loop(mut w: SpoolWriteTask) {
             tracing::error!(pipeline = %w.key, error = %e, "writing the disk buffer failed; pipeline stops");
             return;
         }
-        let mut weight = 0u64;
-        let mut consumed = 0u64;
-        for t in &taken {
-            weight += t.weight as u64;
-            match &t.item {
-                Item::Event(e) => {
-                    consumed += e.consumed;
-                    w.checkpoints
-                        .set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
-                }
-                Item::Forget(k) => w.checkpoints.forget(k),
-            }
-        }
+        let (weight, consumed) = advance(&mut w.checkpoints, &taken);
         persist(&mut w.checkpoints, &w.key).await;
         w.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
         let labels = AgentMetrics::pipeline(&w.key);
@@ -520,6 +496,32 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
             return;
         }
     }
+}
+
+/// Moves the checkpoints past `items` (acknowledged or spooled), in order; returns their
+/// buffer weight and the file bytes they account for. Of a run of events from one file only
+/// the last is applied: it is the furthest, and the others would be overwritten by it.
+fn advance(checkpoints: &mut Checkpoints, items: &[Taken]) -> (u64, u64) {
+    let mut weight = 0u64;
+    let mut consumed = 0u64;
+    for (i, t) in items.iter().enumerate() {
+        weight += u64::from(t.weight);
+        match &t.item {
+            Item::Event(e) => {
+                consumed += e.consumed;
+                let superseded = matches!(
+                    items.get(i + 1).map(|n| &n.item),
+                    Some(Item::Event(next)) if Arc::ptr_eq(&next.pos.file, &e.pos.file)
+                        && Arc::ptr_eq(&next.pos.fingerprint, &e.pos.fingerprint)
+                );
+                if !superseded {
+                    checkpoints.set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
+                }
+            }
+            Item::Forget(k) => checkpoints.forget(k),
+        }
+    }
+    (weight, consumed)
 }
 
 async fn persist(c: &mut Checkpoints, key: &str) {

@@ -3,6 +3,7 @@
 //! `fields` and the parsed fields at the top level. Fixed fields win over parsed ones, so a
 //! log line cannot forge `node` or the pipeline's `fields`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -57,10 +58,18 @@ pub enum Item {
 
 impl Item {
     /// Bytes this item holds in the buffer (what backpressure counts).
+    /// Counts what the allocations really hold (capacities, the item itself and its slot
+    /// in the queue and the batch), so the buffer's bound is close to its memory.
     pub fn size(&self) -> usize {
+        const OVERHEAD: usize = 2 * std::mem::size_of::<Item>() + 16;
         match self {
-            Item::Event(e) => 96 + e.record.as_ref().map_or(0, |r| r.json.len() + r.id.len()),
-            Item::Forget(k) => 32 + k.len(),
+            Item::Event(e) => {
+                OVERHEAD
+                    + e.record
+                        .as_ref()
+                        .map_or(0, |r| r.json.capacity() + r.id.capacity())
+            }
+            Item::Forget(k) => OVERHEAD + k.len(),
         }
     }
 }
@@ -102,36 +111,119 @@ pub fn pod_from_path(path: &str) -> Option<PodInfo> {
     })
 }
 
-/// Builds the record object. `parsed` are the parser's fields (`message` already removed),
-/// `time` the parsed timestamp if any, else `read_time` is used.
-pub fn build(
-    ctx: &RecordContext,
-    file: &str,
-    pod: Option<&PodInfo>,
-    message: String,
-    parsed: Map<String, Value>,
-    time: Option<DateTime<FixedOffset>>,
-    read_time: DateTime<Utc>,
-) -> (Map<String, Value>, i64) {
-    let mut rec = parsed;
-    let ts = time.map(|t| t.with_timezone(&Utc)).unwrap_or(read_time);
-    rec.insert("message".into(), Value::String(message));
-    rec.insert(
-        "timestamp".into(),
-        Value::String(ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-    );
-    rec.insert("file".into(), Value::String(file.into()));
-    rec.insert("node".into(), Value::String(ctx.node.clone()));
-    rec.insert("input".into(), Value::String(ctx.input.clone()));
-    if let Some(p) = pod {
-        rec.insert("namespace".into(), Value::String(p.namespace.clone()));
-        rec.insert("pod".into(), Value::String(p.pod.clone()));
-        rec.insert("container".into(), Value::String(p.container.clone()));
+/// What every record of one file carries besides its own parts: `file`, `node`, `input`,
+/// pod metadata and the pipeline's `fields`, serialized once when the file is opened. These
+/// win over the record's own fields (the pipeline's `fields` over everything), so a log line
+/// cannot forge `node` or the pipeline's `fields`.
+#[derive(Clone, Debug)]
+pub struct FixedFields {
+    values: BTreeMap<String, String>,
+    /// `"k":"v",...` of `values`, without braces; never empty (`file` is always there).
+    json: Vec<u8>,
+}
+
+impl FixedFields {
+    pub fn new(ctx: &RecordContext, file: &str, pod: Option<&PodInfo>) -> Self {
+        let mut values = BTreeMap::new();
+        values.insert("file".to_string(), file.to_string());
+        values.insert("node".to_string(), ctx.node.clone());
+        values.insert("input".to_string(), ctx.input.clone());
+        if let Some(p) = pod {
+            values.insert("namespace".to_string(), p.namespace.clone());
+            values.insert("pod".to_string(), p.pod.clone());
+            values.insert("container".to_string(), p.container.clone());
+        }
+        for (k, v) in &ctx.fields {
+            values.insert(k.clone(), v.clone());
+        }
+        let mut json = Vec::new();
+        for (i, (k, v)) in values.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            push_json(&mut json, k.as_str());
+            json.push(b':');
+            push_json(&mut json, v.as_str());
+        }
+        Self { values, json }
     }
-    for (k, v) in &ctx.fields {
-        rec.insert(k.clone(), Value::String(v.clone()));
+}
+
+/// One record's own parts; the rest comes from [`FixedFields`]. Borrowed, so a plain line
+/// is encoded straight from the read buffer into the record's JSON.
+pub struct RecordParts<'a> {
+    pub message: &'a str,
+    /// The record's time, RFC 3339.
+    pub timestamp: &'a str,
+    /// The parser's fields (`message` already taken out).
+    pub parsed: &'a Map<String, Value>,
+    /// The CRI stream (`stdout`/`stderr`), which wins over a parsed `stream`.
+    pub stream: Option<&'a str>,
+}
+
+impl<'a> RecordParts<'a> {
+    /// The record as compact JSON (one allocation, sized for a plain line).
+    pub fn encode(&self, fixed: &FixedFields) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(40 + self.message.len() + self.timestamp.len() + fixed.json.len());
+        out.push(b'{');
+        for (k, v) in self.parsed {
+            let own = matches!(k.as_str(), "message" | "timestamp")
+                || (k == "stream" && self.stream.is_some());
+            if own || fixed.values.contains_key(k) {
+                continue;
+            }
+            push_json(&mut out, k.as_str());
+            out.push(b':');
+            push_json(&mut out, v);
+            out.push(b',');
+        }
+        let own = [
+            ("message", Some(self.message)),
+            ("timestamp", Some(self.timestamp)),
+            ("stream", self.stream),
+        ];
+        for (k, v) in own {
+            if let Some(v) = v
+                && !fixed.values.contains_key(k)
+            {
+                push_json(&mut out, k);
+                out.push(b':');
+                push_json(&mut out, v);
+                out.push(b',');
+            }
+        }
+        out.extend_from_slice(&fixed.json);
+        out.push(b'}');
+        out
     }
-    (rec, ts.timestamp_nanos_opt().unwrap_or(0))
+
+    /// Text of a field as filters see it (`""` when missing; JSON for non-strings).
+    pub fn field<'b>(&'b self, fixed: &'b FixedFields, name: &str) -> Cow<'b, str>
+    where
+        'a: 'b,
+    {
+        if let Some(v) = fixed.values.get(name) {
+            return v.as_str().into();
+        }
+        match (name, self.stream) {
+            ("message", _) => self.message.into(),
+            ("timestamp", _) => self.timestamp.into(),
+            ("stream", Some(s)) => s.into(),
+            _ => field_text(self.parsed, name),
+        }
+    }
+}
+
+/// Appends `v` as JSON. Serializing a string or a JSON value into a `Vec` cannot fail (no
+/// I/O error, no non-string map keys), so the result carries nothing to handle.
+fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// Formats a record time the way every record carries it.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// Reads a timestamp the way log records usually carry one.
@@ -140,7 +232,7 @@ pub fn parse_time(s: &str) -> Option<DateTime<FixedOffset>> {
 }
 
 /// Text of a field for filters and label templates (`""` when missing; JSON for non-strings).
-pub fn field_text<'a>(rec: &'a Map<String, Value>, field: &str) -> std::borrow::Cow<'a, str> {
+pub fn field_text<'a>(rec: &'a Map<String, Value>, field: &str) -> Cow<'a, str> {
     match rec.get(field) {
         None | Some(Value::Null) => "".into(),
         Some(Value::String(s)) => s.as_str().into(),
@@ -223,18 +315,71 @@ mod tests {
             input: "app".into(),
             fields: [("service".to_string(), "shop".to_string())].into(),
         };
+        let fixed = FixedFields::new(&ctx, "/f", None);
         let mut parsed = Map::new();
         parsed.insert("service".into(), "forged".into());
         parsed.insert("node".into(), "forged".into());
         parsed.insert("level".into(), "INFO".into());
-        let t = parse_time("2026-11-28T10:00:00.5+01:00");
-        let (rec, ns) = build(&ctx, "/f", None, "hi".into(), parsed, t, Utc::now());
+        parsed.insert("stream".into(), "forged".into());
+        parsed.insert("n".into(), 7.into());
+        let ts = format_time(
+            parse_time("2026-11-28T10:00:00.5+01:00")
+                .unwrap()
+                .with_timezone(&Utc),
+        );
+        let parts = RecordParts {
+            message: "hi \"there\"\n",
+            timestamp: &ts,
+            parsed: &parsed,
+            stream: Some("stderr"),
+        };
+        let json = parts.encode(&fixed);
+        let rec: Map<String, Value> = serde_json::from_slice(&json).unwrap();
         assert_eq!(rec["service"], "shop");
         assert_eq!(rec["node"], "n1");
         assert_eq!(rec["level"], "INFO");
-        assert_eq!(rec["message"], "hi");
+        assert_eq!(rec["n"], 7);
+        assert_eq!(rec["stream"], "stderr");
+        assert_eq!(rec["message"], "hi \"there\"\n");
         assert_eq!(rec["timestamp"], "2026-11-28T09:00:00.500Z");
-        assert_eq!(ns, 1_795_856_400_500_000_000);
+        assert_eq!(rec["file"], "/f");
+        assert_eq!(rec["input"], "app");
+        assert_eq!(
+            rec.len(),
+            9,
+            "no key twice: {}",
+            String::from_utf8_lossy(&json)
+        );
+        // Filters see the same values the record carries.
+        assert_eq!(parts.field(&fixed, "service"), "shop");
+        assert_eq!(parts.field(&fixed, "stream"), "stderr");
+        assert_eq!(parts.field(&fixed, "n"), "7");
+        assert_eq!(parts.field(&fixed, "missing"), "");
+    }
+
+    #[test]
+    fn pod_fields_come_from_the_path_and_a_plain_line_has_only_fixed_fields() {
+        let ctx = RecordContext {
+            node: "n1".into(),
+            input: "pods".into(),
+            fields: Default::default(),
+        };
+        let path = "/var/log/pods/prod_shop-7d9_1234-abcd/app/0.log";
+        let fixed = FixedFields::new(&ctx, path, pod_from_path(path).as_ref());
+        let json = RecordParts {
+            message: "plain",
+            timestamp: "2026-11-28T09:00:00Z",
+            parsed: &Map::new(),
+            stream: None,
+        }
+        .encode(&fixed);
+        let rec: Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            rec,
+            serde_json::json!({"message": "plain", "timestamp": "2026-11-28T09:00:00Z",
+                "file": path, "node": "n1", "input": "pods",
+                "namespace": "prod", "pod": "shop-7d9", "container": "app"})
+        );
     }
 
     #[test]

@@ -4,15 +4,17 @@
 //! across a rename, so a rotated file is drained to EOF before it is released; a file
 //! found shorter or rewritten (copytruncate) is read again from 0.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use sha1::{Digest, Sha1};
+use chrono::{DateTime, FixedOffset, Utc};
+use serde_json::Map;
 use tokio_util::sync::CancellationToken;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::buffer::BufferTx;
 use super::config::{FilterConfig, InputConfig, ParserConfig};
@@ -22,7 +24,9 @@ use super::metrics::{AgentMetrics, InputLabels};
 use super::multiline::{Multiline, Piece};
 use super::parse::{self, CriJoiner};
 use super::reader::{LineSplitter, READ_CHUNK};
-use super::record::{self, Encoded, Event, Item, PodInfo, RecordContext, SourcePos};
+use super::record::{
+    self, Encoded, Event, FixedFields, Item, RecordContext, RecordParts, SourcePos,
+};
 
 /// Timing and limits of tailers.
 #[derive(Clone, Copy, Debug)]
@@ -154,7 +158,8 @@ pub async fn tail(
         } else {
             let now = Instant::now();
             if let Some(p) = t.multiline.as_mut().and_then(|m| m.flush_stale(now)) {
-                items.push(t.emit(p));
+                t.tick();
+                items.push(t.emit_piece(p));
             }
             let since = *eof_since.get_or_insert(now);
             if ctl.gone.load(Ordering::Acquire) && since.elapsed() >= shared.opts.release_after {
@@ -180,32 +185,52 @@ pub async fn tail(
     files_open.dec();
 }
 
-/// Sends items in order, waiting for buffer room; false when stopping. When stopping,
-/// what was already read is still handed over while there is room (so shutdown ships it);
-/// the rest is dropped unacknowledged and read again after the restart.
+/// Sends items in order, waiting for buffer room; false when stopping. Room is taken for
+/// groups of up to an eighth of the buffer at a time (one wait per group, not per line).
+/// When stopping, what was already read is still handed over while there is room (so
+/// shutdown ships it); the rest is dropped unacknowledged and read again after the restart.
 async fn send_all(shared: &InputShared, items: Vec<Item>, stop: &CancellationToken) -> bool {
-    let mut items = items.into_iter();
-    while let Some(item) = items.next() {
-        if stop.is_cancelled() {
-            let _ = std::iter::once(item)
-                .chain(items.by_ref())
-                .try_for_each(|i| shared.tx.try_send(i));
-            return false;
+    let tx = &shared.tx;
+    let group_limit = u64::from((tx.capacity() / 8).max(1));
+    let mut items = items.into_iter().peekable();
+    let mut group: Vec<(Item, u32)> = Vec::new();
+    loop {
+        let mut total = 0u64;
+        while let Some(item) = items.peek() {
+            let w = tx.weight(item);
+            if !group.is_empty() && total + u64::from(w) > group_limit {
+                break;
+            }
+            total += u64::from(w);
+            if let Some(item) = items.next() {
+                group.push((item, w));
+            }
         }
-        let reserved = tokio::select! {
-            r = shared.tx.reserve(&item) => r,
-            _ = stop.cancelled() => {
-                let _ = std::iter::once(item)
-                    .chain(items.by_ref())
-                    .try_for_each(|i| shared.tx.try_send(i));
-                return false;
+        if group.is_empty() {
+            return true;
+        }
+        let reserved = if stop.is_cancelled() {
+            Err(())
+        } else {
+            tokio::select! {
+                r = tx.reserve_weight(total as u32) => r.map_err(|_| ()),
+                _ = stop.cancelled() => Err(()),
             }
         };
-        if reserved.and_then(|w| shared.tx.push(item, w)).is_err() {
+        if reserved.is_err() {
+            let _ = group
+                .drain(..)
+                .map(|(i, _)| i)
+                .chain(items.by_ref())
+                .try_for_each(|i| tx.try_send(i));
             return false;
         }
+        for (item, w) in group.drain(..) {
+            if tx.push(item, w).is_err() {
+                return false;
+            }
+        }
     }
-    true
 }
 
 /// One blocking look at the file: truncation check, then a read at `offset`.
@@ -251,7 +276,10 @@ struct Tailer<'a> {
     shared: &'a InputShared,
     key: Arc<str>,
     path: Arc<str>,
-    pod: Option<PodInfo>,
+    /// `file`, `node`, `input`, pod metadata and `fields`, serialized once.
+    fixed: FixedFields,
+    /// Read time of the records being emitted (Unix ns, RFC 3339): taken once per read.
+    clock: (i64, String),
     fp: Arc<Fingerprint>,
     offset: u64,
     /// End of the last emitted piece (lag accounting).
@@ -273,7 +301,12 @@ impl<'a> Tailer<'a> {
             shared,
             key: Arc::from(o.id.key(&shared.input.name)),
             path: Arc::from(o.path.as_str()),
-            pod: record::pod_from_path(&o.path),
+            fixed: FixedFields::new(
+                &shared.ctx,
+                &o.path,
+                record::pod_from_path(&o.path).as_ref(),
+            ),
+            clock: (0, String::new()),
             fp: Arc::new(o.fingerprint.clone()),
             offset: o.offset,
             emitted: o.offset,
@@ -315,6 +348,7 @@ impl<'a> Tailer<'a> {
         let mut lines = 0u64;
         let mut truncated = 0u64;
         let now = Instant::now();
+        self.tick();
         splitter.feed(chunk, start, |line| {
             lines += 1;
             if line.truncated {
@@ -332,7 +366,21 @@ impl<'a> Tailer<'a> {
         }
     }
 
+    /// Reads the clock for the records emitted next.
+    fn tick(&mut self) {
+        let now = Utc::now();
+        self.clock = (
+            now.timestamp_nanos_opt().unwrap_or(0),
+            record::format_time(now),
+        );
+    }
+
     fn line(&mut self, bytes: &[u8], end: u64, now: Instant, items: &mut Vec<Item>) {
+        if self.cri.is_none() && self.multiline.is_none() {
+            // The common case: straight from the read buffer to the record.
+            items.push(self.emit(bytes, end, None, None));
+            return;
+        }
         let piece = match self.cri.as_mut() {
             Some(j) => {
                 let Some(e) = j.push(bytes) else { return };
@@ -358,19 +406,20 @@ impl<'a> Tailer<'a> {
             None => Some(piece),
         };
         if let Some(p) = done {
-            items.push(self.emit(p));
+            items.push(self.emit_piece(p));
         }
     }
 
     /// Emits what is left when the file is released: a pending multiline record and an
     /// unterminated last line.
     fn finish(&mut self, items: &mut Vec<Item>) {
+        self.tick();
         if let Some(rest) = self.splitter.finish() {
             let end = self.offset;
             self.line(&rest, end, Instant::now(), items);
         }
         if let Some(p) = self.multiline.as_mut().and_then(|m| m.flush()) {
-            items.push(self.emit(p));
+            items.push(self.emit_piece(p));
         }
     }
 
@@ -382,50 +431,75 @@ impl<'a> Tailer<'a> {
             .inc();
     }
 
-    /// Turns a complete piece into a buffer item: a record, or a checkpoint-only marker
-    /// when it is empty or filtered out.
-    fn emit(&mut self, p: Piece) -> Item {
+    fn emit_piece(&mut self, p: Piece) -> Item {
+        self.emit(&p.bytes, p.end, p.time, p.stream)
+    }
+
+    /// Turns a complete record's bytes into a buffer item: a record, or a checkpoint-only
+    /// marker when it is empty or filtered out.
+    fn emit(
+        &mut self,
+        bytes: &[u8],
+        end: u64,
+        time: Option<DateTime<FixedOffset>>,
+        stream: Option<String>,
+    ) -> Item {
         let s = self.shared;
-        let consumed = p.end.saturating_sub(self.emitted);
-        self.emitted = p.end;
+        let consumed = end.saturating_sub(self.emitted);
+        self.emitted = end;
         s.lag.fetch_add(consumed as i64, Ordering::Relaxed);
         let pos = SourcePos {
             file: self.key.clone(),
             path: self.path.clone(),
             fingerprint: self.fp.clone(),
-            offset: p.end,
+            offset: end,
         };
-        if p.bytes.is_empty() {
+        if bytes.is_empty() {
             return Item::Event(Event {
                 pos,
                 record: None,
                 consumed,
             });
         }
-        let id = record_id(&s.pipeline, &self.key, p.end, &p.bytes);
-        let text = String::from_utf8_lossy(&p.bytes).into_owned();
-        let mut parsed = parse::parse(&s.input.parser, text);
-        if parsed.failed {
+        let id = record_id(&s.pipeline, &self.key, end, bytes);
+        // Valid UTF-8 (nearly every line) is borrowed; std's validation has an ASCII fast
+        // path that the lossy decoder lacks.
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(bytes),
+        };
+        let no_fields = Map::new();
+        let parsed = match &s.input.parser {
+            ParserConfig::None | ParserConfig::Cri => None,
+            other => Some(parse::parse(other, text.clone().into_owned())),
+        };
+        if parsed.as_ref().is_some_and(|p| p.failed) {
             self.count_parse_error();
         }
-        if let Some(stream) = p.stream {
-            parsed
-                .fields
-                .insert("stream".into(), serde_json::Value::String(stream));
-        }
-        let (rec, ts_nanos) = record::build(
-            &s.ctx,
-            &self.path,
-            self.pod.as_ref(),
-            parsed.message,
-            parsed.fields,
-            parsed.time.or(p.time),
-            Utc::now(),
-        );
-        let record = filter::keep(&s.filters, &rec)
-            .then(|| serde_json::to_vec(&rec).ok())
-            .flatten()
-            .map(|json| Encoded { json, id, ts_nanos });
+        let (ts_nanos, own_time);
+        let timestamp = match parsed.as_ref().and_then(|p| p.time).or(time) {
+            Some(t) => {
+                let t = t.with_timezone(&Utc);
+                ts_nanos = t.timestamp_nanos_opt().unwrap_or(0);
+                own_time = record::format_time(t);
+                own_time.as_str()
+            }
+            None => {
+                ts_nanos = self.clock.0;
+                self.clock.1.as_str()
+            }
+        };
+        let parts = RecordParts {
+            message: parsed.as_ref().map_or(&text, |p| &p.message),
+            timestamp,
+            parsed: parsed.as_ref().map_or(&no_fields, |p| &p.fields),
+            stream: stream.as_deref(),
+        };
+        let record = filter::keep(&s.filters, |f| parts.field(&self.fixed, f)).then(|| Encoded {
+            json: parts.encode(&self.fixed),
+            id,
+            ts_nanos,
+        });
         Item::Event(Event {
             pos,
             record,
@@ -436,19 +510,22 @@ impl<'a> Tailer<'a> {
 
 /// Deterministic record id: the same bytes at the same place of the same file always get
 /// the same id, so a re-read after a crash is recognised downstream.
+/// 128 bits of XXH3 (a stable, published hash: ids survive upgrades) as 32 hex digits.
 pub fn record_id(pipeline: &str, key: &str, end: u64, bytes: &[u8]) -> String {
-    let mut h = Sha1::new();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut h = Xxh3::new();
     h.update(pipeline.as_bytes());
-    h.update([0]);
+    h.update(&[0]);
     h.update(key.as_bytes());
-    h.update(end.to_le_bytes());
+    h.update(&end.to_le_bytes());
     h.update(bytes);
-    let digest = h.finalize();
-    let mut hex = String::with_capacity(40);
-    for b in digest.iter() {
-        hex.push_str(&format!("{b:02x}"));
+    let digest = h.digest128();
+    let mut hex = [0u8; 32];
+    for (i, b) in hex.iter_mut().enumerate() {
+        *b = HEX[((digest >> ((31 - i) * 4)) & 0xf) as usize];
     }
-    hex
+    // Hex digits are ASCII: the conversion cannot fail.
+    String::from_utf8(hex.to_vec()).unwrap_or_default()
 }
 
 #[cfg(test)]
