@@ -16,6 +16,11 @@ use receiver::Receiver;
 const LONG: Duration = Duration::from_secs(60);
 
 fn start(dir: &Path, output: &str, extra: &str) -> Agent {
+    start_with(dir, output, extra, &[])
+}
+
+/// [`start`] with more agent arguments.
+fn start_with(dir: &Path, output: &str, extra: &str, args: &[&str]) -> Agent {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let yaml = pipeline_yaml(
@@ -27,17 +32,16 @@ fn start(dir: &Path, output: &str, extra: &str) -> Agent {
     let lp = dir.join("lp.yaml");
     std::fs::write(&lp, yaml).unwrap();
     let state = dir.join("state");
-    Agent::start(
-        dir,
-        &[
-            "--pipeline",
-            lp.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--node-name",
-            "node-b",
-        ],
-    )
+    let mut all = vec![
+        "--pipeline",
+        lp.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--node-name",
+        "node-b",
+    ];
+    all.extend_from_slice(args);
+    Agent::start(dir, &all)
 }
 
 fn append(dir: &Path, lines: &[&str]) {
@@ -49,6 +53,38 @@ fn append(dir: &Path, lines: &[&str]) {
         .unwrap();
     for l in lines {
         writeln!(f, "{l}").unwrap();
+    }
+}
+
+/// Appends `seq-<n>` for n in `range`, 250 lines at a time with a short pause.
+fn append_paced(dir: &Path, range: std::ops::Range<u64>) {
+    let file = dir.join("logs").join("app.log");
+    let mut n = range.start;
+    while n < range.end {
+        let end = (n + 250).min(range.end);
+        agent::append_numbered(&file, "seq", n..end);
+        n = end;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until every number of 0..n arrived, failing with what is missing.
+fn wait_for_every_number(rx: &Receiver, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let counts = agent::count_numbers(&rx.messages(), "seq");
+        let (missing, _) = agent::missing_and_dups(&counts, n);
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} numbers missing (first {:?}) after {} requests",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            rx.requests()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -260,5 +296,98 @@ fn gzip_bodies_and_basic_auth_from_the_secret_dir_reach_the_sink() {
     assert!(
         !agent.log_text().contains("s3cret"),
         "the password must never be logged"
+    );
+}
+
+#[test]
+fn a_response_slower_than_the_request_timeout_is_retried_and_only_that_batch_arrives_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let agent = start_with(
+        dir.path(),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        "  delivery: {batch: {maxEvents: 200, maxWait: 50ms}}\n",
+        &["--request-timeout", "2s"],
+    );
+    const N: u64 = 5000;
+    append_paced(dir.path(), 0..N / 2);
+    wait_for("progress", LONG, || rx.record_count() >= 1000);
+    // The receiver stores the next two requests' records at once but answers each only
+    // after 5 s, well past the agent's 2 s timeout: the first attempt of a batch and its
+    // first retry both time out, the third attempt is acknowledged.
+    rx.slow_next(2, Duration::from_secs(5));
+    append_paced(dir.path(), N / 2..N);
+    wait_for_every_number(&rx, N);
+    std::thread::sleep(Duration::from_millis(300));
+    let counts = agent::count_numbers(&rx.messages(), "seq");
+    let (slow, slow_messages) = rx.with(|s| (s.slow, s.slow_messages.clone()));
+    assert_eq!(slow, 2, "both slow answers were used");
+    let batch = slow_messages.len() / 2;
+    assert!(
+        batch > 0 && batch <= 200,
+        "{} records in the slow requests",
+        slow_messages.len()
+    );
+    assert_eq!(
+        slow_messages[..batch],
+        slow_messages[batch..],
+        "the retry after a timeout carries the same batch"
+    );
+    let slow_numbers: std::collections::BTreeSet<u64> = agent::count_numbers(&slow_messages, "seq")
+        .into_keys()
+        .collect();
+    let duplicated: Vec<u64> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    let (_, dups) = agent::missing_and_dups(&counts, N);
+    eprintln!("{dups} duplicates: the batch of {batch} records stored by both timed-out attempts");
+    assert!(
+        duplicated.iter().all(|n| slow_numbers.contains(n)),
+        "duplicates outside the timed-out batch: {:?}",
+        duplicated
+            .iter()
+            .filter(|n| !slow_numbers.contains(n))
+            .take(10)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        dups,
+        2 * batch,
+        "each timed-out attempt re-sent the batch once"
+    );
+    assert!(agent.metric("outrider_agent_records_retried_total", &[]) >= 2.0 * batch as f64);
+}
+
+#[test]
+fn a_connection_reset_mid_request_is_retried_and_every_line_arrives_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let agent = start(
+        dir.path(),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        "  delivery: {batch: {maxEvents: 200, maxWait: 50ms}}\n",
+    );
+    const N: u64 = 5000;
+    append_paced(dir.path(), 0..N / 2);
+    wait_for("progress", LONG, || rx.record_count() >= 1000);
+    // The next two requests are read in full, then their connections are reset without
+    // an answer and nothing is stored: a sink that died mid-request.
+    rx.reset_next(2);
+    append_paced(dir.path(), N / 2..N);
+    wait_for_every_number(&rx, N);
+    std::thread::sleep(Duration::from_millis(300));
+    let (missing, dups) = agent::missing_and_dups(&agent::count_numbers(&rx.messages(), "seq"), N);
+    assert!(missing.is_empty());
+    assert_eq!(rx.with(|s| s.resets), 2, "both resets were used");
+    assert_eq!(
+        dups, 0,
+        "a reset request stored nothing, so nothing arrives twice"
+    );
+    assert!(agent.metric("outrider_agent_records_retried_total", &[]) > 0.0);
+    assert!(
+        agent.log_text().contains("delivery failed; will retry"),
+        "the reset was reported as a failed delivery"
     );
 }

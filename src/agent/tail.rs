@@ -134,12 +134,15 @@ pub async fn tail(
                     .truncations
                     .get_or_create(&shared.labels)
                     .inc();
+                // The copy continues after the last line handed on, not at the read
+                // offset: a partial line (or pending multiline record) already read is
+                // dropped by the restart below and must be read again, whole, from the copy.
                 if t.fp.len > 0
-                    && t.offset > 0
+                    && t.emitted > 0
                     && let Ok(mut m) = shared.truncated.lock()
                 {
                     m.retain(|(_, _, at)| at.elapsed() < Duration::from_secs(300));
-                    m.push(((*t.fp).clone(), t.offset, Instant::now()));
+                    m.push(((*t.fp).clone(), t.emitted, Instant::now()));
                 }
                 t.restart(new_fp, &ctl);
                 file = Some(f);
@@ -691,6 +694,48 @@ mod tests {
             .map(|(_, o, _)| *o)
             .collect();
         assert_eq!(remembered, [1101]);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn copytruncate_after_a_partial_line_remembers_the_end_of_the_last_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        // The read stops inside the second line (a chunk boundary, or a write seen half done).
+        append(&path, "first line\nsecond li");
+        let (s, mut rx) = shared(ParserConfig::None, None, vec![]);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(
+            s.clone(),
+            Arc::default(),
+            open(&path, 0),
+            stop.clone(),
+        ));
+        let (r, end) = next(&mut rx).await;
+        assert_eq!(r.unwrap()["message"], "first line");
+        assert_eq!(end, 11);
+        let bytes_read = s.metrics.bytes_read.get_or_create(&s.labels).clone();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while bytes_read.get() < 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the partial line read");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&path, "new\n");
+        let (r, _) = next(&mut rx).await;
+        assert_eq!(r.unwrap()["message"], "new");
+        // The copy is read from 11, so "second li..." arrives whole from it; from 20 only
+        // its tail would arrive, as a line of its own.
+        let remembered: Vec<u64> = s.truncated.lock().unwrap().iter().map(|e| e.1).collect();
+        assert_eq!(remembered, [11]);
         stop.cancel();
         task.await.unwrap();
     }

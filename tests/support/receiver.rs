@@ -4,19 +4,33 @@
 //! Elasticsearch `_bulk` and the Loki push API — stores what it accepted, and can be told
 //! to fail: whole requests (any status, e.g. 503 to play "down"), or per `_bulk` item by
 //! the record's message (`busy` → 429 the first time, `reject` → 400, `exists` → 409).
+//! Two transport faults too: a slow answer (the request is processed and stored, then
+//! answered only after a delay, e.g. longer than the client's timeout) and a connection
+//! reset (the request is read in full, nothing is stored, and the TCP connection is
+//! closed with an RST instead of an answer).
 //! It runs on its own runtime thread, so tests stay plain synchronous code.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::serve::{IncomingStream, Listener};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
 /// What the receiver saw and accepted.
 #[derive(Default)]
@@ -35,6 +49,12 @@ pub struct Seen {
     pub authorization: Vec<Option<String>>,
     /// `Content-Encoding` header of every request.
     pub encodings: Vec<Option<String>>,
+    /// Requests answered late (see [`Receiver::slow_next`]).
+    pub slow: usize,
+    /// Messages of the records stored by those late requests.
+    pub slow_messages: Vec<String>,
+    /// Requests answered with a connection reset (see [`Receiver::reset_next`]).
+    pub resets: usize,
 }
 
 #[derive(Default)]
@@ -48,6 +68,11 @@ struct Inner {
     ids: HashSet<String>,
     /// `_bulk` ids already answered 429 once.
     busy_seen: HashSet<String>,
+    /// Answer the next N requests only after `slow_delay` (they are processed at once).
+    slow_next: usize,
+    slow_delay: Duration,
+    /// Reset the connection of the next N requests instead of answering them.
+    reset_next: usize,
 }
 
 /// The running receiver; dropped with the test.
@@ -68,14 +93,17 @@ impl Receiver {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
                 let app = Router::new()
                     .route("/ingest", post(ingest))
                     .route("/_bulk", post(bulk))
                     .route("/loki/api/v1/push", post(loki))
                     .with_state(state);
-                axum::serve(listener, app).await.unwrap();
+                let service = app.into_make_service_with_connect_info::<Conn>();
+                axum::serve(ResettableListener(listener), service)
+                    .await
+                    .unwrap();
             });
         });
         let addr = rx.recv().unwrap();
@@ -98,6 +126,20 @@ impl Receiver {
     /// Fails the next requests with these statuses, one each.
     pub fn fail_next(&self, statuses: &[u16]) {
         self.inner.lock().unwrap().fail_next = statuses.to_vec();
+    }
+
+    /// Processes (and stores) the next `n` requests at once but answers each only after
+    /// `delay`: a sink that committed the records but whose answer comes too late.
+    pub fn slow_next(&self, n: usize, delay: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.slow_next = n;
+        inner.slow_delay = delay;
+    }
+
+    /// Reads the next `n` requests in full, stores nothing and resets their connections
+    /// (TCP RST, no answer): a sink that died mid-request.
+    pub fn reset_next(&self, n: usize) {
+        self.inner.lock().unwrap().reset_next = n;
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
@@ -158,10 +200,59 @@ fn whole_request_fault(inner: &mut Inner) -> Option<u16> {
     status
 }
 
-async fn ingest(State(s): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let mut inner = s.lock().unwrap();
-    let body = note(&mut inner, &headers, body);
-    if let Some(code) = whole_request_fault(&mut inner) {
+type Shared = Arc<Mutex<Inner>>;
+
+/// Applies the transport faults around a handler: a reset (nothing stored, connection
+/// reset) or a slow answer (stored now, answered after the delay).
+async fn with_faults<R: IntoResponse>(
+    s: &Shared,
+    conn: &Conn,
+    handle: impl FnOnce(&mut Inner) -> R,
+) -> Response {
+    let (response, delay) = {
+        let mut inner = s.lock().unwrap();
+        if inner.reset_next > 0 {
+            inner.reset_next -= 1;
+            inner.seen.requests += 1;
+            inner.seen.resets += 1;
+            // The connection fails on the first byte of the answer: the client gets an RST.
+            conn.reset();
+            return StatusCode::OK.into_response();
+        }
+        let delay = (inner.slow_next > 0).then(|| {
+            inner.slow_next -= 1;
+            inner.seen.slow += 1;
+            inner.slow_delay
+        });
+        let before = inner.seen.records.len();
+        let response = handle(&mut inner).into_response();
+        if delay.is_some() {
+            let stored: Vec<String> = inner.seen.records[before..]
+                .iter()
+                .map(|r| r["message"].as_str().unwrap_or_default().to_string())
+                .collect();
+            inner.seen.slow_messages.extend(stored);
+        }
+        (response, delay)
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    response
+}
+
+async fn ingest(
+    State(s): State<Shared>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    with_faults(&s, &conn, |inner| ingest_now(inner, &headers, body)).await
+}
+
+fn ingest_now(inner: &mut Inner, headers: &HeaderMap, body: Bytes) -> StatusCode {
+    let body = note(inner, headers, body);
+    if let Some(code) = whole_request_fault(inner) {
         return StatusCode::from_u16(code).unwrap();
     }
     for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -173,13 +264,17 @@ async fn ingest(State(s): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: By
 }
 
 async fn bulk(
-    State(s): State<Arc<Mutex<Inner>>>,
+    State(s): State<Shared>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, String) {
-    let mut inner = s.lock().unwrap();
-    let body = note(&mut inner, &headers, body);
-    if let Some(code) = whole_request_fault(&mut inner) {
+) -> Response {
+    with_faults(&s, &conn, |inner| bulk_now(inner, &headers, body)).await
+}
+
+fn bulk_now(inner: &mut Inner, headers: &HeaderMap, body: Bytes) -> (StatusCode, String) {
+    let body = note(inner, headers, body);
+    if let Some(code) = whole_request_fault(inner) {
         return (StatusCode::from_u16(code).unwrap(), "{}".into());
     }
     let lines: Vec<&[u8]> = body
@@ -230,10 +325,18 @@ async fn bulk(
     )
 }
 
-async fn loki(State(s): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let mut inner = s.lock().unwrap();
-    let body = note(&mut inner, &headers, body);
-    if let Some(code) = whole_request_fault(&mut inner) {
+async fn loki(
+    State(s): State<Shared>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    with_faults(&s, &conn, |inner| loki_now(inner, &headers, body)).await
+}
+
+fn loki_now(inner: &mut Inner, headers: &HeaderMap, body: Bytes) -> StatusCode {
+    let body = note(inner, headers, body);
+    if let Some(code) = whole_request_fault(inner) {
         return StatusCode::from_u16(code).unwrap();
     }
     let v: Value = serde_json::from_slice(&body).expect("Loki push must be JSON");
@@ -254,4 +357,102 @@ async fn loki(State(s): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Byte
     }
     inner.seen.statuses.push(204);
     StatusCode::NO_CONTENT
+}
+
+/// One accepted connection's handle: a handler resets its own connection through it.
+#[derive(Clone)]
+struct Conn(Arc<AtomicBool>);
+
+impl Conn {
+    fn reset(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Connected<IncomingStream<'_, ResettableListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, ResettableListener>) -> Self {
+        Conn(stream.io().reset.clone())
+    }
+}
+
+/// A TCP listener whose connections can be reset by the request handler.
+struct ResettableListener(TcpListener);
+
+impl Listener for ResettableListener {
+    type Io = ResettableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((inner, addr)) => {
+                    let reset = Arc::new(AtomicBool::new(false));
+                    return (ResettableStream { inner, reset }, addr);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// A connection that, once its handler asked for a reset, fails every write: hyper then
+/// drops it without having sent a byte of the answer, and the zero linger set here turns
+/// that close into a TCP RST.
+struct ResettableStream {
+    inner: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl ResettableStream {
+    fn reset_now(&self) -> Option<io::Error> {
+        if !self.reset.load(Ordering::Acquire) {
+            return None;
+        }
+        let _ = self.inner.set_zero_linger();
+        Some(io::ErrorKind::ConnectionReset.into())
+    }
+}
+
+impl AsyncRead for ResettableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.reset_now() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResettableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.reset_now() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.reset_now() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.reset_now() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
