@@ -1,16 +1,18 @@
 //! The real `outrider agent` shipping through its Loki and Elasticsearch sinks into a real log
 //! store (VictoriaLogs, which speaks both APIs), read back over its query API: every line
-//! arrives once, with the record's fields and, for Loki, its labels as the stream.
+//! arrives once, with the record's fields and, for Loki (JSON and protobuf), its labels as the
+//! stream. Over HTTPS, the store's certificate is trusted only through the CA in the output's
+//! Secret (`ca.crt`); without it nothing is delivered, and nothing is lost either.
 
 #[path = "support/agent.rs"]
 mod agent;
 #[path = "support/victorialogs.rs"]
 mod victorialogs;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::{Agent, append_numbered, count_numbers, pipeline_yaml};
+use agent::{Agent, append_numbered, count_numbers, pipeline_yaml, wait_for};
 use victorialogs::VictoriaLogs;
 
 const LINES: u64 = 2000;
@@ -20,30 +22,84 @@ const PARAMS: &str = "_msg_field=message&_time_field=timestamp";
 
 /// Starts the agent on `<dir>/logs/*.log` with `output`, and writes LINES numbered lines.
 fn ship(dir: &Path, output: &str) -> Agent {
+    ship_with(dir, output, &[])
+}
+
+/// [`ship`] with extra agent arguments.
+fn ship_with(dir: &Path, output: &str, args: &[&str]) -> Agent {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let yaml = pipeline_yaml(
-        "to-store",
-        &format!("{{name: app, paths: [\"{}/*.log\"]}}", logs.display()),
-        output,
-        "  fields: {service: shop, env: test}\n  delivery: {batch: {maxEvents: 300, maxWait: 200ms}}\n",
-    );
     let lp = dir.join("lp.yaml");
-    std::fs::write(&lp, yaml).unwrap();
+    std::fs::write(&lp, pipeline(dir, output)).unwrap();
     let state = dir.join("state");
-    let agent = Agent::start(
-        dir,
-        &[
-            "--pipeline",
-            lp.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--node-name",
-            "node-v",
-        ],
-    );
+    let mut all = vec![
+        "--pipeline",
+        lp.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--node-name",
+        "node-v",
+    ];
+    all.extend_from_slice(args);
+    let agent = Agent::start(dir, &all);
     append_numbered(&logs.join("app.log"), "line", 0..LINES);
     agent
+}
+
+/// The LogPipeline `test/to-store` tailing `<dir>/logs/*.log` into `output`.
+fn pipeline(dir: &Path, output: &str) -> String {
+    pipeline_yaml(
+        "to-store",
+        &format!(
+            "{{name: app, paths: [\"{}/*.log\"]}}",
+            dir.join("logs").display()
+        ),
+        output,
+        "  fields: {service: shop, env: test}\n  delivery: {batch: {maxEvents: 300, maxWait: 200ms}}\n",
+    )
+}
+
+/// A Loki output to `url` with the `service` and `node` labels and `extra` settings.
+fn loki_output(url: &str, extra: &str) -> String {
+    format!(
+        "{{name: loki, loki: {{url: \"{url}\", labels: {{service: \"{{{{service}}}}\", node: \"{{{{node}}}}\"}}{extra}}}}}"
+    )
+}
+
+/// A CA and a server certificate it signed for 127.0.0.1, written to `dir` as `ca.crt`,
+/// `server.crt` and `server.key`.
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "outrider test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+/// `<dir>/secrets/test/<name>/ca.crt` (the agent's `--secret-dir` layout) holding `ca`.
+fn ca_secret(dir: &Path, name: &str, ca: &Path) -> PathBuf {
+    let secrets = dir.join("secrets");
+    let secret = secrets.join("test").join(name);
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::copy(ca, secret.join("ca.crt")).unwrap();
+    secrets
 }
 
 /// Every number 0..LINES exactly once, every row with the pipeline's fields and the node.
@@ -75,12 +131,7 @@ async fn loki_sink_ships_every_line_once_with_labels_as_the_stream() {
     let dir = tempfile::tempdir().unwrap();
     let store = VictoriaLogs::start();
     let url = format!("{}/insert?{PARAMS}", store.base_url());
-    let _agent = ship(
-        dir.path(),
-        &format!(
-            "{{name: loki, loki: {{url: \"{url}\", labels: {{service: \"{{{{service}}}}\", node: \"{{{{node}}}}\"}}}}}}"
-        ),
-    );
+    let _agent = ship(dir.path(), &loki_output(&url, ""));
     let rows = store.wait_for_count("*", LINES, LONG).await;
     assert_once_with_fields(&rows, &dir.path().join("logs/app.log"));
     for r in &rows {
@@ -99,4 +150,127 @@ async fn elasticsearch_sink_ships_every_line_once_with_its_fields() {
     );
     let rows = store.wait_for_count("*", LINES, LONG).await;
     assert_once_with_fields(&rows, &dir.path().join("logs/app.log"));
+}
+
+#[tokio::test]
+async fn loki_protobuf_sink_ships_every_line_once_with_labels_as_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = VictoriaLogs::start();
+    let url = format!("{}/insert?{PARAMS}", store.base_url());
+    // --gzip is on: the snappy-compressed protobuf body must not be gzipped on top.
+    let agent = ship_with(
+        dir.path(),
+        &loki_output(&url, ", encoding: protobuf"),
+        &["--gzip"],
+    );
+    let rows = store.wait_for_count("*", LINES, LONG).await;
+    assert_once_with_fields(&rows, &dir.path().join("logs/app.log"));
+    for r in &rows {
+        assert_eq!(r["_stream"], r#"{node="node-v",service="shop"}"#, "{r}");
+    }
+    let shipped = agent.metric("outrider_agent_records_shipped_total", &["output=\"loki\""]);
+    assert_eq!(shipped, LINES as f64);
+}
+
+#[tokio::test]
+async fn https_loki_sink_trusts_the_ca_from_the_secret_and_ships_every_line_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(dir.path());
+    let store = VictoriaLogs::start_tls(&cert, &key);
+    let secrets = ca_secret(dir.path(), "store-ca", &ca);
+    let url = format!("{}/insert?{PARAMS}", store.tls_base_url());
+    let _agent = ship_with(
+        dir.path(),
+        &loki_output(&url, ", secretRef: {name: store-ca}"),
+        &["--secret-dir", secrets.to_str().unwrap()],
+    );
+    let rows = store.wait_for_count("*", LINES, LONG).await;
+    assert_once_with_fields(&rows, &dir.path().join("logs/app.log"));
+    for r in &rows {
+        assert_eq!(r["_stream"], r#"{node="node-v",service="shop"}"#, "{r}");
+    }
+}
+
+#[tokio::test]
+async fn https_sink_without_the_ca_retries_and_loses_nothing_until_the_ca_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(dir.path());
+    let store = VictoriaLogs::start_tls(&cert, &key);
+    let secrets = ca_secret(dir.path(), "store-ca", &ca);
+    let url = format!("{}/insert/elasticsearch?{PARAMS}", store.tls_base_url());
+    let es = |extra: &str| {
+        format!("{{name: es, elasticsearch: {{url: \"{url}\", index: logs{extra}}}}}")
+    };
+    // No secretRef: the public roots do not know the test CA.
+    let agent = ship_with(
+        dir.path(),
+        &es(""),
+        &[
+            "--secret-dir",
+            secrets.to_str().unwrap(),
+            "--shutdown-grace",
+            "500ms",
+        ],
+    );
+    let failed = || agent.metric("outrider_agent_records_failed_total", &["output=\"es\""]);
+    wait_for("failed deliveries counted", LONG, || failed() > 0.0);
+    // Several rounds of retries: still nothing arrives, nothing is dead-lettered.
+    wait_for("retries", LONG, || {
+        agent.metric("outrider_agent_records_retried_total", &["output=\"es\""]) >= 3.0 * 300.0
+    });
+    let log = agent.log_text();
+    assert!(
+        log.contains("invalid peer certificate") && log.contains("UnknownIssuer"),
+        "the certificate error is not logged: {log}"
+    );
+    store.flush().await;
+    assert_eq!(
+        store.count("*").await,
+        0,
+        "delivered without trusting the CA"
+    );
+    assert_eq!(
+        agent.metric("outrider_agent_records_shipped_total", &["output=\"es\""]),
+        0.0
+    );
+    assert_eq!(
+        agent.metric(
+            "outrider_agent_records_dead_lettered_total",
+            &["output=\"es\""]
+        ),
+        0.0
+    );
+    // Give the Secret: the reloaded pipeline starts from the checkpoint and ships it all.
+    std::fs::write(
+        dir.path().join("lp.yaml"),
+        pipeline(dir.path(), &es(", secretRef: {name: store-ca}")),
+    )
+    .unwrap();
+    let rows = store.wait_for_count("*", LINES, LONG).await;
+    assert_once_with_fields(&rows, &dir.path().join("logs/app.log"));
+}
+
+#[test]
+fn unreadable_ca_in_the_secret_stops_the_agent_with_an_error_naming_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.crt");
+    std::fs::write(&bad, "this is not PEM").unwrap();
+    let secrets = ca_secret(dir.path(), "store-ca", &bad);
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let lp = dir.path().join("lp.yaml");
+    let output = loki_output("https://127.0.0.1:9", ", secretRef: {name: store-ca}");
+    std::fs::write(&lp, pipeline(dir.path(), &output)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+        .args(["agent", "--pipeline", lp.to_str().unwrap()])
+        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .args(["--secret-dir", secrets.to_str().unwrap()])
+        .args(["--node-name", "node-v", "--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent started: {stderr}");
+    assert!(
+        stderr.contains("test/to-store: spec.outputs[0].secretRef: Secret test/store-ca: ca.crt: holds no PEM certificate"),
+        "{stderr}"
+    );
 }

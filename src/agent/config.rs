@@ -10,7 +10,9 @@ use std::time::Duration;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::api::log_pipeline::{BufferType, Filter, LogPipeline, LogPipelineSpec, Output, Parser};
+use crate::api::log_pipeline::{
+    BufferType, Filter, LogPipeline, LogPipelineSpec, LokiEncoding, Output, Parser,
+};
 
 /// What the controller renders into the `outrider-agent` ConfigMap (key `agent.yaml`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -119,6 +121,7 @@ pub enum OutputKind {
         url: reqwest::Url,
         labels: BTreeMap<String, String>,
         tenant_id: Option<String>,
+        encoding: LokiEncoding,
         secret: Option<String>,
     },
     Elasticsearch {
@@ -418,6 +421,7 @@ fn output_kind(o: &Output) -> Result<OutputKind, (String, String)> {
             url: parse_url(&l.url, ".loki.url")?,
             labels: l.labels.clone(),
             tenant_id: l.tenant_id.clone(),
+            encoding: l.encoding,
             secret: l.secret_ref.as_ref().map(|r| r.name.clone()),
         });
     }
@@ -516,6 +520,29 @@ delivery: {batch: {maxEvents: 10, maxBytes: 64Ki, maxWait: 200ms}, buffer: {maxS
         let yaml = OK.replace("parser: json", "parser: regex");
         let err = validate(entry(&yaml)).unwrap_err().to_string();
         assert!(err.contains("spec.inputs[0].pattern"), "{err}");
+    }
+
+    #[test]
+    fn loki_encoding_defaults_to_json_and_accepts_protobuf() {
+        let loki = |extra: &str| {
+            OK.replace(
+                r#"http: {url: "http://127.0.0.1:9/ingest"}"#,
+                &format!(r#"loki: {{url: "http://127.0.0.1:9"{extra}}}"#),
+            )
+        };
+        let encoding = |yaml: &str| match validate(entry(yaml)).unwrap().outputs[0].kind {
+            OutputKind::Loki { encoding, .. } => encoding,
+            ref other => panic!("not a Loki output: {other:?}"),
+        };
+        assert_eq!(encoding(&loki("")), LokiEncoding::Json);
+        assert_eq!(
+            encoding(&loki(", encoding: protobuf")),
+            LokiEncoding::Protobuf
+        );
+        let err = serde_yaml::from_str::<LogPipelineSpec>(&loki(", encoding: thrift"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("thrift"), "{err}");
     }
 
     #[test]

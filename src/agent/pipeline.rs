@@ -25,7 +25,7 @@ use super::config::{BatchConfig, OutputKind, Pipeline};
 use super::discover;
 use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
-use super::sink::{self, Auth, Backoff, Delivered, Output, Sink};
+use super::sink::{self, Backoff, Delivered, Output, SecretMaterial, Sink};
 use super::spool::{self, SpoolReader, SpoolWriter};
 use super::tail::{InputShared, TailOptions, TruncatedFiles};
 
@@ -228,26 +228,29 @@ fn build_outputs(p: &Pipeline, env: &AgentEnv) -> Result<Vec<Output>, AgentError
             | OutputKind::Http { secret, .. } => secret.clone(),
             _ => None,
         };
-        let auth = match (&secret, &env.secret_dir) {
-            (None, _) => None,
-            (Some(name), Some(dir)) => Some(Auth::from_secret_dir(dir, namespace, name).ok_or_else(
-                || AgentError::Secret {
+        let (output_client, auth) = match (&secret, &env.secret_dir) {
+            (None, _) => (client.clone(), None),
+            (Some(name), Some(dir)) => {
+                let bad = |e: sink::SecretError| AgentError::Secret {
                     pipeline: p.key.clone(),
                     field: format!("spec.outputs[{i}].secretRef"),
-                    message: format!(
-                        "Secret {namespace}/{name} has no username+password, token or apiKey under {}",
-                        dir.display()
-                    ),
-                },
-            )?),
+                    message: e.to_string(),
+                };
+                let m = SecretMaterial::read(dir, namespace, name).map_err(bad)?;
+                let secret = format!("{namespace}/{name}");
+                let own = m
+                    .client(&secret, &client, env.request_timeout)
+                    .map_err(bad)?;
+                (own, m.auth)
+            }
             (Some(name), None) => {
-                tracing::warn!(pipeline = %p.key, output = %o.name, secret = %name, "no --secret-dir: sending without credentials");
-                None
+                tracing::warn!(pipeline = %p.key, output = %o.name, secret = %name, "no --secret-dir: sending without the Secret's credentials and CA");
+                (client.clone(), None)
             }
         };
         out.push(Output {
             name: o.name.clone(),
-            sink: Sink::new(o, client.clone(), auth, env.gzip),
+            sink: Sink::new(o, output_client, auth, env.gzip),
             dead_letter: env.state_dir.join("dead-letter").join(format!(
                 "{}_{}.ndjson",
                 p.key.replace('/', "_"),

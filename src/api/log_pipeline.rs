@@ -230,9 +230,26 @@ pub struct LokiSink {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub tenant_id: Option<String>,
-    /// Secret with `username` and `password` (basic auth) or `token` (bearer).
+    /// Push body encoding: `json` (default) or `protobuf` (snappy-compressed logproto).
+    #[serde(default)]
+    pub encoding: LokiEncoding,
+    /// Secret with `username` and `password` (basic auth) or `token` (bearer), and/or TLS
+    /// material: `ca.crt` (PEM CAs trusted besides the public roots), `tls.crt` + `tls.key`
+    /// (client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
+}
+
+/// How the Loki push request is encoded.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LokiEncoding {
+    /// `application/json` push body.
+    #[default]
+    Json,
+    /// `application/x-protobuf`: snappy-compressed logproto `PushRequest` (smaller, and what
+    /// Loki's own clients send).
+    Protobuf,
 }
 
 /// Elasticsearch sink.
@@ -248,7 +265,9 @@ pub struct ElasticsearchSink {
         regex(pattern = r"^[a-z0-9][a-z0-9._+-]*$")
     )]
     pub index: String,
-    /// Secret with `username` and `password` (basic auth) or `apiKey`.
+    /// Secret with `username` and `password` (basic auth) or `apiKey`, and/or TLS material:
+    /// `ca.crt` (PEM CAs trusted besides the public roots), `tls.crt` + `tls.key` (client
+    /// certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
 }
@@ -260,7 +279,9 @@ pub struct HttpSink {
     /// URL that receives each batch as a POST of `application/x-ndjson`.
     #[schemars(length(min = 1, max = 2048), regex(pattern = URL_PATTERN))]
     pub url: String,
-    /// Secret with `username` and `password` (basic auth) or `token` (bearer).
+    /// Secret with `username` and `password` (basic auth) or `token` (bearer), and/or TLS
+    /// material: `ca.crt` (PEM CAs trusted besides the public roots), `tls.crt` + `tls.key`
+    /// (client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
 }

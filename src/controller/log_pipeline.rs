@@ -116,6 +116,9 @@ async fn problem(ctx: &Context, lp: &LogPipeline) -> Result<Option<Desired>, Err
             e.to_string(),
         )));
     }
+    // Existence only (metadata; the controller never reads Secret values). Which keys a
+    // Secret holds (credentials and/or TLS: `ca.crt`, `tls.crt` + `tls.key`) and whether
+    // its PEM parses is the agent's to check, where the values are mounted.
     let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &ns);
     for (output, secret) in secret_refs(&lp.spec) {
         if secrets.get_metadata_opt(&secret).await?.is_none() {
@@ -390,6 +393,31 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn secret_refs_name_the_secret_of_every_sink_kind() {
+        let spec: LogPipelineSpec = serde_yaml::from_str(
+            r#"
+inputs: [{name: app, paths: ["/var/log/app.log"]}]
+outputs:
+  - {name: loki, loki: {url: "https://loki:3100", encoding: protobuf, secretRef: {name: loki-ca}}}
+  - {name: es, elasticsearch: {url: "https://es:9200", index: logs, secretRef: {name: es-tls}}}
+  - {name: web, http: {url: "https://rx/ingest", secretRef: {name: rx-creds}}}
+  - {name: plain, http: {url: "http://rx/ingest"}}
+  - {name: disk, file: {path: /var/log/out.ndjson}}
+"#,
+        )
+        .unwrap();
+        let pair = |o: &str, s: &str| (o.to_string(), s.to_string());
+        assert_eq!(
+            secret_refs(&spec),
+            [
+                pair("loki", "loki-ca"),
+                pair("es", "es-tls"),
+                pair("web", "rx-creds")
+            ]
+        );
     }
 
     #[test]

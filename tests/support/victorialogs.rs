@@ -14,6 +14,10 @@
 //! assert_eq!(rows.len(), 100);
 //! ```
 //!
+//! With TLS ([`VictoriaLogs::start_tls`]) it listens twice: plain HTTP on `port` (health,
+//! queries and every helper here) and HTTPS on `tls_port` ([`VictoriaLogs::tls_base_url`]) with
+//! the given server certificate, for the client under test.
+//!
 //! The binary comes from `$OUTRIDER_VICTORIALOGS`, else `<repo>/e2e/bin/victoria-logs`, which
 //! `e2e/tools.sh victorialogs` (or `make tools`) builds from its Go module. A missing binary is a
 //! test failure, never a skip.
@@ -100,6 +104,8 @@ pub const JSON: &str = "application/json";
 pub struct VictoriaLogs {
     /// The port it listens on, on 127.0.0.1 only.
     pub port: u16,
+    /// The HTTPS port when started with [`VictoriaLogs::start_tls`].
+    pub tls_port: Option<u16>,
     /// Holds `data/` (-storageDataPath) and `victoria-logs.log` (its stdout and stderr).
     pub dir: tempfile::TempDir,
     child: Child,
@@ -122,6 +128,16 @@ impl VictoriaLogs {
 
     /// Like [`VictoriaLogs::start`], with extra command-line flags (e.g. `-retentionPeriod=30d`).
     pub fn start_with(extra_flags: &[&str]) -> VictoriaLogs {
+        VictoriaLogs::launch(extra_flags, None)
+    }
+
+    /// Like [`VictoriaLogs::start`], plus an HTTPS listener on 127.0.0.1:<free port> serving the
+    /// PEM certificate (chain) `cert` with its key `key` (`-tls -tlsCertFile -tlsKeyFile`).
+    pub fn start_tls(cert: &Path, key: &Path) -> VictoriaLogs {
+        VictoriaLogs::launch(&[], Some((cert, key)))
+    }
+
+    fn launch(extra_flags: &[&str], tls: Option<(&Path, &Path)>) -> VictoriaLogs {
         let binary = binary();
         let dir = tempfile::Builder::new()
             .prefix("outrider-victorialogs-")
@@ -132,6 +148,21 @@ impl VictoriaLogs {
         // A free port can be taken between probing it and victoria-logs binding it: try a few.
         for _attempt in 0..5 {
             let port = free_port();
+            // The flags are per listen address: plain first, then HTTPS.
+            let (tls_port, listen) = match tls {
+                None => (None, vec![format!("-httpListenAddr=127.0.0.1:{port}")]),
+                Some((cert, key)) => {
+                    let tls_port = free_port();
+                    let (cert, key) = (cert.display(), key.display());
+                    let flags = vec![
+                        format!("-httpListenAddr=127.0.0.1:{port},127.0.0.1:{tls_port}"),
+                        "-tls=false,true".to_string(),
+                        format!("-tlsCertFile={cert},{cert}"),
+                        format!("-tlsKeyFile={key},{key}"),
+                    ];
+                    (Some(tls_port), flags)
+                }
+            };
             let log = fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -139,7 +170,7 @@ impl VictoriaLogs {
                 .expect("open victoria-logs.log");
             let log_start = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
             let mut child = Command::new(&binary)
-                .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+                .args(&listen)
                 .arg(format!(
                     "-storageDataPath={}",
                     dir.path().join("data").display()
@@ -151,6 +182,17 @@ impl VictoriaLogs {
                 .spawn()
                 .unwrap_or_else(|e| panic!("start {}: {e}: {INSTALL_HINT}", binary.display()));
             match wait_healthy(&mut child, port, &log_path, log_start) {
+                Ok(()) if tls_port.is_some_and(|p| !tls_listening(p)) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_failure = format!(
+                        "the HTTPS listener did not come up; log:\n{}",
+                        log_tail(&log_path, log_start)
+                    );
+                    if !last_failure.contains("address already in use") {
+                        break;
+                    }
+                }
                 Ok(()) => {
                     let client = reqwest::Client::builder()
                         .timeout(REQUEST_TIMEOUT)
@@ -159,6 +201,7 @@ impl VictoriaLogs {
                         .expect("build the HTTP client");
                     return VictoriaLogs {
                         port,
+                        tls_port,
                         dir,
                         child,
                         client,
@@ -181,6 +224,14 @@ impl VictoriaLogs {
     /// `http://127.0.0.1:<port>` (no trailing slash).
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `https://127.0.0.1:<tls_port>` (no trailing slash). Panics when started without TLS.
+    pub fn tls_base_url(&self) -> String {
+        let port = self
+            .tls_port
+            .expect("victoria-logs was started without TLS");
+        format!("https://127.0.0.1:{port}")
     }
 
     /// The process id.
@@ -470,6 +521,20 @@ fn wait_healthy(
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// The HTTPS listener accepts connections (both listeners start together, so once `/health`
+/// answers on the plain one this holds at once or within a moment).
+fn tls_listening(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
 }
 
 /// A blocking `GET /health` over a plain socket (no async runtime needed to start the store).

@@ -1,6 +1,11 @@
-//! Loki push API output (JSON). Records are grouped into streams by their rendered labels
-//! (`{{field}}` templates); the line is the record JSON. Loki answers 204; a 400 means the
-//! entries are bad and retrying will not help (dead-lettered); 429/5xx are retried.
+//! Loki push API output, JSON or protobuf. Records are grouped into streams by their
+//! rendered labels (`{{field}}` templates); the line is the record JSON. Loki answers 204; a
+//! 400 means the entries are bad and retrying will not help (dead-lettered); 429/5xx are
+//! retried.
+//!
+//! `encoding: protobuf` sends what Loki's own clients send: a logproto `PushRequest`,
+//! snappy-compressed (block format), as `application/x-protobuf`. The messages are written
+//! out by hand below (no protoc); their tags are those of Loki's `push.proto`.
 
 use std::collections::BTreeMap;
 
@@ -9,37 +14,52 @@ use serde_json::{Map, Value};
 use super::elasticsearch::join;
 use super::{Attempt, HttpOptions, SinkError, classify};
 use crate::agent::record::{Encoded, Template};
+use crate::api::log_pipeline::LokiEncoding;
 
 #[derive(Debug)]
 pub struct LokiSink {
     url: reqwest::Url,
     labels: Vec<(String, Template)>,
     tenant: Option<String>,
+    encoding: LokiEncoding,
     opts: HttpOptions,
 }
 
 impl LokiSink {
     /// Label templates were validated with the config; one that fails here is dropped.
+    /// A protobuf body is snappy-compressed already: it is never gzipped on top.
     pub fn new(
         base: reqwest::Url,
         labels: &BTreeMap<String, String>,
         tenant: Option<String>,
-        opts: HttpOptions,
+        encoding: LokiEncoding,
+        mut opts: HttpOptions,
     ) -> Self {
         let labels = labels
             .iter()
             .filter_map(|(k, v)| Template::parse(v).ok().map(|t| (k.clone(), t)))
             .collect();
+        if encoding == LokiEncoding::Protobuf {
+            opts.gzip = false;
+        }
         Self {
             url: join(&base, "loki/api/v1/push"),
             labels,
             tenant,
+            encoding,
             opts,
         }
     }
 
     pub async fn send(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
-        let body = push_body(&self.labels, records);
+        let (content_type, body) = match self.encoding {
+            LokiEncoding::Json => ("application/json", push_body(&self.labels, records)),
+            LokiEncoding::Protobuf => (
+                "application/x-protobuf",
+                protobuf_body(&self.labels, records)
+                    .map_err(|e| SinkError::Rejected(format!("snappy: {e}")))?,
+            ),
+        };
         let extra: Vec<(&str, &str)> = self
             .tenant
             .as_deref()
@@ -48,7 +68,7 @@ impl LokiSink {
             .collect();
         let (status, resp) = self
             .opts
-            .post(self.url.clone(), "application/json", body, &extra)
+            .post(self.url.clone(), content_type, body, &extra)
             .await
             .map_err(SinkError::Retryable)?;
         classify(status, &resp)?;
@@ -56,9 +76,12 @@ impl LokiSink {
     }
 }
 
-/// The push request: one stream per distinct label set, entries in record order.
-pub fn push_body(labels: &[(String, Template)], records: &[&Encoded]) -> Vec<u8> {
-    let mut streams: BTreeMap<BTreeMap<String, String>, Vec<Value>> = BTreeMap::new();
+/// A rendered label set and its entries (Unix nanoseconds, line) in record order.
+type Streams = BTreeMap<BTreeMap<String, String>, Vec<(i64, String)>>;
+
+/// One stream per distinct rendered label set.
+fn streams(labels: &[(String, Template)], records: &[&Encoded]) -> Streams {
+    let mut streams = Streams::new();
     for r in records {
         let rec: Map<String, Value> = serde_json::from_slice(&r.json).unwrap_or_default();
         let set: BTreeMap<String, String> = labels
@@ -66,16 +89,116 @@ pub fn push_body(labels: &[(String, Template)], records: &[&Encoded]) -> Vec<u8>
             .map(|(k, t)| (k.clone(), t.render(&rec)))
             .collect();
         let line = String::from_utf8_lossy(&r.json).into_owned();
-        streams.entry(set).or_default().push(Value::Array(vec![
-            Value::String(r.ts_nanos.to_string()),
-            Value::String(line),
-        ]));
+        streams.entry(set).or_default().push((r.ts_nanos, line));
     }
-    let streams: Vec<Value> = streams
+    streams
+}
+
+/// The JSON push request: one stream per distinct label set, entries in record order.
+pub fn push_body(labels: &[(String, Template)], records: &[&Encoded]) -> Vec<u8> {
+    let streams: Vec<Value> = streams(labels, records)
         .into_iter()
-        .map(|(stream, values)| serde_json::json!({"stream": stream, "values": values}))
+        .map(|(stream, entries)| {
+            let values: Vec<Value> = entries
+                .into_iter()
+                .map(|(ts, line)| Value::Array(vec![Value::String(ts.to_string()), line.into()]))
+                .collect();
+            serde_json::json!({"stream": stream, "values": values})
+        })
         .collect();
     serde_json::to_vec(&serde_json::json!({ "streams": streams })).unwrap_or_default()
+}
+
+/// The protobuf push request, snappy-compressed.
+pub fn protobuf_body(
+    labels: &[(String, Template)],
+    records: &[&Encoded],
+) -> Result<Vec<u8>, snap::Error> {
+    let req = push_request(labels, records);
+    snap::raw::Encoder::new().compress_vec(&prost::Message::encode_to_vec(&req))
+}
+
+/// The logproto `PushRequest` for the records.
+pub fn push_request(labels: &[(String, Template)], records: &[&Encoded]) -> logproto::PushRequest {
+    let streams = streams(labels, records)
+        .into_iter()
+        .map(|(set, entries)| logproto::Stream {
+            labels: label_string(&set),
+            entries: entries
+                .into_iter()
+                .map(|(ts, line)| logproto::Entry {
+                    timestamp: Some(logproto::Timestamp {
+                        seconds: ts.div_euclid(1_000_000_000),
+                        // In 0..1e9, so it fits.
+                        nanos: ts.rem_euclid(1_000_000_000) as i32,
+                    }),
+                    line,
+                })
+                .collect(),
+        })
+        .collect();
+    logproto::PushRequest { streams }
+}
+
+/// A label set in Prometheus text syntax, `{a="x",b="y"}`: values are double-quoted with
+/// `\`, `"` and newline escaped. Names were validated as label names with the config.
+pub fn label_string(set: &BTreeMap<String, String>) -> String {
+    let mut out = String::from("{");
+    for (i, (k, v)) in set.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// Loki's `logproto` push messages (`pkg/push/push.proto`), the fields the agent sends.
+pub mod logproto {
+    /// `logproto.PushRequest`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PushRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub streams: Vec<Stream>,
+    }
+
+    /// `logproto.StreamAdapter`: labels in Prometheus syntax and the entries.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Stream {
+        #[prost(string, tag = "1")]
+        pub labels: String,
+        #[prost(message, repeated, tag = "2")]
+        pub entries: Vec<Entry>,
+    }
+
+    /// `logproto.EntryAdapter`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Entry {
+        #[prost(message, optional, tag = "1")]
+        pub timestamp: Option<Timestamp>,
+        #[prost(string, tag = "2")]
+        pub line: String,
+    }
+
+    /// `google.protobuf.Timestamp`.
+    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+    pub struct Timestamp {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +235,68 @@ mod tests {
         assert_eq!(values.len(), 2);
         assert_eq!(values[0][0], "1");
         assert_eq!(values[1][0], "3");
+    }
+
+    #[test]
+    fn label_values_are_quoted_and_escaped_in_prometheus_syntax() {
+        let set: BTreeMap<String, String> = [
+            ("app", "shop"),
+            ("path", r"C:\logs"),
+            ("quote", r#"say "hi""#),
+            ("multi", "a\nb"),
+            ("empty", ""),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(
+            label_string(&set),
+            r#"{app="shop",empty="",multi="a\nb",path="C:\\logs",quote="say \"hi\""}"#
+        );
+        assert_eq!(label_string(&BTreeMap::new()), "{}");
+    }
+
+    #[test]
+    fn protobuf_body_is_snappy_framed_logproto_that_decodes_to_the_streams() {
+        let labels = vec![(
+            "service".to_string(),
+            Template::parse("{{service}}").unwrap(),
+        )];
+        let mk = |svc: &str, ts: i64, msg: &str| Encoded {
+            json: serde_json::to_vec(&serde_json::json!({"service": svc, "message": msg})).unwrap(),
+            id: String::new(),
+            ts_nanos: ts,
+        };
+        let a = mk("shop", 1_700_000_000_123_456_789, "first");
+        let b = mk("cart", 5, "second");
+        let c = mk("shop", -1, "before 1970");
+        let body = protobuf_body(&labels, &[&a, &b, &c]).unwrap();
+        let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+        let req = <logproto::PushRequest as prost::Message>::decode(raw.as_slice()).unwrap();
+        assert_eq!(req, push_request(&labels, &[&a, &b, &c]));
+        let names: Vec<&str> = req.streams.iter().map(|s| s.labels.as_str()).collect();
+        assert_eq!(names, [r#"{service="cart"}"#, r#"{service="shop"}"#]);
+        let shop = &req.streams[1].entries;
+        assert_eq!(shop.len(), 2);
+        assert_eq!(
+            shop[0].timestamp,
+            Some(logproto::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 123_456_789
+            })
+        );
+        assert_eq!(shop[0].line, String::from_utf8(a.json.clone()).unwrap());
+        // Timestamp keeps nanos non-negative: -1 ns is -1 s + 999999999 ns.
+        assert_eq!(
+            shop[1].timestamp,
+            Some(logproto::Timestamp {
+                seconds: -1,
+                nanos: 999_999_999
+            })
+        );
+        assert_eq!(
+            req.streams[0].entries[0].line,
+            String::from_utf8(b.json).unwrap()
+        );
     }
 }
