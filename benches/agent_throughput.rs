@@ -53,7 +53,36 @@ struct Outcome {
     wall: f64,
     cpu: f64,
     rss_kib: u64,
+    /// The shipper core's time during the run: (idle + iowait, steal) as fractions. Steal is
+    /// time the hypervisor gave the core to someone else: neither tool can use it.
+    core: (f64, f64),
     note: String,
+}
+
+/// Jiffies of the shipper core: (total, idle + iowait, steal), from /proc/stat.
+fn core_times() -> (u64, u64, u64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&format!("cpu{SHIPPER_CORE} ")))
+        .unwrap_or_default();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    (v.iter().take(8).sum(), get(3) + get(4), get(7))
+}
+
+/// Fractions of the shipper core's time since `before` that were idle and stolen.
+fn core_since(before: (u64, u64, u64)) -> (f64, f64) {
+    let now = core_times();
+    let total = (now.0 - before.0).max(1) as f64;
+    (
+        (now.1 - before.1) as f64 / total,
+        (now.2 - before.2) as f64 / total,
+    )
 }
 
 fn main() {
@@ -249,10 +278,14 @@ fn outrider_http(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
         logs,
         &format!("{{name: recv, http: {{url: \"http://127.0.0.1:{port}/ingest\"}}}}"),
     );
-    let started = Instant::now();
+    let (before, started) = (core_times(), Instant::now());
     let (mut child, _) = start_agent(dir, &lp);
     let (seen, wall) = wait_lines(started, lines, &mut child, || count.load(Ordering::Relaxed));
-    let (cpu, rss) = (cpu_seconds(child.id()), vm_hwm_kib(child.id()));
+    let (cpu, rss, core) = (
+        cpu_seconds(child.id()),
+        vm_hwm_kib(child.id()),
+        core_since(before),
+    );
     stop(child);
     Outcome {
         label: "outrider file → HTTP (counting receiver)".into(),
@@ -260,6 +293,7 @@ fn outrider_http(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
         wall,
         cpu,
         rss_kib: rss,
+        core,
         note: String::new(),
     }
 }
@@ -285,7 +319,7 @@ fn outrider_loki(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
             store.base_url()
         ),
     );
-    let started = Instant::now();
+    let (before, started) = (core_times(), Instant::now());
     let (mut child, port) = start_agent(dir, &lp);
     let shipped = || {
         agent_support::http_get(port, "/metrics")
@@ -295,7 +329,11 @@ fn outrider_loki(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
             .unwrap_or(0)
     };
     let (seen, wall) = wait_lines(started, lines, &mut child, shipped);
-    let (cpu, rss) = (cpu_seconds(child.id()), vm_hwm_kib(child.id()));
+    let (cpu, rss, core) = (
+        cpu_seconds(child.id()),
+        vm_hwm_kib(child.id()),
+        core_since(before),
+    );
     stop(child);
     let stored = rt.block_on(async {
         store.flush().await;
@@ -307,6 +345,7 @@ fn outrider_loki(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
         wall,
         cpu,
         rss_kib: rss,
+        core,
         note: format!("{stored} rows stored"),
     }
 }
@@ -352,7 +391,7 @@ fn rsyslog(dir: &Path, logs: &Path, lines: u64) -> Outcome {
     )
     .expect("write rsyslog.conf");
     let version = support::command_line("rsyslogd", &["-v"]);
-    let started = Instant::now();
+    let (before, started) = (core_times(), Instant::now());
     let mut child = Command::new("taskset")
         .args(["-c", SHIPPER_CORE, "rsyslogd", "-n", "-f"])
         .arg(&conf)
@@ -363,7 +402,11 @@ fn rsyslog(dir: &Path, logs: &Path, lines: u64) -> Outcome {
         .spawn()
         .expect("spawn rsyslogd");
     let (seen, wall) = wait_lines(started, lines, &mut child, || count.load(Ordering::Relaxed));
-    let (cpu, rss) = (cpu_seconds(child.id()), vm_hwm_kib(child.id()));
+    let (cpu, rss, core) = (
+        cpu_seconds(child.id()),
+        vm_hwm_kib(child.id()),
+        core_since(before),
+    );
     stop(child);
     Outcome {
         label: "rsyslog imfile → omfwd TCP (counting receiver)".into(),
@@ -371,6 +414,7 @@ fn rsyslog(dir: &Path, logs: &Path, lines: u64) -> Outcome {
         wall,
         cpu,
         rss_kib: rss,
+        core,
         note: version,
     }
 }
@@ -397,7 +441,7 @@ fn report(outcomes: &[Outcome], lines: u64, bytes: u64) -> String {
     );
     let _ = writeln!(
         r,
-        "| run | lines | wall s | MB/s | lines/s | CPU s | peak RSS MiB | note |\n|---|---|---|---|---|---|---|---|"
+        "| run | lines | wall s | MB/s | lines/s | CPU s | MB per CPU-s | peak RSS MiB | core idle / stolen | note |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for o in outcomes {
         let complete = if o.lines >= lines {
@@ -407,14 +451,17 @@ fn report(outcomes: &[Outcome], lines: u64, bytes: u64) -> String {
         };
         let _ = writeln!(
             r,
-            "| {}{complete} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {} |",
+            "| {}{complete} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0}% / {:.0}% | {} |",
             o.label,
             o.lines,
             o.wall,
             bytes as f64 / o.wall / 1e6,
             o.lines as f64 / o.wall,
             o.cpu,
+            bytes as f64 / o.cpu.max(1e-9) / 1e6,
             o.rss_kib as f64 / 1024.0,
+            o.core.0 * 100.0,
+            o.core.1 * 100.0,
             o.note
         );
     }

@@ -307,7 +307,8 @@ fn a_response_slower_than_the_request_timeout_is_retried_and_only_that_batch_arr
         dir.path(),
         &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
         "  delivery: {batch: {maxEvents: 200, maxWait: 50ms}}\n",
-        &["--request-timeout", "2s"],
+        // One batch at a time, so the two slow answers are one batch's attempt and retry.
+        &["--request-timeout", "2s", "--batches-in-flight", "1"],
     );
     const N: u64 = 5000;
     append_paced(dir.path(), 0..N / 2);
@@ -389,5 +390,54 @@ fn a_connection_reset_mid_request_is_retried_and_every_line_arrives_once() {
     assert!(
         agent.log_text().contains("delivery failed; will retry"),
         "the reset was reported as a failed delivery"
+    );
+}
+
+#[test]
+fn a_later_batch_acknowledged_first_never_moves_the_checkpoint_past_an_unacknowledged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    // The first request to arrive is stored at once but answered only after 8 s; the others
+    // are answered at once, so a later batch is acknowledged while that one is outstanding.
+    rx.slow_next(1, Duration::from_secs(8));
+    let mut agent = start_with(
+        dir.path(),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        "  delivery: {batch: {maxEvents: 100, maxWait: 50ms}}\n",
+        &["--batches-in-flight", "2"],
+    );
+    const N: u64 = 1000;
+    agent::append_numbered(&dir.path().join("logs").join("app.log"), "seq", 0..N);
+    wait_for("the slow batch and a later one", LONG, || {
+        rx.with(|s| s.slow) == 1 && rx.record_count() >= 200
+    });
+    // Whatever else the agent would send while the slow batch is outstanding, it sends now.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_kill = agent::count_numbers(&rx.messages(), "seq");
+    let slow_first = agent::count_numbers(&rx.with(|s| s.slow_messages.clone()), "seq")
+        .into_keys()
+        .next()
+        .expect("the slow batch's records");
+    assert!(
+        (before_kill.len() as u64) < N,
+        "an outstanding batch must stop the shipper after {} batches in flight: {} of {N} sent",
+        2,
+        before_kill.len()
+    );
+    agent.kill9();
+    agent.restart();
+    wait_for_every_number(&rx, N);
+    let counts = agent::count_numbers(&rx.messages(), "seq");
+    // The checkpoint stayed before the unacknowledged batch: it and everything sent after
+    // it (acknowledged or not) comes again.
+    let not_resent: Vec<u64> = before_kill
+        .keys()
+        .filter(|n| **n >= slow_first && counts.get(n).copied().unwrap_or(0) < 2)
+        .copied()
+        .collect();
+    assert!(
+        not_resent.is_empty(),
+        "sent after the slow batch (from {slow_first}) but not re-sent after the restart: {:?}",
+        &not_resent[..not_resent.len().min(10)]
     );
 }

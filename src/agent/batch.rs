@@ -45,12 +45,13 @@ impl Batch {
     }
 
     /// Adds an item; call [`Batch::fits`] first.
-    pub fn push(&mut self, t: Taken, now: Instant) {
+    /// `now` is only called for the first item (it starts the `maxWait` clock).
+    pub fn push(&mut self, t: Taken, now: impl FnOnce() -> Instant) {
         if let Some(b) = Self::record_bytes(&t) {
             self.records += 1;
             self.bytes += b;
         }
-        self.started.get_or_insert(now);
+        self.started.get_or_insert_with(now);
         self.items.push(t);
     }
 
@@ -123,10 +124,10 @@ mod tests {
         let mut b = Batch::new(limits(3, 1 << 20));
         let now = Instant::now();
         for _ in 0..2 {
-            b.push(rec(10), now);
+            b.push(rec(10), || now);
         }
         assert!(!b.is_full());
-        b.push(rec(10), now);
+        b.push(rec(10), || now);
         assert!(b.is_full());
         assert_eq!(b.take().len(), 3);
         assert!(b.is_empty());
@@ -137,16 +138,16 @@ mod tests {
     fn batch_never_exceeds_max_bytes_except_for_one_huge_record() {
         let mut b = Batch::new(limits(100, 25));
         let now = Instant::now();
-        b.push(rec(10), now); // 11 bytes with the newline
+        b.push(rec(10), || now); // 11 bytes with the newline
         assert!(b.fits(&rec(10))); // 22 <= 25
-        b.push(rec(10), now);
+        b.push(rec(10), || now);
         assert!(!b.fits(&rec(10))); // 33 > 25: ship first
         b.take();
         assert!(
             b.fits(&rec(1000)),
             "an empty batch takes an oversized record"
         );
-        b.push(rec(1000), now);
+        b.push(rec(1000), || now);
         assert!(b.is_full());
     }
 
@@ -154,8 +155,8 @@ mod tests {
     fn deadline_is_max_wait_after_the_first_item() {
         let mut b = Batch::new(limits(100, 1000));
         let t0 = Instant::now();
-        b.push(rec(1), t0);
-        b.push(rec(1), t0 + Duration::from_millis(300));
+        b.push(rec(1), || t0);
+        b.push(rec(1), || t0 + Duration::from_millis(300));
         assert_eq!(b.deadline(), Some(t0 + Duration::from_millis(500)));
     }
 }

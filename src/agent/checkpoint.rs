@@ -1,11 +1,15 @@
 //! Checkpoints: the offset per file identity up to which every record has been
 //! acknowledged by every output of a pipeline. They move only on acknowledgement and in
-//! order, and are written atomically (temp file + fsync + rename + directory fsync), so a
-//! crash at any point leaves either the old or the new checkpoint, never a torn one.
+//! order, and are written atomically (temp file + rename), so a crash of the agent at any
+//! point leaves either the old or the new checkpoint, never a torn one. Every write replaces
+//! the file; a write is also fsynced (file and directory) when the last fsync is
+//! [`SYNC_INTERVAL`] old, and at shutdown, so a crash of the whole machine loses at most that
+//! much progress (records re-sent, never lost) without paying a disk flush per batch.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +48,21 @@ pub struct Checkpoints {
     path: PathBuf,
     files: BTreeMap<String, Entry>,
     dirty: bool,
+    /// A write since the last fsync has not reached the disk for sure.
+    unsynced: bool,
+    last_sync: Option<Instant>,
+}
+
+/// Longest a written checkpoint waits for its fsync while batches keep being acknowledged.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A checkpoint write to do off the async threads.
+#[derive(Debug)]
+pub struct PendingWrite {
+    pub path: PathBuf,
+    pub body: Vec<u8>,
+    /// Flush it to the disk too (the last fsync is [`SYNC_INTERVAL`] old).
+    pub sync: bool,
 }
 
 impl Checkpoints {
@@ -72,6 +91,8 @@ impl Checkpoints {
             path,
             files,
             dirty: false,
+            unsynced: false,
+            last_sync: None,
         })
     }
 
@@ -102,10 +123,13 @@ impl Checkpoints {
         }
     }
 
-    /// The path and content to write, if anything changed since the last write (lets the
-    /// caller do the blocking write off the async threads).
-    pub fn pending_write(&self) -> Option<(PathBuf, Vec<u8>)> {
-        if !self.dirty {
+    /// What to write, if anything changed since the last write (lets the caller do the
+    /// blocking write off the async threads). `sync` asks for an fsync when the last one is
+    /// [`SYNC_INTERVAL`] old, or when `final_write` (shutdown) and a write is not synced.
+    pub fn pending_write(&self, final_write: bool) -> Option<PendingWrite> {
+        let sync_due = self.last_sync.is_none_or(|t| t.elapsed() >= SYNC_INTERVAL);
+        let sync = final_write || sync_due;
+        if !(self.dirty || sync && self.unsynced) {
             return None;
         }
         let body = serde_json::to_vec_pretty(&OnDiskRef {
@@ -113,21 +137,34 @@ impl Checkpoints {
             files: &self.files,
         })
         .ok()?;
-        Some((self.path.clone(), body))
+        Some(PendingWrite {
+            path: self.path.clone(),
+            body,
+            sync,
+        })
     }
 
-    /// Marks the content from [`Checkpoints::pending_write`] as written.
-    pub fn written(&mut self) {
+    /// Marks a [`Checkpoints::pending_write`] as done.
+    pub fn written(&mut self, synced: bool) {
         self.dirty = false;
+        if synced {
+            self.unsynced = false;
+            self.last_sync = Some(Instant::now());
+        } else {
+            self.unsynced = true;
+        }
     }
 
-    /// Writes the checkpoints now if they changed since the last write.
+    /// Writes (and fsyncs) the checkpoints now if they changed since the last write.
     pub fn persist(&mut self) -> Result<(), CheckpointError> {
-        let Some((path, body)) = self.pending_write() else {
+        let Some(w) = self.pending_write(true) else {
             return Ok(());
         };
-        write_atomic(&path, &body).map_err(|source| CheckpointError::Io { path, source })?;
-        self.written();
+        write_atomic(&w.path, &w.body, true).map_err(|source| CheckpointError::Io {
+            path: w.path,
+            source,
+        })?;
+        self.written(true);
         Ok(())
     }
 }
@@ -139,8 +176,10 @@ struct OnDiskRef<'a> {
 }
 
 /// Replaces `path` with `body` so that readers (and a crash) see the old or the new
-/// content, never a mix: write a temp file, fsync it, rename it over, fsync the directory.
-pub fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
+/// content, never a mix: write a temp file, rename it over. With `sync`, the temp file is
+/// fsynced before the rename and the directory after it, so the new content also survives
+/// a crash of the machine.
+pub fn write_atomic(path: &Path, body: &[u8], sync: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path
@@ -151,10 +190,15 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(body)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    if sync {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -184,14 +228,37 @@ mod tests {
     fn atomic_write_leaves_no_temp_file_and_replaces_content_whole() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state").join("c.json");
-        write_atomic(&p, b"{\"a\":1}").unwrap();
-        write_atomic(&p, b"{\"b\":2}").unwrap();
+        write_atomic(&p, b"{\"a\":1}", true).unwrap();
+        write_atomic(&p, b"{\"b\":2}", false).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"{\"b\":2}");
         let names: Vec<_> = std::fs::read_dir(p.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, ["c.json"]);
+    }
+
+    #[test]
+    fn writes_are_fsynced_once_per_interval_and_always_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpoints::load(dir.path().join("c.json")).unwrap();
+        let fp = Fingerprint::of_bytes(b"hello");
+        assert!(c.pending_write(false).is_none(), "nothing to write yet");
+        c.set("app/1:2", "/a.log", 1, &fp);
+        let first = c.pending_write(false).unwrap();
+        assert!(first.sync, "the first write is synced");
+        c.written(first.sync);
+        c.set("app/1:2", "/a.log", 2, &fp);
+        let second = c.pending_write(false).unwrap();
+        assert!(!second.sync, "within the interval a write is not synced");
+        c.written(second.sync);
+        assert!(c.pending_write(false).is_none(), "written and not yet due");
+        let last = c
+            .pending_write(true)
+            .expect("an unsynced write is synced at the end");
+        assert!(last.sync);
+        c.written(last.sync);
+        assert!(c.pending_write(true).is_none(), "everything is on disk");
     }
 
     #[test]

@@ -193,8 +193,14 @@ pub async fn run_input(
                 }
             }
         }
+        // A file waiting to settle is looked at again soon, not only at the next scan.
+        let next = if deferred.is_empty() {
+            scan_interval
+        } else {
+            scan_interval.min(SETTLE)
+        };
         tokio::select! {
-            _ = tokio::time::sleep(scan_interval) => {}
+            _ = tokio::time::sleep(next) => {}
             Some(()) = wake_rx.recv() => {}
             _ = stop.cancelled() => break,
         }
@@ -206,6 +212,17 @@ pub async fn run_input(
 
 /// Longest a new file waits because it looks like a copy of a tailed one.
 const MAX_DEFER: Duration = Duration::from_secs(30);
+
+/// How long a short new file must be left alone before it counts as settled.
+const SETTLE: Duration = Duration::from_secs(1);
+
+fn recently_modified(file: &File) -> bool {
+    file.metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < SETTLE)
+}
 
 /// The offset a truncated original reached, if `file` starts with what it had read.
 fn take_truncated(shared: &InputShared, file: &File) -> Option<u64> {
@@ -255,6 +272,15 @@ fn open(
             return None;
         }
         tracing::warn!(path = %path.display(), "file still looks like a copy of a tailed file; reading it from 0");
+        0
+    } else if !fingerprint.is_full() && recently_modified(&file) {
+        // Shorter than a fingerprint and still being written: it may be a copy in the
+        // making (copytruncate), which cannot be recognised until its first bytes are all
+        // there. Wait until it is long enough or has settled; reading it from 0 is safe then.
+        let since = *deferred.entry(id).or_insert_with(Instant::now);
+        if since.elapsed() < MAX_DEFER {
+            return None;
+        }
         0
     } else {
         0

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesOrdered;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +42,9 @@ pub struct AgentEnv {
     pub gzip: bool,
     pub request_timeout: Duration,
     pub backoff: Backoff,
+    /// Batches of a pipeline delivered at once (1 for file and stdout outputs, which must
+    /// stay in order).
+    pub batches_in_flight: usize,
 }
 
 /// A started pipeline.
@@ -134,11 +139,17 @@ impl RunningPipeline {
                     });
                 }
             }
+            let ordered = outputs.iter().any(|o| matches!(o.sink, Sink::File(_)));
             let memory = ship_loop(Shipper {
                 key: key.clone(),
                 batch: Batch::new(pipeline.batch),
                 rx,
-                outputs,
+                outputs: Arc::new(outputs),
+                in_flight: if ordered {
+                    1
+                } else {
+                    env.batches_in_flight.max(1)
+                },
                 checkpoints,
                 metrics: metrics.clone(),
                 lag: lag.clone(),
@@ -266,79 +277,114 @@ struct Shipper {
     key: Arc<str>,
     batch: Batch,
     rx: BufferRx,
-    outputs: Vec<Output>,
+    outputs: Arc<Vec<Output>>,
+    /// Batches delivered at the same time, at most; acknowledged in order regardless.
+    in_flight: usize,
     checkpoints: Checkpoints,
     metrics: AgentMetrics,
     lag: Arc<AtomicI64>,
     abort: CancellationToken,
 }
 
+/// A batch on its way to the outputs: its items back, and whether delivery completed.
+type Delivery = futures::future::BoxFuture<'static, (Vec<Taken>, bool)>;
+
 async fn ship_loop(mut s: Shipper) {
-    let labels = AgentMetrics::pipeline(&s.key);
+    ship_until_done(&mut s).await;
+    // Whatever was written since the last fsync reaches the disk before the pipeline ends.
+    persist(&mut s.checkpoints, &s.key, true).await;
+}
+
+/// Fills batches and delivers up to `in_flight` of them at once (so the next batch is on the
+/// wire while the outputs answer the previous one). Acknowledgements are taken strictly in
+/// batch order, so checkpoints only ever move over records every output has.
+async fn ship_until_done(s: &mut Shipper) {
+    let buffer_gauge = s
+        .metrics
+        .buffer_bytes
+        .get_or_create(&AgentMetrics::pipeline(&s.key))
+        .clone();
+    let mut deliveries: FuturesOrdered<Delivery> = FuturesOrdered::new();
+    // An item that did not fit the full batch: it starts the next one.
+    let mut carry: Option<Taken> = None;
+    let mut done = false;
     loop {
         let deadline = s.batch.deadline();
+        let due = deadline.is_some_and(|d| d <= tokio::time::Instant::now());
+        let ready = !s.batch.is_empty() && (s.batch.is_full() || carry.is_some() || due || done);
+        if ready && deliveries.len() < s.in_flight {
+            let items = s.batch.take();
+            deliveries.push_back(deliver_batch(s, items));
+            if let Some(t) = carry.take() {
+                s.batch.push(t, tokio::time::Instant::now);
+            }
+            buffer_gauge.set(s.rx.used() as i64);
+            continue;
+        }
+        if done && s.batch.is_empty() && carry.is_none() && deliveries.is_empty() {
+            return;
+        }
+        let room = deliveries.len() < s.in_flight;
         let sleep = async {
             match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
+                Some(d) if room && !due => tokio::time::sleep_until(d).await,
+                _ => std::future::pending().await,
             }
         };
-        let mut done = false;
-        let mut ship_now = false;
+        let take = !done && carry.is_none() && !s.batch.is_full();
         tokio::select! {
-            t = s.rx.recv() => match t {
-                Some(t) => {
-                    if !s.batch.fits(&t) && !ship(&mut s).await {
-                        return;
-                    }
-                    s.batch.push(t, tokio::time::Instant::now());
-                    ship_now = s.batch.is_full();
+            Some((items, delivered)) = deliveries.next(), if !deliveries.is_empty() => {
+                if !delivered {
+                    return;
                 }
+                acknowledge(s, &items).await;
+            }
+            t = s.rx.recv(), if take => match t {
+                Some(t) if s.batch.fits(&t) => s.batch.push(t, tokio::time::Instant::now),
+                Some(t) => carry = Some(t),
                 None => done = true,
             },
-            _ = sleep => ship_now = true,
-        }
-        if (ship_now || done) && !s.batch.is_empty() && !ship(&mut s).await {
-            return;
-        }
-        s.metrics
-            .buffer_bytes
-            .get_or_create(&labels)
-            .set(s.rx.used() as i64);
-        if done {
-            return;
+            _ = sleep => {}
         }
     }
 }
 
-/// Delivers the current batch to every output, then checkpoints it. False when delivery
-/// was aborted (shutdown): nothing of the batch is checkpointed.
-async fn ship(s: &mut Shipper) -> bool {
-    let items = s.batch.take();
-    let records: Vec<&Encoded> = items
-        .iter()
-        .filter_map(|t| match &t.item {
-            Item::Event(e) => e.record.as_ref(),
-            Item::Forget(_) => None,
-        })
-        .collect();
-    if !deliver_all(&mut s.outputs, &records, &s.metrics, &s.key, &s.abort).await {
-        return false;
-    }
-    let (weight, consumed) = advance(&mut s.checkpoints, &items);
-    persist(&mut s.checkpoints, &s.key).await;
+/// Starts delivering one batch to every output.
+fn deliver_batch(s: &Shipper, items: Vec<Taken>) -> Delivery {
+    let outputs = s.outputs.clone();
+    let metrics = s.metrics.clone();
+    let key = s.key.clone();
+    let abort = s.abort.clone();
+    Box::pin(async move {
+        let delivered = {
+            let records: Vec<&Encoded> = items
+                .iter()
+                .filter_map(|t| match &t.item {
+                    Item::Event(e) => e.record.as_ref(),
+                    Item::Forget(_) => None,
+                })
+                .collect();
+            deliver_all(&outputs, &records, &metrics, &key, &abort).await
+        };
+        (items, delivered)
+    })
+}
+
+/// A delivered batch: checkpoints move over it and its room in the buffer is given back.
+async fn acknowledge(s: &mut Shipper, items: &[Taken]) {
+    let (weight, consumed) = advance(&mut s.checkpoints, items);
+    persist(&mut s.checkpoints, &s.key, false).await;
     s.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
     s.metrics
         .checkpoint_lag_bytes
         .get_or_create(&AgentMetrics::pipeline(&s.key))
         .set(s.lag.load(Ordering::Relaxed).max(0));
     s.rx.release(weight);
-    true
 }
 
 /// Delivers records to every output at once; false when shutdown aborted a delivery.
 async fn deliver_all(
-    outputs: &mut [Output],
+    outputs: &[Output],
     records: &[&Encoded],
     metrics: &AgentMetrics,
     key: &str,
@@ -349,7 +395,7 @@ async fn deliver_all(
     }
     let results = join_all(
         outputs
-            .iter_mut()
+            .iter()
             .map(|o| sink::deliver(o, records, metrics, key, abort)),
     )
     .await;
@@ -404,7 +450,7 @@ async fn spool_write_loop(mut w: SpoolWriteTask) {
             return;
         }
         let (weight, consumed) = advance(&mut w.checkpoints, &taken);
-        persist(&mut w.checkpoints, &w.key).await;
+        persist(&mut w.checkpoints, &w.key, false).await;
         w.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
         let labels = AgentMetrics::pipeline(&w.key);
         w.metrics
@@ -417,6 +463,7 @@ async fn spool_write_loop(mut w: SpoolWriteTask) {
             .set(w.writer.used() as i64);
         w.rx.release(weight);
     }
+    persist(&mut w.checkpoints, &w.key, true).await;
     // Dropping the writer tells the shipper that nothing more will come.
 }
 
@@ -475,7 +522,7 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
         }
         if (ship_now || last) && !batch.is_empty() {
             let refs: Vec<&Encoded> = batch.iter().collect();
-            if !deliver_all(&mut s.outputs, &refs, &s.metrics, &s.key, &s.abort).await {
+            if !deliver_all(&s.outputs, &refs, &s.metrics, &s.key, &s.abort).await {
                 return;
             }
             if let Err(e) = s.reader.ack(end) {
@@ -527,13 +574,16 @@ fn advance(checkpoints: &mut Checkpoints, items: &[Taken]) -> (u64, u64) {
     (weight, consumed)
 }
 
-async fn persist(c: &mut Checkpoints, key: &str) {
-    let Some((path, body)) = c.pending_write() else {
+/// Writes the checkpoints if they changed (fsynced once per [`super::checkpoint::SYNC_INTERVAL`] while
+/// shipping, and always when `final_write`).
+async fn persist(c: &mut Checkpoints, key: &str, final_write: bool) {
+    let Some(w) = c.pending_write(final_write) else {
         return;
     };
-    let res = tokio::task::spawn_blocking(move || write_atomic(&path, &body)).await;
+    let sync = w.sync;
+    let res = tokio::task::spawn_blocking(move || write_atomic(&w.path, &w.body, w.sync)).await;
     match res {
-        Ok(Ok(())) => c.written(),
+        Ok(Ok(())) => c.written(sync),
         Ok(Err(e)) => {
             tracing::error!(pipeline = %key, error = %e, "writing checkpoints failed; will retry after the next batch")
         }

@@ -322,7 +322,7 @@ impl SpoolReader {
     pub fn ack(&mut self, upto: u64) -> io::Result<()> {
         let body = serde_json::to_vec(&Cursor { offset: upto })
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        write_atomic(&self.dir.join("cursor.json"), &body)?;
+        write_atomic(&self.dir.join("cursor.json"), &body, true)?;
         self.shared.cursor.store(upto, Ordering::Release);
         let segs = segments(&self.dir)?;
         for pair in segs.windows(2) {

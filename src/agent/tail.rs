@@ -95,7 +95,7 @@ pub async fn tail(
         .get_or_create(&shared.labels)
         .clone();
     files_open.inc();
-    let mut t = Tailer::new(&shared, &opened);
+    let mut tailer = Some(Tailer::new(shared.clone(), &opened));
     if let Ok(mut g) = ctl.fingerprint.lock() {
         *g = opened.fingerprint.clone();
     }
@@ -106,27 +106,34 @@ pub async fn tail(
         if stop.is_cancelled() {
             break;
         }
-        let (Some(f), Some(mut b)) = (file.take(), buf.take()) else {
+        let (Some(f), Some(mut b), Some(mut t)) = (file.take(), buf.take(), tailer.take()) else {
             break;
         };
-        let offset = t.offset;
-        let fp = (*t.fp).clone();
         let ctl2 = ctl.clone();
+        // Reading and turning lines into records both happen on a blocking thread: the
+        // CPU-heavy part never holds up the async workers that ship (and on a node with
+        // cores to spare, files are parsed in parallel).
         let joined = tokio::task::spawn_blocking(move || {
-            let r = step(&f, &mut b, offset, &fp, &ctl2);
-            (f, b, r)
+            let fp = (*t.fp).clone();
+            let r = step(&f, &mut b, t.offset, &fp, &ctl2);
+            let mut items = Vec::new();
+            if let Ok(Step::Read(n, new_fp)) = &r {
+                if let Some(fp) = new_fp {
+                    t.set_fingerprint(fp.clone(), &ctl2);
+                }
+                if *n > 0 {
+                    t.consume(&b[..*n], &mut items);
+                }
+            }
+            (f, b, t, r, items)
         })
         .await;
-        let Ok((f, b, result)) = joined else {
+        let Ok((f, b, t_back, result, mut items)) = joined else {
             break;
         };
+        let mut t = t_back;
         let read = match result {
-            Ok(Step::Read(n, new_fp)) => {
-                if let Some(fp) = new_fp {
-                    t.set_fingerprint(fp, &ctl);
-                }
-                n
-            }
+            Ok(Step::Read(n, _)) => n,
             Ok(Step::Truncated(new_fp)) => {
                 tracing::info!(path = %t.path, offset = t.offset, "file truncated (copytruncate?); reading it again from 0");
                 shared
@@ -147,6 +154,7 @@ pub async fn tail(
                 t.restart(new_fp, &ctl);
                 file = Some(f);
                 buf = Some(b);
+                tailer = Some(t);
                 continue;
             }
             Err(e) => {
@@ -154,19 +162,17 @@ pub async fn tail(
                 0
             }
         };
-        let mut items = Vec::new();
         if read > 0 {
             eof_since = None;
-            t.consume(&b[..read], &mut items);
         } else {
             let now = Instant::now();
             if let Some(p) = t.multiline.as_mut().and_then(|m| m.flush_stale(now)) {
                 t.tick();
-                items.push(t.emit_piece(p));
+                items.push(t.emit_piece(&shared, p));
             }
             let since = *eof_since.get_or_insert(now);
             if ctl.gone.load(Ordering::Acquire) && since.elapsed() >= shared.opts.release_after {
-                t.finish(&mut items);
+                t.finish(&shared, &mut items);
                 items.push(Item::Forget(t.key.clone()));
                 send_all(&shared, items, &stop).await;
                 tracing::info!(path = %t.path, "file drained and released");
@@ -175,6 +181,7 @@ pub async fn tail(
         }
         file = Some(f);
         buf = Some(b);
+        tailer = Some(t);
         if !send_all(&shared, items, &stop).await {
             break;
         }
@@ -275,8 +282,8 @@ fn step(
 }
 
 /// Per-file processing state.
-struct Tailer<'a> {
-    shared: &'a InputShared,
+struct Tailer {
+    shared: Arc<InputShared>,
     key: Arc<str>,
     path: Arc<str>,
     /// `file`, `node`, `input`, pod metadata and `fields`, serialized once.
@@ -292,8 +299,8 @@ struct Tailer<'a> {
     multiline: Option<Multiline>,
 }
 
-impl<'a> Tailer<'a> {
-    fn new(shared: &'a InputShared, o: &Opened) -> Self {
+impl Tailer {
+    fn new(shared: Arc<InputShared>, o: &Opened) -> Self {
         let max = shared.opts.max_line;
         let multiline = shared.input.multiline.as_ref().and_then(|m| {
             Multiline::new(&m.start, m.flush_timeout, max)
@@ -301,7 +308,6 @@ impl<'a> Tailer<'a> {
                 .ok()
         });
         Self {
-            shared,
             key: Arc::from(o.id.key(&shared.input.name)),
             path: Arc::from(o.path.as_str()),
             fixed: FixedFields::new(
@@ -316,6 +322,7 @@ impl<'a> Tailer<'a> {
             splitter: LineSplitter::new(max),
             cri: matches!(shared.input.parser, ParserConfig::Cri).then(|| CriJoiner::new(max)),
             multiline,
+            shared,
         }
     }
 
@@ -340,7 +347,7 @@ impl<'a> Tailer<'a> {
     }
 
     fn consume(&mut self, chunk: &[u8], items: &mut Vec<Item>) {
-        let s = self.shared;
+        let s = self.shared.clone();
         s.metrics
             .bytes_read
             .get_or_create(&s.labels)
@@ -357,7 +364,7 @@ impl<'a> Tailer<'a> {
             if line.truncated {
                 truncated += 1;
             }
-            self.line(line.bytes, line.end, now, items);
+            self.line(&s, line.bytes, line.end, now, items);
         });
         self.splitter = splitter;
         s.metrics.lines_read.get_or_create(&s.labels).inc_by(lines);
@@ -378,10 +385,17 @@ impl<'a> Tailer<'a> {
         );
     }
 
-    fn line(&mut self, bytes: &[u8], end: u64, now: Instant, items: &mut Vec<Item>) {
+    fn line(
+        &mut self,
+        s: &InputShared,
+        bytes: &[u8],
+        end: u64,
+        now: Instant,
+        items: &mut Vec<Item>,
+    ) {
         if self.cri.is_none() && self.multiline.is_none() {
             // The common case: straight from the read buffer to the record.
-            items.push(self.emit(bytes, end, None, None));
+            items.push(self.emit(s, bytes, end, None, None));
             return;
         }
         let piece = match self.cri.as_mut() {
@@ -409,20 +423,20 @@ impl<'a> Tailer<'a> {
             None => Some(piece),
         };
         if let Some(p) = done {
-            items.push(self.emit_piece(p));
+            items.push(self.emit_piece(s, p));
         }
     }
 
     /// Emits what is left when the file is released: a pending multiline record and an
     /// unterminated last line.
-    fn finish(&mut self, items: &mut Vec<Item>) {
+    fn finish(&mut self, s: &InputShared, items: &mut Vec<Item>) {
         self.tick();
         if let Some(rest) = self.splitter.finish() {
             let end = self.offset;
-            self.line(&rest, end, Instant::now(), items);
+            self.line(s, &rest, end, Instant::now(), items);
         }
         if let Some(p) = self.multiline.as_mut().and_then(|m| m.flush()) {
-            items.push(self.emit_piece(p));
+            items.push(self.emit_piece(s, p));
         }
     }
 
@@ -434,20 +448,20 @@ impl<'a> Tailer<'a> {
             .inc();
     }
 
-    fn emit_piece(&mut self, p: Piece) -> Item {
-        self.emit(&p.bytes, p.end, p.time, p.stream)
+    fn emit_piece(&mut self, s: &InputShared, p: Piece) -> Item {
+        self.emit(s, &p.bytes, p.end, p.time, p.stream)
     }
 
     /// Turns a complete record's bytes into a buffer item: a record, or a checkpoint-only
     /// marker when it is empty or filtered out.
     fn emit(
         &mut self,
+        s: &InputShared,
         bytes: &[u8],
         end: u64,
         time: Option<DateTime<FixedOffset>>,
         stream: Option<String>,
     ) -> Item {
-        let s = self.shared;
         let consumed = end.saturating_sub(self.emitted);
         self.emitted = end;
         s.lag.fetch_add(consumed as i64, Ordering::Relaxed);

@@ -358,7 +358,8 @@ pub struct BufferSettings {
     /// Where buffered records live.
     #[serde(default, rename = "type")]
     pub type_: BufferType,
-    /// Buffer capacity (`512Mi`).
+    /// Buffer capacity (`512Mi`). The default (16Mi) holds tens of thousands of records in
+    /// memory; give a `disk` buffer room for the outage it should ride out.
     #[serde(default = "default_buffer_size")]
     #[schemars(length(min = 1, max = 16), regex(pattern = BYTE_SIZE_PATTERN))]
     pub max_size: String,
@@ -374,7 +375,7 @@ impl Default for BufferSettings {
 }
 
 fn default_buffer_size() -> String {
-    "64Mi".into()
+    "16Mi".into()
 }
 
 /// Buffer medium.

@@ -67,6 +67,10 @@ pub struct AgentArgs {
     /// Timeout of one request to an output.
     #[arg(long, default_value = "30s", value_parser = duration)]
     request_timeout: Duration,
+    /// Batches of a pipeline on their way to the outputs at once (acknowledged in order).
+    /// More hides the outputs' round trips; a crash re-sends at most this many batches.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    batches_in_flight: u16,
     /// First retry delay (doubles per attempt, with jitter).
     #[arg(long, default_value = "200ms", value_parser = duration)]
     retry_initial: Duration,
@@ -121,6 +125,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
             },
             gzip: args.gzip,
             request_timeout: args.request_timeout,
+            batches_in_flight: usize::from(args.batches_in_flight),
             backoff: Backoff {
                 initial: args.retry_initial,
                 max: args.retry_max,

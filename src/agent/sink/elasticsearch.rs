@@ -24,7 +24,7 @@ impl EsSink {
         }
     }
 
-    pub async fn send(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    pub async fn send(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
         let body = bulk_body(&self.index, records);
         let (status, resp) = self
             .opts

@@ -17,7 +17,7 @@ impl FileSink {
         Self { path }
     }
 
-    pub async fn send(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    pub async fn send(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
         let body = ndjson(records);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {

@@ -14,7 +14,7 @@ impl HttpSink {
         Self { url, opts }
     }
 
-    pub async fn send(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    pub async fn send(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
         let (status, body) = self
             .opts
             .post(

@@ -51,7 +51,7 @@ impl LokiSink {
         }
     }
 
-    pub async fn send(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    pub async fn send(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
         let (content_type, body) = match self.encoding {
             LokiEncoding::Json => ("application/json", push_body(&self.labels, records)),
             LokiEncoding::Protobuf => (

@@ -378,7 +378,7 @@ impl Sink {
         }
     }
 
-    async fn attempt(&mut self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    async fn attempt(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
         match self {
             Sink::Http(s) => s.send(records).await,
             Sink::Elasticsearch(s) => s.send(records).await,
@@ -437,7 +437,7 @@ pub enum Delivered {
 /// Delivers records to one output: retries what is retryable until it succeeds,
 /// dead-letters what the sink rejected, and gives up only when `abort` fires.
 pub async fn deliver(
-    out: &mut Output,
+    out: &Output,
     records: &[&Encoded],
     metrics: &AgentMetrics,
     pipeline: &str,
