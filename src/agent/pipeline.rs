@@ -339,11 +339,30 @@ async fn ship_until_done(s: &mut Shipper) {
                 }
                 acknowledge(s, &items).await;
             }
-            t = s.rx.recv(), if take => match t {
-                Some(t) if s.batch.fits(&t) => s.batch.push(t, tokio::time::Instant::now),
-                Some(t) => carry = Some(t),
-                None => done = true,
-            },
+            t = s.rx.recv(), if take => {
+                // Then everything already queued, without a trip through select! per item.
+                let mut next = t;
+                loop {
+                    match next {
+                        Some(t) if s.batch.fits(&t) => s.batch.push(t, tokio::time::Instant::now),
+                        Some(t) => {
+                            carry = Some(t);
+                            break;
+                        }
+                        None => {
+                            done = true;
+                            break;
+                        }
+                    }
+                    if s.batch.is_full() {
+                        break;
+                    }
+                    match s.rx.try_recv() {
+                        Some(t) => next = Some(t),
+                        None => break,
+                    }
+                }
+            }
             _ = sleep => {}
         }
     }
