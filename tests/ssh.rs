@@ -211,7 +211,9 @@ async fn an_unknown_host_is_refused_under_strict_and_accepted_once_with_accept_n
 async fn a_key_the_server_does_not_know_is_auth_failed_not_a_hang() {
     let s = setup("root", &["127.0.10.7"]);
     let other_keys = tempfile::tempdir().expect("tmp");
-    let (stranger, _) = sshd::user_key(other_keys.path(), "ecdsa", None, "openssh");
+    // ed25519: the key loader rejects about one P-256 key in 256 ("SshKey: length invalid",
+    // a known gap noted for the team); this test is about the server, not the key kind.
+    let (stranger, _) = sshd::user_key(other_keys.path(), "ed25519", None, "openssh");
     let creds = Arc::new(Credentials::new(&stranger, None, &s.known_hosts).expect("creds"));
     let started = Instant::now();
     let err = Session::connect(
@@ -499,12 +501,14 @@ async fn handshakes_reset_by_a_busy_sshd_are_retried_until_every_host_succeeds()
     let server = sshd::Sshd::start_with("MaxStartups 4:100:4");
     let keys = tempfile::tempdir().expect("tmp");
     let (private, public) = sshd::user_key(keys.path(), "ed25519", None, "openssh");
-    server.authorize("root", &public);
+    // The unprivileged user's shell is /bin/sh with no rc files: root's .bashrc (pyenv) would
+    // make 60 sessions load the machine and stretch the burst this test is about.
+    server.authorize("outrider-nosudo", &public);
     let addrs: Vec<String> = (0..60).map(fleet_addr).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let known_hosts = server.known_hosts_for(&refs);
     let fleet = |attempts: u32| {
-        let mut config = ClientConfig::new("root");
+        let mut config = ClientConfig::new("outrider-nosudo");
         config.handshake_attempts = attempts;
         Fleet::new(
             config,
