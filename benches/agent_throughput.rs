@@ -263,6 +263,29 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// A shipper started at `started` (core times `before`): waits until `count()` reaches
+/// `lines`, reads its CPU, peak RSS and the core's idle/steal, then stops it.
+fn measure(
+    label: &str,
+    mut child: Child,
+    (before, started): ((u64, u64, u64), Instant),
+    lines: u64,
+    count: impl Fn() -> u64,
+) -> Outcome {
+    let (seen, wall) = wait_lines(started, lines, &mut child, count);
+    let outcome = Outcome {
+        label: label.into(),
+        lines: seen,
+        wall,
+        cpu: cpu_seconds(child.id()),
+        rss_kib: vm_hwm_kib(child.id()),
+        core: core_since(before),
+        note: String::new(),
+    };
+    stop(child);
+    outcome
+}
+
 fn outrider_http(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u64) -> Outcome {
     let count = Arc::new(AtomicU64::new(0));
     let listener = rt
@@ -278,24 +301,15 @@ fn outrider_http(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
         logs,
         &format!("{{name: recv, http: {{url: \"http://127.0.0.1:{port}/ingest\"}}}}"),
     );
-    let (before, started) = (core_times(), Instant::now());
-    let (mut child, _) = start_agent(dir, &lp);
-    let (seen, wall) = wait_lines(started, lines, &mut child, || count.load(Ordering::Relaxed));
-    let (cpu, rss, core) = (
-        cpu_seconds(child.id()),
-        vm_hwm_kib(child.id()),
-        core_since(before),
-    );
-    stop(child);
-    Outcome {
-        label: "outrider file → HTTP (counting receiver)".into(),
-        lines: seen,
-        wall,
-        cpu,
-        rss_kib: rss,
-        core,
-        note: String::new(),
-    }
+    let run = (core_times(), Instant::now());
+    let (child, _) = start_agent(dir, &lp);
+    measure(
+        "outrider file → HTTP (counting receiver)",
+        child,
+        run,
+        lines,
+        || count.load(Ordering::Relaxed),
+    )
 }
 
 async fn count_ndjson(
@@ -319,8 +333,8 @@ fn outrider_loki(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
             store.base_url()
         ),
     );
-    let (before, started) = (core_times(), Instant::now());
-    let (mut child, port) = start_agent(dir, &lp);
+    let run = (core_times(), Instant::now());
+    let (child, port) = start_agent(dir, &lp);
     let shipped = || {
         agent_support::http_get(port, "/metrics")
             .map(|(_, text)| {
@@ -328,25 +342,20 @@ fn outrider_loki(rt: &tokio::runtime::Runtime, dir: &Path, logs: &Path, lines: u
             })
             .unwrap_or(0)
     };
-    let (seen, wall) = wait_lines(started, lines, &mut child, shipped);
-    let (cpu, rss, core) = (
-        cpu_seconds(child.id()),
-        vm_hwm_kib(child.id()),
-        core_since(before),
+    let outcome = measure(
+        "outrider file → Loki JSON → VictoriaLogs",
+        child,
+        run,
+        lines,
+        shipped,
     );
-    stop(child);
     let stored = rt.block_on(async {
         store.flush().await;
         store.count("*").await
     });
     Outcome {
-        label: "outrider file → Loki JSON → VictoriaLogs".into(),
-        lines: seen,
-        wall,
-        cpu,
-        rss_kib: rss,
-        core,
         note: format!("{stored} rows stored"),
+        ..outcome
     }
 }
 
@@ -391,8 +400,8 @@ fn rsyslog(dir: &Path, logs: &Path, lines: u64) -> Outcome {
     )
     .expect("write rsyslog.conf");
     let version = support::command_line("rsyslogd", &["-v"]);
-    let (before, started) = (core_times(), Instant::now());
-    let mut child = Command::new("taskset")
+    let run = (core_times(), Instant::now());
+    let child = Command::new("taskset")
         .args(["-c", SHIPPER_CORE, "rsyslogd", "-n", "-f"])
         .arg(&conf)
         .arg("-i")
@@ -401,21 +410,16 @@ fn rsyslog(dir: &Path, logs: &Path, lines: u64) -> Outcome {
         .stderr(fs::File::create(dir.join("rsyslog.log")).expect("create rsyslog.log"))
         .spawn()
         .expect("spawn rsyslogd");
-    let (seen, wall) = wait_lines(started, lines, &mut child, || count.load(Ordering::Relaxed));
-    let (cpu, rss, core) = (
-        cpu_seconds(child.id()),
-        vm_hwm_kib(child.id()),
-        core_since(before),
+    let outcome = measure(
+        "rsyslog imfile → omfwd TCP (counting receiver)",
+        child,
+        run,
+        lines,
+        || count.load(Ordering::Relaxed),
     );
-    stop(child);
     Outcome {
-        label: "rsyslog imfile → omfwd TCP (counting receiver)".into(),
-        lines: seen,
-        wall,
-        cpu,
-        rss_kib: rss,
-        core,
         note: version,
+        ..outcome
     }
 }
 
