@@ -542,7 +542,9 @@ async fn a_spec_edit_mid_run_stops_the_old_run_and_starts_the_new_generation() {
     setup(&ns, 6);
     let dir = out_dir();
     let strategy = "{batchSize: 2, maxParallel: 1}";
-    let old = append_stage("step", dir.path(), "old.log", "sleep 0.4");
+    // Long enough (6 hosts × 2 s, one at a time) that a loaded machine still sees the edit
+    // before the old run could finish on its own.
+    let old = append_stage("step", dir.path(), "old.log", "sleep 2");
     apply(&kc, &plan_yaml("edited", &ns, strategy, &old, ""));
     wait_succeeded_at_least(&api, "edited", 1).await;
     let new = append_stage("step", dir.path(), "new.log", "true");
