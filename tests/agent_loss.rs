@@ -65,19 +65,11 @@ fn setup(glob: &str) -> Setup {
     );
     let lp = dir.path().join("loss.yaml");
     std::fs::write(&lp, yaml).unwrap();
-    let state = dir.path().join("state");
-    let agent = Agent::start(
+    let agent = Agent::run_pipeline(
         dir.path(),
-        &[
-            "--pipeline",
-            lp.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--node-name",
-            "node-loss",
-            "--batches-in-flight",
-            &IN_FLIGHT.to_string(),
-        ],
+        &lp,
+        "node-loss",
+        &["--batches-in-flight", &IN_FLIGHT.to_string()],
     );
     Setup {
         dir,

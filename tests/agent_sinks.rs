@@ -31,17 +31,7 @@ fn start_with(dir: &Path, output: &str, extra: &str, args: &[&str]) -> Agent {
     );
     let lp = dir.join("lp.yaml");
     std::fs::write(&lp, yaml).unwrap();
-    let state = dir.join("state");
-    let mut all = vec![
-        "--pipeline",
-        lp.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--node-name",
-        "node-b",
-    ];
-    all.extend_from_slice(args);
-    Agent::start(dir, &all)
+    Agent::run_pipeline(dir, &lp, "node-b", args)
 }
 
 fn append(dir: &Path, lines: &[&str]) {

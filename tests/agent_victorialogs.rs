@@ -31,17 +31,7 @@ fn ship_with(dir: &Path, output: &str, args: &[&str]) -> Agent {
     std::fs::create_dir_all(&logs).unwrap();
     let lp = dir.join("lp.yaml");
     std::fs::write(&lp, pipeline(dir, output)).unwrap();
-    let state = dir.join("state");
-    let mut all = vec![
-        "--pipeline",
-        lp.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--node-name",
-        "node-v",
-    ];
-    all.extend_from_slice(args);
-    let agent = Agent::start(dir, &all);
+    let agent = Agent::run_pipeline(dir, &lp, "node-v", args);
     append_numbered(&logs.join("app.log"), "line", 0..LINES);
     agent
 }

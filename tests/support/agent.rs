@@ -29,6 +29,22 @@ impl Agent {
         a
     }
 
+    /// Runs one LogPipeline manifest with its state in `<dir>/state`:
+    /// `--pipeline <lp> --state-dir <dir>/state --node-name <node> <extra>`.
+    pub fn run_pipeline(dir: &Path, lp: &Path, node: &str, extra: &[&str]) -> Self {
+        let state = dir.join("state");
+        let mut args = vec![
+            "--pipeline",
+            lp.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--node-name",
+            node,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(dir, &args)
+    }
+
     /// Starts the agent again with the same arguments (after a kill).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "agent still running");
