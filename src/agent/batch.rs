@@ -1,6 +1,7 @@
-//! Batch assembly: items are collected until `maxEvents` records or `maxBytes` of record
-//! JSON, or until the first item has waited `maxWait`. A batch never exceeds `maxBytes`
-//! unless a single record is larger on its own.
+//! Batch assembly: items (groups of records) are collected until `maxEvents` records or
+//! `maxBytes` of record JSON, or until the first item has waited `maxWait`. A batch never
+//! exceeds either limit unless a single item is larger on its own (tailers keep items to
+//! an eighth of the limits).
 
 use tokio::time::Instant;
 
@@ -29,28 +30,33 @@ impl Batch {
         }
     }
 
-    fn record_bytes(t: &Taken) -> Option<usize> {
+    /// Records and record bytes of an item.
+    fn size(t: &Taken) -> (usize, usize) {
         match &t.item {
-            Item::Event(e) => e.record.as_ref().map(|r| r.json.len() + 1),
-            Item::Forget(_) => None,
+            Item::Event(e) => (
+                e.records.len(),
+                e.records.iter().map(|r| r.json.len() + 1).sum(),
+            ),
+            Item::Forget(_) => (0, 0),
         }
     }
 
-    /// Whether `t` can join without breaking `maxBytes` (an empty batch takes anything).
+    /// Whether `t` can join without breaking `maxEvents` or `maxBytes` (an empty batch
+    /// takes anything).
     pub fn fits(&self, t: &Taken) -> bool {
-        match Self::record_bytes(t) {
-            Some(b) => self.records == 0 || self.bytes + b <= self.limits.max_bytes,
-            None => true,
-        }
+        let (records, bytes) = Self::size(t);
+        records == 0
+            || self.records == 0
+            || (self.records + records <= self.limits.max_events
+                && self.bytes + bytes <= self.limits.max_bytes)
     }
 
     /// Adds an item; call [`Batch::fits`] first.
     /// `now` is only called for the first item (it starts the `maxWait` clock).
     pub fn push(&mut self, t: Taken, now: impl FnOnce() -> Instant) {
-        if let Some(b) = Self::record_bytes(&t) {
-            self.records += 1;
-            self.bytes += b;
-        }
+        let (records, bytes) = Self::size(&t);
+        self.records += records;
+        self.bytes += bytes;
         self.started.get_or_insert_with(now);
         self.items.push(t);
     }
@@ -92,6 +98,10 @@ mod tests {
     use std::time::Duration;
 
     fn rec(len: usize) -> Taken {
+        recs(1, len)
+    }
+
+    fn recs(n: usize, len: usize) -> Taken {
         Taken {
             item: Item::Event(Event {
                 pos: SourcePos {
@@ -100,11 +110,14 @@ mod tests {
                     fingerprint: Arc::new(Fingerprint::default()),
                     offset: 0,
                 },
-                record: Some(Encoded {
-                    json: vec![b'x'; len],
-                    id: String::new(),
-                    ts_nanos: 0,
-                }),
+                records: vec![
+                    Encoded {
+                        json: vec![b'x'; len].into(),
+                        id: "".into(),
+                        ts_nanos: 0,
+                    };
+                    n
+                ],
                 consumed: 0,
             }),
             weight: 1,
@@ -149,6 +162,20 @@ mod tests {
         );
         b.push(rec(1000), || now);
         assert!(b.is_full());
+    }
+
+    #[test]
+    fn a_group_that_would_pass_max_events_starts_the_next_batch() {
+        let mut b = Batch::new(limits(10, 1 << 20));
+        let now = Instant::now();
+        b.push(recs(4, 10), || now);
+        assert!(b.fits(&recs(6, 10)), "4 + 6 = 10 records fit");
+        b.push(recs(6, 10), || now);
+        assert!(b.is_full());
+        b.take();
+        b.push(recs(8, 10), || now);
+        assert!(!b.fits(&recs(3, 10)), "8 + 3 records would pass maxEvents");
+        assert!(b.fits(&recs(0, 0)), "a checkpoint-only item always fits");
     }
 
     #[test]

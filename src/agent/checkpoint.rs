@@ -126,7 +126,9 @@ impl Checkpoints {
     /// What to write, if anything changed since the last write (lets the caller do the
     /// blocking write off the async threads). `sync` asks for an fsync when the last one is
     /// [`SYNC_INTERVAL`] old, or when `final_write` (shutdown) and a write is not synced.
-    pub fn pending_write(&self, final_write: bool) -> Option<PendingWrite> {
+    /// Taking it counts the state as written; report with [`Checkpoints::written`] or
+    /// [`Checkpoints::write_failed`].
+    pub fn pending_write(&mut self, final_write: bool) -> Option<PendingWrite> {
         let sync_due = self.last_sync.is_none_or(|t| t.elapsed() >= SYNC_INTERVAL);
         let sync = final_write || sync_due;
         if !(self.dirty || sync && self.unsynced) {
@@ -137,6 +139,7 @@ impl Checkpoints {
             files: &self.files,
         })
         .ok()?;
+        self.dirty = false;
         Some(PendingWrite {
             path: self.path.clone(),
             body,
@@ -146,7 +149,6 @@ impl Checkpoints {
 
     /// Marks a [`Checkpoints::pending_write`] as done.
     pub fn written(&mut self, synced: bool) {
-        self.dirty = false;
         if synced {
             self.unsynced = false;
             self.last_sync = Some(Instant::now());
@@ -155,14 +157,22 @@ impl Checkpoints {
         }
     }
 
+    /// A [`Checkpoints::pending_write`] did not reach the file: write again next time.
+    pub fn write_failed(&mut self) {
+        self.dirty = true;
+    }
+
     /// Writes (and fsyncs) the checkpoints now if they changed since the last write.
     pub fn persist(&mut self) -> Result<(), CheckpointError> {
         let Some(w) = self.pending_write(true) else {
             return Ok(());
         };
-        write_atomic(&w.path, &w.body, true).map_err(|source| CheckpointError::Io {
-            path: w.path,
-            source,
+        write_atomic(&w.path, &w.body, true).map_err(|source| {
+            self.write_failed();
+            CheckpointError::Io {
+                path: w.path,
+                source,
+            }
         })?;
         self.written(true);
         Ok(())

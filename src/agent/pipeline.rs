@@ -1,7 +1,9 @@
-//! One running pipeline: discovery and tailers per input feed a bounded buffer; one
-//! shipper assembles batches, delivers each batch to every output, and only then moves
-//! and persists the checkpoints of the files the batch came from. Batches are shipped one
-//! at a time, so acknowledgements (and checkpoints) are in file order by construction.
+//! One running pipeline: discovery and tailers per input feed a bounded buffer with groups
+//! of records; one shipper assembles batches, delivers each batch to every output, and
+//! only then moves the checkpoints of the files the batch came from. Several batches may be
+//! on the wire, but acknowledgements are taken in batch order, so checkpoints only move
+//! over records every output has. Checkpoints are written on a blocking thread while the
+//! shipper goes on; the newest state is written whenever the previous write is done.
 //!
 //! With `buffer.type: disk`, a spool writer moves items from the (small) memory buffer
 //! into the disk spool and checkpoints the source files once the records are durable
@@ -29,7 +31,7 @@ use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
 use super::sink::{self, Backoff, Delivered, Output, SecretMaterial, Sink};
 use super::spool::{self, SpoolReader, SpoolWriter};
-use super::tail::{InputShared, TailOptions, TruncatedFiles};
+use super::tail::{GroupLimits, InputShared, TailOptions, TruncatedFiles};
 
 /// What every pipeline of the agent shares.
 #[derive(Clone, Debug)]
@@ -151,6 +153,7 @@ impl RunningPipeline {
                     env.batches_in_flight.max(1)
                 },
                 checkpoints,
+                writing: None,
                 metrics: metrics.clone(),
                 lag: lag.clone(),
                 abort: abort.clone(),
@@ -187,6 +190,7 @@ impl RunningPipeline {
                 lag: lag.clone(),
                 opts: env.tail,
                 truncated: truncated.clone(),
+                group: GroupLimits::for_batch(pipeline.batch.max_events, pipeline.batch.max_bytes),
             });
             inputs.push(tokio::spawn(discover::run_input(
                 shared,
@@ -281,18 +285,40 @@ struct Shipper {
     /// Batches delivered at the same time, at most; acknowledged in order regardless.
     in_flight: usize,
     checkpoints: Checkpoints,
+    /// The checkpoint write running on a blocking thread: the shipper never waits for the
+    /// disk between batches. While it runs, later acknowledgements only update the
+    /// checkpoints in memory; the newest state is written as soon as it completes.
+    writing: Option<Writing>,
     metrics: AgentMetrics,
     lag: Arc<AtomicI64>,
     abort: CancellationToken,
 }
+
+/// A checkpoint write in progress, and whether it fsyncs.
+struct Writing(JoinHandle<std::io::Result<()>>, bool);
 
 /// A batch on its way to the outputs: its items back, and whether delivery completed.
 type Delivery = futures::future::BoxFuture<'static, (Vec<Taken>, bool)>;
 
 async fn ship_loop(mut s: Shipper) {
     ship_until_done(&mut s).await;
+    if let Some(Writing(handle, sync)) = s.writing.take() {
+        written(&mut s.checkpoints, &s.key, handle.await, sync);
+    }
     // Whatever was written since the last fsync reaches the disk before the pipeline ends.
     persist(&mut s.checkpoints, &s.key, true).await;
+}
+
+/// Starts writing the checkpoints if they changed and no write is running.
+fn start_write(s: &mut Shipper) {
+    if s.writing.is_some() {
+        return;
+    }
+    if let Some(w) = s.checkpoints.pending_write(false) {
+        let sync = w.sync;
+        let handle = tokio::task::spawn_blocking(move || write_atomic(&w.path, &w.body, w.sync));
+        s.writing = Some(Writing(handle, sync));
+    }
 }
 
 /// Fills batches and delivers up to `in_flight` of them at once (so the next batch is on the
@@ -332,12 +358,25 @@ async fn ship_until_done(s: &mut Shipper) {
             }
         };
         let take = !done && carry.is_none() && !s.batch.is_full();
+        let write_done = async {
+            match s.writing.as_mut() {
+                Some(w) => (&mut w.0).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some((items, delivered)) = deliveries.next(), if !deliveries.is_empty() => {
                 if !delivered {
                     return;
                 }
-                acknowledge(s, &items).await;
+                acknowledge(s, &items);
+                start_write(s);
+            }
+            r = write_done => {
+                if let Some(Writing(_, sync)) = s.writing.take() {
+                    written(&mut s.checkpoints, &s.key, r, sync);
+                }
+                start_write(s);
             }
             t = s.rx.recv(), if take => {
                 // Then everything already queued, without a trip through select! per item.
@@ -378,9 +417,9 @@ fn deliver_batch(s: &Shipper, items: Vec<Taken>) -> Delivery {
         let delivered = {
             let records: Vec<&Encoded> = items
                 .iter()
-                .filter_map(|t| match &t.item {
-                    Item::Event(e) => e.record.as_ref(),
-                    Item::Forget(_) => None,
+                .flat_map(|t| match &t.item {
+                    Item::Event(e) => e.records.as_slice(),
+                    Item::Forget(_) => &[],
                 })
                 .collect();
             deliver_all(&outputs, &records, &metrics, &key, &abort).await
@@ -389,10 +428,10 @@ fn deliver_batch(s: &Shipper, items: Vec<Taken>) -> Delivery {
     })
 }
 
-/// A delivered batch: checkpoints move over it and its room in the buffer is given back.
-async fn acknowledge(s: &mut Shipper, items: &[Taken]) {
+/// A delivered batch: checkpoints move over it (in memory; [`start_write`] persists them)
+/// and its room in the buffer is given back.
+fn acknowledge(s: &mut Shipper, items: &[Taken]) {
     let (weight, consumed) = advance(&mut s.checkpoints, items);
-    persist(&mut s.checkpoints, &s.key, false).await;
     s.lag.fetch_sub(consumed as i64, Ordering::Relaxed);
     s.metrics
         .checkpoint_lag_bytes
@@ -433,8 +472,8 @@ struct SpoolWriteTask {
     stop: CancellationToken,
 }
 
-/// Items spooled per fsync at most.
-const SPOOL_GROUP: usize = 4096;
+/// Items (groups of records) spooled per fsync at most.
+const SPOOL_GROUP: usize = 64;
 
 async fn spool_write_loop(mut w: SpoolWriteTask) {
     loop {
@@ -458,7 +497,7 @@ async fn spool_write_loop(mut w: SpoolWriteTask) {
         let written = taken
             .iter()
             .try_for_each(|t| match &t.item {
-                Item::Event(e) => e.record.as_ref().map_or(Ok(()), |r| w.writer.append(r)),
+                Item::Event(e) => e.records.iter().try_for_each(|r| w.writer.append(r)),
                 Item::Forget(_) => Ok(()),
             })
             .and_then(|()| w.writer.commit());
@@ -601,11 +640,25 @@ async fn persist(c: &mut Checkpoints, key: &str, final_write: bool) {
     };
     let sync = w.sync;
     let res = tokio::task::spawn_blocking(move || write_atomic(&w.path, &w.body, w.sync)).await;
+    written(c, key, res, sync);
+}
+
+/// Records how a checkpoint write went; a failed one is written again next time.
+fn written(
+    c: &mut Checkpoints,
+    key: &str,
+    res: Result<std::io::Result<()>, tokio::task::JoinError>,
+    sync: bool,
+) {
     match res {
         Ok(Ok(())) => c.written(sync),
         Ok(Err(e)) => {
+            c.write_failed();
             tracing::error!(pipeline = %key, error = %e, "writing checkpoints failed; will retry after the next batch")
         }
-        Err(e) => tracing::error!(pipeline = %key, error = %e, "checkpoint writer panicked"),
+        Err(e) => {
+            c.write_failed();
+            tracing::error!(pipeline = %key, error = %e, "checkpoint writer panicked")
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
@@ -28,21 +29,102 @@ pub struct SourcePos {
 /// A record serialized once for every sink, with what sinks need besides the JSON.
 #[derive(Clone, Debug)]
 pub struct Encoded {
-    /// The record as compact JSON (no trailing newline).
-    pub json: Vec<u8>,
+    /// The record as compact JSON (no trailing newline). Records of one group are slices
+    /// of one shared allocation.
+    pub json: Bytes,
     /// Deterministic id (file identity + end offset): the same line re-read after a crash
     /// gets the same id, so Elasticsearch `create` answers 409 instead of duplicating it.
-    pub id: String,
+    pub id: RecordId,
     /// Record time in Unix nanoseconds (Loki wants it).
     pub ts_nanos: i64,
 }
 
-/// A record to ship, or only a position to checkpoint (lines that were filtered out still
-/// advance the checkpoint once everything before them is acknowledged).
+/// A record id kept inline: one allocation per record fewer than a `String`. Ids are 32
+/// hex digits; ids read back from a disk buffer written by other versions are kept up to
+/// 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RecordId {
+    bytes: [u8; 32],
+    len: u8,
+}
+
+impl RecordId {
+    /// Id from a 128-bit digest, as 32 hex digits.
+    pub fn from_digest(digest: u128) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = HEX[((digest >> ((31 - i) * 4)) & 0xf) as usize];
+        }
+        Self { bytes, len: 32 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole UTF-8 characters are ever stored (see `From<&str>`).
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl From<&str> for RecordId {
+    /// Keeps at most 32 bytes, cut at a character boundary.
+    fn from(s: &str) -> Self {
+        let mut len = s.len().min(32);
+        while !s.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut bytes = [0u8; 32];
+        bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
+        Self {
+            bytes,
+            len: len as u8,
+        }
+    }
+}
+
+impl From<String> for RecordId {
+    fn from(s: String) -> Self {
+        Self::from(s.as_str())
+    }
+}
+
+impl PartialEq<&str> for RecordId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Debug for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for RecordId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Consecutive records of one file, or only a position to checkpoint (lines that were
+/// filtered out still advance the checkpoint once everything before them is
+/// acknowledged). Records travel in groups so the buffer, the batch and the checkpoint
+/// handle one item per group instead of one per line.
 #[derive(Clone, Debug)]
 pub struct Event {
+    /// Where the last line this event accounts for ends.
     pub pos: SourcePos,
-    pub record: Option<Encoded>,
+    /// The records, in file order (empty when every line was filtered out).
+    pub records: Vec<Encoded>,
     /// File bytes this event accounts for (checkpoint lag).
     pub consumed: u64,
 }
@@ -62,12 +144,14 @@ impl Item {
     /// in the queue and the batch), so the buffer's bound is close to its memory.
     pub fn size(&self) -> usize {
         const OVERHEAD: usize = 2 * std::mem::size_of::<Item>() + 16;
+        const PER_RECORD: usize = std::mem::size_of::<Encoded>() + 16;
         match self {
             Item::Event(e) => {
                 OVERHEAD
-                    + e.record
-                        .as_ref()
-                        .map_or(0, |r| r.json.capacity() + r.id.capacity())
+                    + e.records
+                        .iter()
+                        .map(|r| PER_RECORD + r.json.len())
+                        .sum::<usize>()
             }
             Item::Forget(k) => OVERHEAD + k.len(),
         }
@@ -123,6 +207,11 @@ pub struct FixedFields {
 }
 
 impl FixedFields {
+    /// Bytes the fixed fields add to every record.
+    pub fn json_len(&self) -> usize {
+        self.json.len()
+    }
+
     pub fn new(ctx: &RecordContext, file: &str, pod: Option<&PodInfo>) -> Self {
         let mut values = BTreeMap::new();
         values.insert("file".to_string(), file.to_string());
@@ -139,10 +228,10 @@ impl FixedFields {
         let mut json = Vec::new();
         for (i, (k, v)) in values.iter().enumerate() {
             if i > 0 {
-                json.push(b',');
+                json.put_u8(b',');
             }
             push_json_str(&mut json, k);
-            json.push(b':');
+            json.put_u8(b':');
             push_json_str(&mut json, v);
         }
         Self { values, json }
@@ -162,21 +251,28 @@ pub struct RecordParts<'a> {
 }
 
 impl<'a> RecordParts<'a> {
-    /// The record as compact JSON (one allocation, sized for a plain line).
+    /// The record as compact JSON.
     pub fn encode(&self, fixed: &FixedFields) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(40 + self.message.len() + self.timestamp.len() + fixed.json.len());
-        out.push(b'{');
+        let mut out = BytesMut::new();
+        self.encode_into(fixed, &mut out);
+        out.to_vec()
+    }
+
+    /// Appends the record as compact JSON to `out`: the records of a group share one
+    /// allocation (each then a [`Bytes`] slice of it).
+    pub fn encode_into(&self, fixed: &FixedFields, out: &mut BytesMut) {
+        out.reserve(40 + self.message.len() + self.timestamp.len() + fixed.json.len());
+        out.put_u8(b'{');
         for (k, v) in self.parsed {
             let own = matches!(k.as_str(), "message" | "timestamp")
                 || (k == "stream" && self.stream.is_some());
             if own || fixed.values.contains_key(k) {
                 continue;
             }
-            push_json_str(&mut out, k);
-            out.push(b':');
-            push_json(&mut out, v);
-            out.push(b',');
+            push_json_str(out, k);
+            out.put_u8(b':');
+            push_json(out, v);
+            out.put_u8(b',');
         }
         let own = [
             ("message", Some(self.message)),
@@ -187,15 +283,14 @@ impl<'a> RecordParts<'a> {
             if let Some(v) = v
                 && !fixed.values.contains_key(k)
             {
-                push_json_str(&mut out, k);
-                out.push(b':');
-                push_json_str(&mut out, v);
-                out.push(b',');
+                push_json_str(out, k);
+                out.put_u8(b':');
+                push_json_str(out, v);
+                out.put_u8(b',');
             }
         }
-        out.extend_from_slice(&fixed.json);
-        out.push(b'}');
-        out
+        out.put_slice(&fixed.json);
+        out.put_u8(b'}');
     }
 
     /// Text of a field as filters see it (`""` when missing; JSON for non-strings).
@@ -217,24 +312,23 @@ impl<'a> RecordParts<'a> {
 
 /// Appends `v` as JSON. Serializing a string or a JSON value into a `Vec` cannot fail (no
 /// I/O error, no non-string map keys), so the result carries nothing to handle.
-fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
-    let _ = serde_json::to_writer(&mut *out, v);
+fn push_json<T: serde::Serialize + ?Sized>(out: &mut impl BufMut, v: &T) {
+    let _ = serde_json::to_writer(out.writer(), v);
 }
 
 /// Appends a string as JSON. Most log text needs no escaping: that is checked 16 bytes at a
 /// time (a loop the compiler vectorizes) and the text copied whole; only text with quotes,
 /// backslashes or control characters goes through the escaper.
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
+fn push_json_str(out: &mut impl BufMut, s: &str) {
     let plain = s.as_bytes().chunks(16).all(|chunk| {
         !chunk.iter().fold(false, |bad, &b| {
             bad | (b < 0x20) | (b == b'"') | (b == b'\\')
         })
     });
     if plain {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+        out.put_u8(b'"');
+        out.put_slice(s.as_bytes());
+        out.put_u8(b'"');
     } else {
         push_json(out, s);
     }

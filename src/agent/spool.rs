@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use super::checkpoint::write_atomic;
-use super::record::Encoded;
+use bytes::Bytes;
+
+use super::record::{Encoded, RecordId};
 
 /// A new segment is started once the current one is this large.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
@@ -197,9 +199,9 @@ fn decode(p: &[u8]) -> io::Result<Encoded> {
     let id_len = u16::from_le_bytes(p[8..10].try_into().map_err(|_| bad())?) as usize;
     let id = p.get(10..10 + id_len).ok_or_else(bad)?;
     Ok(Encoded {
-        id: String::from_utf8_lossy(id).into_owned(),
+        id: RecordId::from(String::from_utf8_lossy(id).as_ref()),
         ts_nanos,
-        json: p[10 + id_len..].to_vec(),
+        json: Bytes::copy_from_slice(&p[10 + id_len..]),
     })
 }
 
@@ -350,8 +352,8 @@ mod tests {
 
     fn rec(n: u32) -> Encoded {
         Encoded {
-            json: format!("{{\"message\":\"m-{n}\"}}").into_bytes(),
-            id: format!("id-{n}"),
+            json: format!("{{\"message\":\"m-{n}\"}}").into_bytes().into(),
+            id: format!("id-{n}").into(),
             ts_nanos: n as i64,
         }
     }
@@ -402,9 +404,9 @@ mod tests {
         w.append(&rec(9)).unwrap();
         w.commit().unwrap();
         let ids: Vec<String> = [
-            r.next().await.unwrap().unwrap().0.id,
-            r.next().await.unwrap().unwrap().0.id,
-            r.next().await.unwrap().unwrap().0.id,
+            r.next().await.unwrap().unwrap().0.id.to_string(),
+            r.next().await.unwrap().unwrap().0.id.to_string(),
+            r.next().await.unwrap().unwrap().0.id.to_string(),
         ]
         .into();
         assert_eq!(ids, ["id-3", "id-4", "id-9"], "the torn frame is gone");
@@ -437,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, mut r) = open_with(dir.path(), u64::MAX, 1000).unwrap();
         let big = Encoded {
-            json: vec![b'x'; 500],
+            json: vec![b'x'; 500].into(),
             id: "big".into(),
             ts_nanos: 0,
         };

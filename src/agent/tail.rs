@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::Map;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +26,11 @@ use super::multiline::{Multiline, Piece};
 use super::parse::{self, CriJoiner};
 use super::reader::{LineSplitter, READ_CHUNK};
 use super::record::{
-    self, Encoded, Event, FixedFields, Item, RecordContext, RecordParts, SourcePos,
+    self, Encoded, Event, FixedFields, Item, RecordContext, RecordId, RecordParts, SourcePos,
 };
+
+/// Bytes of record JSON allocated at a time per file; groups are cut where a block ends.
+const BLOCK: usize = 256 * 1024;
 
 /// Timing and limits of tailers.
 #[derive(Clone, Copy, Debug)]
@@ -57,6 +61,26 @@ pub struct InputShared {
     pub lag: Arc<AtomicI64>,
     pub opts: TailOptions,
     pub truncated: TruncatedFiles,
+    /// Most records and record bytes per buffer item: an eighth of a batch, so batches
+    /// still fill to within an eighth of their limits.
+    pub group: GroupLimits,
+}
+
+/// How many records travel as one buffer item.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupLimits {
+    pub records: usize,
+    pub bytes: usize,
+}
+
+impl GroupLimits {
+    /// An eighth of the batch limits (at least one record).
+    pub fn for_batch(max_events: usize, max_bytes: usize) -> Self {
+        Self {
+            records: (max_events / 8).max(1),
+            bytes: (max_bytes / 8).max(1),
+        }
+    }
 }
 
 /// How discovery talks to a running tailer.
@@ -168,7 +192,8 @@ pub async fn tail(
             let now = Instant::now();
             if let Some(p) = t.multiline.as_mut().and_then(|m| m.flush_stale(now)) {
                 t.tick();
-                items.push(t.emit_piece(&shared, p));
+                t.emit_piece(&shared, p, &mut items);
+                t.flush(&mut items);
             }
             let since = *eof_since.get_or_insert(now);
             if ctl.gone.load(Ordering::Acquire) && since.elapsed() >= shared.opts.release_after {
@@ -297,6 +322,16 @@ struct Tailer {
     splitter: LineSplitter,
     cri: Option<CriJoiner>,
     multiline: Option<Multiline>,
+    /// JSON of the records emitted but not yet handed on, each followed by `\n`; it
+    /// sits at the end of a larger block that later groups fill on, so records cost no
+    /// allocation of their own.
+    block: BytesMut,
+    /// Length, id and time of each record in `block`.
+    group: Vec<(usize, RecordId, i64)>,
+    group_bytes: usize,
+    /// End of the last line the group accounts for (set once any line was emitted).
+    group_end: Option<u64>,
+    group_consumed: u64,
 }
 
 impl Tailer {
@@ -322,8 +357,42 @@ impl Tailer {
             splitter: LineSplitter::new(max),
             cri: matches!(shared.input.parser, ParserConfig::Cri).then(|| CriJoiner::new(max)),
             multiline,
+            block: BytesMut::new(),
+            group: Vec::new(),
+            group_bytes: 0,
+            group_end: None,
+            group_consumed: 0,
             shared,
         }
+    }
+
+    /// Hands the records emitted so far on as one item.
+    fn flush(&mut self, items: &mut Vec<Item>) {
+        let Some(end) = self.group_end.take() else {
+            return;
+        };
+        let json = self.block.split().freeze();
+        let mut at = 0;
+        let records = self
+            .group
+            .drain(..)
+            .map(|(len, id, ts_nanos)| {
+                let json = json.slice(at..at + len);
+                at += len + 1;
+                Encoded { json, id, ts_nanos }
+            })
+            .collect();
+        items.push(Item::Event(Event {
+            pos: SourcePos {
+                file: self.key.clone(),
+                path: self.path.clone(),
+                fingerprint: self.fp.clone(),
+                offset: end,
+            },
+            records,
+            consumed: std::mem::take(&mut self.group_consumed),
+        }));
+        self.group_bytes = 0;
     }
 
     fn set_fingerprint(&mut self, fp: Fingerprint, ctl: &TailerControl) {
@@ -366,6 +435,7 @@ impl Tailer {
             }
             self.line(&s, line.bytes, line.end, now, items);
         });
+        self.flush(items);
         self.splitter = splitter;
         s.metrics.lines_read.get_or_create(&s.labels).inc_by(lines);
         if truncated > 0 {
@@ -395,7 +465,7 @@ impl Tailer {
     ) {
         if self.cri.is_none() && self.multiline.is_none() {
             // The common case: straight from the read buffer to the record.
-            items.push(self.emit(s, bytes, end, None, None));
+            self.emit(s, bytes, end, None, None, items);
             return;
         }
         let piece = match self.cri.as_mut() {
@@ -423,7 +493,7 @@ impl Tailer {
             None => Some(piece),
         };
         if let Some(p) = done {
-            items.push(self.emit_piece(s, p));
+            self.emit_piece(s, p, items);
         }
     }
 
@@ -436,8 +506,9 @@ impl Tailer {
             self.line(s, &rest, end, Instant::now(), items);
         }
         if let Some(p) = self.multiline.as_mut().and_then(|m| m.flush()) {
-            items.push(self.emit_piece(s, p));
+            self.emit_piece(s, p, items);
         }
+        self.flush(items);
     }
 
     fn count_parse_error(&self) {
@@ -448,12 +519,12 @@ impl Tailer {
             .inc();
     }
 
-    fn emit_piece(&mut self, s: &InputShared, p: Piece) -> Item {
-        self.emit(s, &p.bytes, p.end, p.time, p.stream)
+    fn emit_piece(&mut self, s: &InputShared, p: Piece, items: &mut Vec<Item>) {
+        self.emit(s, &p.bytes, p.end, p.time, p.stream, items)
     }
 
-    /// Turns a complete record's bytes into a buffer item: a record, or a checkpoint-only
-    /// marker when it is empty or filtered out.
+    /// Adds a complete record's bytes to the group being filled: as a record, or only as
+    /// progress when it is empty or filtered out. A full group is handed on.
     fn emit(
         &mut self,
         s: &InputShared,
@@ -461,22 +532,22 @@ impl Tailer {
         end: u64,
         time: Option<DateTime<FixedOffset>>,
         stream: Option<String>,
-    ) -> Item {
+        items: &mut Vec<Item>,
+    ) {
+        // Room for the record (an estimate: escaping may need more, which the block then
+        // grows for). A block without room hands the group on and a fresh block starts.
+        let need = 128 + 2 * bytes.len() + self.fixed.json_len();
+        if self.block.capacity() - self.block.len() < need {
+            self.flush(items);
+            self.block = BytesMut::with_capacity(BLOCK.max(need));
+        }
         let consumed = end.saturating_sub(self.emitted);
         self.emitted = end;
         s.lag.fetch_add(consumed as i64, Ordering::Relaxed);
-        let pos = SourcePos {
-            file: self.key.clone(),
-            path: self.path.clone(),
-            fingerprint: self.fp.clone(),
-            offset: end,
-        };
+        self.group_end = Some(end);
+        self.group_consumed += consumed;
         if bytes.is_empty() {
-            return Item::Event(Event {
-                pos,
-                record: None,
-                consumed,
-            });
+            return;
         }
         let id = record_id(&s.pipeline, &self.key, end, bytes);
         // Valid UTF-8 (nearly every line) is borrowed; std's validation has an ASCII fast
@@ -512,37 +583,32 @@ impl Tailer {
             parsed: parsed.as_ref().map_or(&no_fields, |p| &p.fields),
             stream: stream.as_deref(),
         };
-        let record = filter::keep(&s.filters, |f| parts.field(&self.fixed, f)).then(|| Encoded {
-            json: parts.encode(&self.fixed),
-            id,
-            ts_nanos,
-        });
-        Item::Event(Event {
-            pos,
-            record,
-            consumed,
-        })
+        if !filter::keep(&s.filters, |f| parts.field(&self.fixed, f)) {
+            return;
+        }
+        let start = self.block.len();
+        parts.encode_into(&self.fixed, &mut self.block);
+        let len = self.block.len() - start;
+        self.block.put_u8(b'\n');
+        self.group_bytes += len + 1;
+        self.group.push((len, id, ts_nanos));
+        if self.group.len() >= s.group.records || self.group_bytes >= s.group.bytes {
+            self.flush(items);
+        }
     }
 }
 
 /// Deterministic record id: the same bytes at the same place of the same file always get
 /// the same id, so a re-read after a crash is recognised downstream.
 /// 128 bits of XXH3 (a stable, published hash: ids survive upgrades) as 32 hex digits.
-pub fn record_id(pipeline: &str, key: &str, end: u64, bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+pub fn record_id(pipeline: &str, key: &str, end: u64, bytes: &[u8]) -> RecordId {
     let mut h = Xxh3::new();
     h.update(pipeline.as_bytes());
     h.update(&[0]);
     h.update(key.as_bytes());
     h.update(&end.to_le_bytes());
     h.update(bytes);
-    let digest = h.digest128();
-    let mut hex = [0u8; 32];
-    for (i, b) in hex.iter_mut().enumerate() {
-        *b = HEX[((digest >> ((31 - i) * 4)) & 0xf) as usize];
-    }
-    // Hex digits are ASCII: the conversion cannot fail.
-    String::from_utf8(hex.to_vec()).unwrap_or_default()
+    RecordId::from_digest(h.digest128())
 }
 
 #[cfg(test)]
@@ -588,6 +654,7 @@ mod tests {
                 release_after: Duration::from_millis(50),
             },
             truncated: TruncatedFiles::default(),
+            group: GroupLimits::for_batch(1000, 1 << 20),
         };
         (Arc::new(s), rx)
     }
@@ -621,10 +688,15 @@ mod tests {
             .expect("buffer open");
         rx.release(t.weight as u64);
         match t.item {
-            Item::Event(e) => (
-                e.record.map(|r| serde_json::from_slice(&r.json).unwrap()),
-                e.pos.offset,
-            ),
+            Item::Event(e) => {
+                assert!(e.records.len() <= 1, "one record per read in these tests");
+                (
+                    e.records
+                        .first()
+                        .map(|r| serde_json::from_slice(&r.json).unwrap()),
+                    e.pos.offset,
+                )
+            }
             Item::Forget(_) => (None, u64::MAX),
         }
     }
@@ -781,6 +853,56 @@ mod tests {
             .await
             .expect("tailer exits after release")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn lines_of_one_read_travel_in_groups_and_filtered_lines_still_move_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        append(&path, "a\nb\nc\nd\ne\n");
+        let filters = vec![FilterConfig {
+            include: false,
+            field: None,
+            pattern: Regex::new("^c$").unwrap(),
+        }];
+        let (s, mut rx) = shared(ParserConfig::None, None, filters);
+        let mut s = Arc::into_inner(s).unwrap();
+        s.group = GroupLimits {
+            records: 2,
+            bytes: 1 << 20,
+        };
+        let s = Arc::new(s);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(s, Arc::default(), open(&path, 0), stop.clone()));
+        let mut groups = Vec::new();
+        while groups.len() < 2 {
+            let t = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            rx.release(t.weight as u64);
+            let Item::Event(e) = t.item else {
+                panic!("unexpected forget")
+            };
+            let messages: Vec<String> = e
+                .records
+                .iter()
+                .map(|r| {
+                    let v: serde_json::Value = serde_json::from_slice(&r.json).unwrap();
+                    v["message"].as_str().unwrap().to_string()
+                })
+                .collect();
+            groups.push((messages, e.pos.offset, e.consumed));
+        }
+        assert_eq!(
+            groups,
+            [
+                (vec!["a".to_string(), "b".to_string()], 4, 4),
+                (vec!["d".to_string(), "e".to_string()], 10, 6)
+            ]
+        );
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[test]

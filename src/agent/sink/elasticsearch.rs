@@ -109,7 +109,7 @@ mod tests {
 
     fn enc(id: &str) -> Encoded {
         Encoded {
-            json: br#"{"message":"m"}"#.to_vec(),
+            json: br#"{"message":"m"}"#.to_vec().into(),
             id: id.into(),
             ts_nanos: 0,
         }

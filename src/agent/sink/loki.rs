@@ -218,8 +218,9 @@ mod tests {
             json: serde_json::to_vec(
                 &serde_json::json!({"service": svc, "node": "n1", "message": "m"}),
             )
-            .unwrap(),
-            id: String::new(),
+            .unwrap()
+            .into(),
+            id: "".into(),
             ts_nanos: ts,
         };
         let (a, b, c) = (mk("shop", 1), mk("cart", 2), mk("shop", 3));
@@ -263,8 +264,10 @@ mod tests {
             Template::parse("{{service}}").unwrap(),
         )];
         let mk = |svc: &str, ts: i64, msg: &str| Encoded {
-            json: serde_json::to_vec(&serde_json::json!({"service": svc, "message": msg})).unwrap(),
-            id: String::new(),
+            json: serde_json::to_vec(&serde_json::json!({"service": svc, "message": msg}))
+                .unwrap()
+                .into(),
+            id: "".into(),
             ts_nanos: ts,
         };
         let a = mk("shop", 1_700_000_000_123_456_789, "first");
@@ -285,7 +288,7 @@ mod tests {
                 nanos: 123_456_789
             })
         );
-        assert_eq!(shop[0].line, String::from_utf8(a.json.clone()).unwrap());
+        assert_eq!(shop[0].line, String::from_utf8(a.json.to_vec()).unwrap());
         // Timestamp keeps nanos non-negative: -1 ns is -1 s + 999999999 ns.
         assert_eq!(
             shop[1].timestamp,
@@ -296,7 +299,7 @@ mod tests {
         );
         assert_eq!(
             req.streams[0].entries[0].line,
-            String::from_utf8(b.json).unwrap()
+            String::from_utf8(b.json.to_vec()).unwrap()
         );
     }
 }
