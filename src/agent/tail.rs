@@ -74,10 +74,15 @@ pub struct GroupLimits {
 }
 
 impl GroupLimits {
-    /// An eighth of the batch limits (at least one record).
+    /// About an eighth of the batch limits. The record count divides `maxEvents` where a
+    /// divisor between 8 and 64 exists, so batches still fill to exactly `maxEvents`.
     pub fn for_batch(max_events: usize, max_bytes: usize) -> Self {
+        let parts = (8..=64)
+            .find(|k| max_events % k == 0)
+            .unwrap_or(8)
+            .min(max_events.max(1));
         Self {
-            records: (max_events / 8).max(1),
+            records: (max_events / parts).max(1),
             bytes: (max_bytes / 8).max(1),
         }
     }
@@ -903,6 +908,18 @@ mod tests {
         );
         stop.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn group_sizes_divide_max_events_when_they_can() {
+        let records = |n| GroupLimits::for_batch(n, 1 << 20).records;
+        assert_eq!(records(1000), 125);
+        assert_eq!(records(100), 10);
+        assert_eq!(records(500), 50);
+        assert_eq!(records(4), 1);
+        assert_eq!(records(1), 1);
+        assert_eq!(records(1009), 126, "a prime: about an eighth");
+        assert_eq!(GroupLimits::for_batch(1000, 1 << 20).bytes, 128 << 10);
     }
 
     #[test]
