@@ -199,6 +199,15 @@ pub fn write_atomic(path: &Path, body: &[u8], sync: bool) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
+        // Blocks allocated up front: ext4 starts writeback of a file with delayed
+        // allocation when it is renamed over another (`auto_da_alloc`), which made every
+        // checkpoint write a disk write. Best effort: not every filesystem can.
+        let _ = rustix::fs::fallocate(
+            &f,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            body.len() as u64,
+        );
         f.write_all(body)?;
         if sync {
             f.sync_all()?;

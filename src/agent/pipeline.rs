@@ -191,6 +191,10 @@ impl RunningPipeline {
                 opts: env.tail,
                 truncated: truncated.clone(),
                 group: GroupLimits::for_batch(pipeline.batch.max_events, pipeline.batch.max_bytes),
+                ids: pipeline
+                    .outputs
+                    .iter()
+                    .any(|o| matches!(o.kind, OutputKind::Elasticsearch { .. })),
             });
             inputs.push(tokio::spawn(discover::run_input(
                 shared,

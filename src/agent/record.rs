@@ -41,8 +41,9 @@ pub struct Encoded {
 
 /// A record id kept inline: one allocation per record fewer than a `String`. Ids are 32
 /// hex digits; ids read back from a disk buffer written by other versions are kept up to
-/// 32 bytes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// 32 bytes. Empty when no output of the pipeline uses ids (hashing every line costs
+/// time that only Elasticsearch's `create` pays back).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecordId {
     bytes: [u8; 32],
     len: u8,
@@ -66,6 +67,10 @@ impl RecordId {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -202,6 +207,8 @@ pub fn pod_from_path(path: &str) -> Option<PodInfo> {
 #[derive(Clone, Debug)]
 pub struct FixedFields {
     values: BTreeMap<String, String>,
+    /// Whether `message`, `timestamp` and `stream` are fixed (looked up once, not per line).
+    fixed_own: [bool; 3],
     /// `"k":"v",...` of `values`, without braces; never empty (`file` is always there).
     json: Vec<u8>,
 }
@@ -234,9 +241,17 @@ impl FixedFields {
             json.put_u8(b':');
             push_json_str(&mut json, v);
         }
-        Self { values, json }
+        let fixed_own = OWN_KEYS.map(|k| values.contains_key(k));
+        Self {
+            values,
+            fixed_own,
+            json,
+        }
     }
 }
+
+/// The fields a record brings itself, in the order they are written.
+const OWN_KEYS: [&str; 3] = ["message", "timestamp", "stream"];
 
 /// One record's own parts; the rest comes from [`FixedFields`]. Borrowed, so a plain line
 /// is encoded straight from the read buffer into the record's JSON.
@@ -274,14 +289,10 @@ impl<'a> RecordParts<'a> {
             push_json(out, v);
             out.put_u8(b',');
         }
-        let own = [
-            ("message", Some(self.message)),
-            ("timestamp", Some(self.timestamp)),
-            ("stream", self.stream),
-        ];
-        for (k, v) in own {
+        let own = [Some(self.message), Some(self.timestamp), self.stream];
+        for ((k, v), fixed) in OWN_KEYS.into_iter().zip(own).zip(fixed.fixed_own) {
             if let Some(v) = v
-                && !fixed.values.contains_key(k)
+                && !fixed
             {
                 push_json_str(out, k);
                 out.put_u8(b':');
@@ -320,18 +331,27 @@ fn push_json<T: serde::Serialize + ?Sized>(out: &mut impl BufMut, v: &T) {
 /// time (a loop the compiler vectorizes) and the text copied whole; only text with quotes,
 /// backslashes or control characters goes through the escaper.
 fn push_json_str(out: &mut impl BufMut, s: &str) {
-    let plain = s.as_bytes().chunks(16).all(|chunk| {
-        !chunk.iter().fold(false, |bad, &b| {
-            bad | (b < 0x20) | (b == b'"') | (b == b'\\')
-        })
-    });
-    if plain {
+    if !needs_escape(s.as_bytes()) {
         out.put_u8(b'"');
         out.put_slice(s.as_bytes());
         out.put_u8(b'"');
     } else {
         push_json(out, s);
     }
+}
+
+/// Whether a JSON string needs escaping: a quote, a backslash or a control character.
+/// Fixed 32-byte blocks, OR-ed without branches, so the compiler turns each block into a
+/// few vector instructions.
+fn needs_escape(s: &[u8]) -> bool {
+    let bad = |b: u8| u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
+    let mut blocks = s.chunks_exact(32);
+    for block in &mut blocks {
+        if block.iter().fold(0u8, |acc, &b| acc | bad(b)) != 0 {
+            return true;
+        }
+    }
+    blocks.remainder().iter().any(|&b| bad(b) != 0)
 }
 
 /// Formats a record time the way every record carries it.
@@ -498,7 +518,15 @@ mod tests {
     #[test]
     fn strings_are_escaped_exactly_as_serde_json_does_on_both_paths() {
         let long_plain = "x".repeat(40) + "é ünïcode";
+        // A quote in the last partial block, and a backslash and a control character inside
+        // a later full 32-byte block.
+        let quote_in_tail = "x".repeat(40) + "\"";
+        let backslash_in_block = "x".repeat(50) + "\\" + &"y".repeat(20);
+        let control_in_block = "x".repeat(33) + "\u{1f}" + &"y".repeat(40);
         let cases = [
+            quote_in_tail.as_str(),
+            backslash_in_block.as_str(),
+            control_in_block.as_str(),
             "",
             "plain text",
             long_plain.as_str(),

@@ -64,6 +64,8 @@ pub struct InputShared {
     /// Most records and record bytes per buffer item: an eighth of a batch, so batches
     /// still fill to within an eighth of their limits.
     pub group: GroupLimits,
+    /// Some output uses record ids (Elasticsearch): compute one per record.
+    pub ids: bool,
 }
 
 /// How many records travel as one buffer item.
@@ -554,7 +556,11 @@ impl Tailer {
         if bytes.is_empty() {
             return;
         }
-        let id = record_id(&s.pipeline, &self.key, end, bytes);
+        let id = if s.ids {
+            record_id(&s.pipeline, &self.key, end, bytes)
+        } else {
+            RecordId::default()
+        };
         // Valid UTF-8 (nearly every line) is borrowed; std's validation has an ASCII fast
         // path that the lossy decoder lacks.
         let text = match std::str::from_utf8(bytes) {
@@ -660,6 +666,7 @@ mod tests {
             },
             truncated: TruncatedFiles::default(),
             group: GroupLimits::for_batch(1000, 1 << 20),
+            ids: true,
         };
         (Arc::new(s), rx)
     }

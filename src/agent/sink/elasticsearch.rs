@@ -48,7 +48,12 @@ pub(super) fn join(base: &reqwest::Url, segment: &str) -> reqwest::Url {
 pub fn bulk_body(index: &str, records: &[&Encoded]) -> Vec<u8> {
     let mut body = Vec::new();
     for r in records {
-        let action = serde_json::json!({"create": {"_index": index, "_id": r.id}});
+        // Records spooled while no output needed ids carry none: Elasticsearch picks one.
+        let action = if r.id.is_empty() {
+            serde_json::json!({"create": {"_index": index}})
+        } else {
+            serde_json::json!({"create": {"_index": index, "_id": r.id}})
+        };
         body.extend_from_slice(action.to_string().as_bytes());
         body.push(b'\n');
         body.extend_from_slice(&r.json);

@@ -529,11 +529,13 @@ fn dead_letter(path: &Path, rejected: &[(&Encoded, &str)]) {
     }
     let mut buf = Vec::new();
     for (rec, reason) in rejected {
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "reason": reason,
-            "id": rec.id,
             "record": String::from_utf8_lossy(&rec.json),
         });
+        if !rec.id.is_empty() {
+            line["id"] = rec.id.as_str().into();
+        }
         buf.extend_from_slice(line.to_string().as_bytes());
         buf.push(b'\n');
     }
