@@ -80,7 +80,7 @@ impl GroupLimits {
     /// divisor between 8 and 64 exists, so batches still fill to exactly `maxEvents`.
     pub fn for_batch(max_events: usize, max_bytes: usize) -> Self {
         let parts = (8..=64)
-            .find(|k| max_events % k == 0)
+            .find(|k| max_events.is_multiple_of(*k))
             .unwrap_or(8)
             .min(max_events.max(1));
         Self {
