@@ -13,6 +13,10 @@
 //! arrived, MB/s of file bytes (10^6), lines/s, the shipper's CPU seconds (utime+stime from
 //! /proc), its peak RSS (VmHWM), and outrider's speed as a ratio of rsyslog's.
 //!
+//! The pipeline keeps the default batch limits (1000 records, 1Mi) but sets `maxWait: 100ms`:
+//! with the default 1 s the last, partial batch alone would add up to a second to the wall
+//! time (rsyslog forwards as it reads).
+//!
 //! Environment: `BENCH_AGENT_BYTES` (1073741824), `BENCH_AGENT_RUNS` (`http,loki,rsyslog`).
 //! Needs `rsyslogd` (`e2e/bench/deps.sh`), `taskset` and the VictoriaLogs binary (`make tools`).
 //! The report goes to stdout and `target/bench/agent_throughput.md`.
@@ -210,7 +214,8 @@ fn pipeline(dir: &Path, logs: &Path, output: &str) -> PathBuf {
     let path = dir.join("lp.yaml");
     let yaml = format!(
         "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: bench, namespace: bench}}\n\
-         spec:\n  inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n  fields: {{service: checkout, env: bench}}\n  outputs: [{output}]\n",
+         spec:\n  inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n  fields: {{service: checkout, env: bench}}\n  outputs: [{output}]\n  \
+         delivery: {{batch: {{maxWait: 100ms}}}}\n",
         logs.display()
     );
     fs::write(&path, yaml).expect("write the pipeline");

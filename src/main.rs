@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(if succeeded { 0 } else { 1 });
         }
         Command::Agent(args) => {
+            cli::agent::limit_malloc_arenas();
             // reqwest uses rustls with ring, like kube: install that one provider first.
             let _ = rustls::crypto::ring::default_provider().install_default();
             telemetry::init_tracing(cli.log_format);

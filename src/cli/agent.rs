@@ -89,6 +89,19 @@ fn size(s: &str) -> Result<usize, String> {
     parse_byte_size(s).ok_or_else(|| format!("{s:?} is not a size like 1048576, 64Ki or 1Mi"))
 }
 
+/// One malloc arena for the whole agent. Records are encoded on the blocking reader threads
+/// and freed on the shipper; glibc gives every thread an arena of its own and keeps what was
+/// freed in each, which cost ~20 MiB of RSS with ten files and no measurable CPU to share.
+/// Call before the runtime starts its threads.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
+    // exists, and a refused value (return 0) leaves glibc's default in place.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let source = match args.config {
