@@ -118,6 +118,7 @@ mod tests {
                     };
                     n
                 ],
+                ndjson: Default::default(),
                 consumed: 0,
             }),
             weight: 1,

@@ -426,7 +426,14 @@ fn deliver_batch(s: &Shipper, items: Vec<Taken>) -> Delivery {
                     Item::Forget(_) => &[],
                 })
                 .collect();
-            deliver_all(&outputs, &records, &metrics, &key, &abort).await
+            let groups: Vec<bytes::Bytes> = items
+                .iter()
+                .filter_map(|t| match &t.item {
+                    Item::Event(e) if !e.records.is_empty() => Some(e.ndjson.clone()),
+                    _ => None,
+                })
+                .collect();
+            deliver_all(&outputs, &records, Some(&groups), &metrics, &key, &abort).await
         };
         (items, delivered)
     })
@@ -445,9 +452,11 @@ fn acknowledge(s: &mut Shipper, items: &[Taken]) {
 }
 
 /// Delivers records to every output at once; false when shutdown aborted a delivery.
+/// `ndjson`: the records' groups as NDJSON, when the batch is made of whole groups.
 async fn deliver_all(
     outputs: &[Output],
     records: &[&Encoded],
+    ndjson: Option<&[bytes::Bytes]>,
     metrics: &AgentMetrics,
     key: &str,
     abort: &CancellationToken,
@@ -458,7 +467,7 @@ async fn deliver_all(
     let results = join_all(
         outputs
             .iter()
-            .map(|o| sink::deliver(o, records, metrics, key, abort)),
+            .map(|o| sink::deliver(o, records, ndjson, metrics, key, abort)),
     )
     .await;
     !results.contains(&Delivered::Aborted)
@@ -584,7 +593,7 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
         }
         if (ship_now || last) && !batch.is_empty() {
             let refs: Vec<&Encoded> = batch.iter().collect();
-            if !deliver_all(&s.outputs, &refs, &s.metrics, &s.key, &s.abort).await {
+            if !deliver_all(&s.outputs, &refs, None, &s.metrics, &s.key, &s.abort).await {
                 return;
             }
             if let Err(e) = s.reader.ack(end) {

@@ -130,6 +130,9 @@ pub struct Event {
     pub pos: SourcePos,
     /// The records, in file order (empty when every line was filtered out).
     pub records: Vec<Encoded>,
+    /// The records as NDJSON (each followed by `\n`): the allocation their `json` slices
+    /// point into, so an output can send a whole group without copying it.
+    pub ndjson: Bytes,
     /// File bytes this event accounts for (checkpoint lag).
     pub consumed: u64,
 }

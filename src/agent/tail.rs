@@ -397,6 +397,7 @@ impl Tailer {
                 offset: end,
             },
             records,
+            ndjson: json,
             consumed: std::mem::take(&mut self.group_consumed),
         }));
         self.group_bytes = 0;
@@ -904,6 +905,12 @@ mod tests {
                     v["message"].as_str().unwrap().to_string()
                 })
                 .collect();
+            let mut ndjson = Vec::new();
+            for r in &e.records {
+                ndjson.extend_from_slice(&r.json);
+                ndjson.push(b'\n');
+            }
+            assert_eq!(e.ndjson, ndjson, "the group's NDJSON is its records'");
             groups.push((messages, e.pos.offset, e.consumed));
         }
         assert_eq!(

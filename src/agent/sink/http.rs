@@ -1,6 +1,8 @@
 //! Generic HTTP output: each batch is one POST of `application/x-ndjson`.
 
-use super::{Attempt, HttpOptions, SinkError, classify, ndjson};
+use bytes::Bytes;
+
+use super::{Attempt, HttpOptions, Payload, SinkError, classify, ndjson};
 use crate::agent::record::Encoded;
 
 #[derive(Debug)]
@@ -14,15 +16,19 @@ impl HttpSink {
         Self { url, opts }
     }
 
-    pub async fn send(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    /// `groups`: the records' NDJSON as it already exists (sent without a copy).
+    pub async fn send(
+        &self,
+        records: &[&Encoded],
+        groups: Option<&[Bytes]>,
+    ) -> Result<Attempt, SinkError> {
+        let payload = match groups {
+            Some(g) => Payload::Chunks(g.to_vec()),
+            None => Payload::Whole(ndjson(records)),
+        };
         let (status, body) = self
             .opts
-            .post(
-                self.url.clone(),
-                "application/x-ndjson",
-                ndjson(records),
-                &[],
-            )
+            .post(self.url.clone(), "application/x-ndjson", payload, &[])
             .await
             .map_err(SinkError::Retryable)?;
         classify(status, &body)?;

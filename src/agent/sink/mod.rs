@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -277,18 +278,25 @@ impl HttpOptions {
         &self,
         url: reqwest::Url,
         content_type: &str,
-        body: Vec<u8>,
+        body: impl Into<Payload>,
         extra: &[(&str, &str)],
     ) -> Result<(reqwest::StatusCode, Vec<u8>), String> {
         let mut req = self.client.post(url).header("Content-Type", content_type);
         for (k, v) in extra {
             req = req.header(*k, *v);
         }
-        let body = if self.gzip {
-            req = req.header("Content-Encoding", "gzip");
-            gzip(&body).map_err(|e| format!("gzip: {e}"))?
-        } else {
-            body
+        let body = match body.into() {
+            Payload::Whole(b) if self.gzip => {
+                req = req.header("Content-Encoding", "gzip");
+                reqwest::Body::from(gzip(&[&b]).map_err(|e| format!("gzip: {e}"))?)
+            }
+            Payload::Chunks(c) if self.gzip => {
+                req = req.header("Content-Encoding", "gzip");
+                let parts: Vec<&[u8]> = c.iter().map(|b| b.as_ref()).collect();
+                reqwest::Body::from(gzip(&parts).map_err(|e| format!("gzip: {e}"))?)
+            }
+            Payload::Whole(b) => reqwest::Body::from(b),
+            Payload::Chunks(c) => reqwest::Body::wrap(ChunkBody::new(c)),
         };
         if let Some(a) = &self.auth {
             req = a.apply(req);
@@ -300,10 +308,67 @@ impl HttpOptions {
     }
 }
 
-fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+fn gzip(parts: &[&[u8]]) -> std::io::Result<Vec<u8>> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(body)?;
+    for p in parts {
+        enc.write_all(p)?;
+    }
     enc.finish()
+}
+
+/// A request body.
+pub enum Payload {
+    /// Built for this request.
+    Whole(Vec<u8>),
+    /// Slices that already exist (the NDJSON of record groups), sent as they are.
+    Chunks(Vec<Bytes>),
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(b: Vec<u8>) -> Self {
+        Payload::Whole(b)
+    }
+}
+
+/// A body of existing slices with a known total length (so it goes out with a
+/// `Content-Length`, not chunked), written without copying them into one buffer.
+struct ChunkBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl ChunkBody {
+    fn new(chunks: Vec<Bytes>) -> Self {
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        Self {
+            chunks: chunks.into(),
+            remaining,
+        }
+    }
+}
+
+impl http_body::Body for ChunkBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.chunks.pop_front();
+        if let Some(c) = &next {
+            self.remaining -= c.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
 }
 
 /// What happened to one attempt, per record (indices into the slice sent).
@@ -378,9 +443,15 @@ impl Sink {
         }
     }
 
-    async fn attempt(&self, records: &[&Encoded]) -> Result<Attempt, SinkError> {
+    /// `ndjson`: the records' NDJSON as it already exists, when `records` are exactly the
+    /// groups it was cut from (a batch's first attempt).
+    async fn attempt(
+        &self,
+        records: &[&Encoded],
+        ndjson: Option<&[Bytes]>,
+    ) -> Result<Attempt, SinkError> {
         match self {
-            Sink::Http(s) => s.send(records).await,
+            Sink::Http(s) => s.send(records, ndjson).await,
             Sink::Elasticsearch(s) => s.send(records).await,
             Sink::Loki(s) => s.send(records).await,
             Sink::File(s) => s.send(records).await,
@@ -439,6 +510,7 @@ pub enum Delivered {
 pub async fn deliver(
     out: &Output,
     records: &[&Encoded],
+    ndjson: Option<&[Bytes]>,
     metrics: &AgentMetrics,
     pipeline: &str,
     abort: &CancellationToken,
@@ -447,8 +519,10 @@ pub async fn deliver(
     let mut pending: Vec<&Encoded> = records.to_vec();
     let mut attempt_no = 0u32;
     while !pending.is_empty() {
+        // Retries may carry a subset: their body is built from the records.
+        let whole = ndjson.filter(|_| pending.len() == records.len());
         let result = tokio::select! {
-            r = out.sink.attempt(&pending) => r,
+            r = out.sink.attempt(&pending, whole) => r,
             _ = abort.cancelled() => return Delivered::Aborted,
         };
         let next: Vec<&Encoded> = match result {
