@@ -333,7 +333,7 @@ fn push_json<T: serde::Serialize + ?Sized>(out: &mut impl BufMut, v: &T) {
 /// Appends a string as JSON. Most log text needs no escaping: that is checked 16 bytes at a
 /// time (a loop the compiler vectorizes) and the text copied whole; only text with quotes,
 /// backslashes or control characters goes through the escaper.
-fn push_json_str(out: &mut impl BufMut, s: &str) {
+pub fn push_json_str(out: &mut impl BufMut, s: &str) {
     if !needs_escape(s.as_bytes()) {
         out.put_u8(b'"');
         out.put_slice(s.as_bytes());
@@ -410,6 +410,14 @@ impl Template {
             parts.push(Part::Lit(rest.into()));
         }
         Ok(Self(parts))
+    }
+
+    /// The fields the template reads.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|p| match p {
+            Part::Field(f) => Some(f.as_str()),
+            Part::Lit(_) => None,
+        })
     }
 
     /// Renders with the record's fields.

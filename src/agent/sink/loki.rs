@@ -7,13 +7,16 @@
 //! snappy-compressed (block format), as `application/x-protobuf`. The messages are written
 //! out by hand below (no protoc); their tags are those of Loki's `push.proto`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::elasticsearch::join;
 use super::{Attempt, HttpOptions, SinkError, classify};
-use crate::agent::record::{Encoded, Template};
+use crate::agent::record::{Encoded, Template, push_json_str};
 use crate::api::log_pipeline::LokiEncoding;
 
 #[derive(Debug)]
@@ -76,37 +79,109 @@ impl LokiSink {
     }
 }
 
-/// A rendered label set and its entries (Unix nanoseconds, line) in record order.
-type Streams = BTreeMap<BTreeMap<String, String>, Vec<(i64, String)>>;
+/// A rendered label set and its records, in record order.
+type Streams<'a> = BTreeMap<BTreeMap<String, String>, Vec<&'a Encoded>>;
 
-/// One stream per distinct rendered label set.
-fn streams(labels: &[(String, Template)], records: &[&Encoded]) -> Streams {
+/// One stream per distinct rendered label set. Only the fields the templates read are
+/// taken from each record's JSON; the rest (the message above all) is skipped unparsed.
+fn streams<'a>(labels: &[(String, Template)], records: &[&'a Encoded]) -> Streams<'a> {
+    let wanted: Vec<&str> = labels.iter().flat_map(|(_, t)| t.fields()).collect();
     let mut streams = Streams::new();
     for r in records {
-        let rec: Map<String, Value> = serde_json::from_slice(&r.json).unwrap_or_default();
+        let mut de = serde_json::Deserializer::from_slice(&r.json);
+        let rec = Only(&wanted).deserialize(&mut de).unwrap_or_default();
         let set: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, t)| (k.clone(), t.render(&rec)))
             .collect();
-        let line = String::from_utf8_lossy(&r.json).into_owned();
-        streams.entry(set).or_default().push((r.ts_nanos, line));
+        streams.entry(set).or_default().push(*r);
     }
     streams
 }
 
+/// The record as text (it was written as UTF-8 JSON; lossy only for a corrupt spool).
+fn line(r: &Encoded) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&r.json)
+}
+
 /// The JSON push request: one stream per distinct label set, entries in record order.
+/// Written directly: each line is the record's JSON as a JSON string.
 pub fn push_body(labels: &[(String, Template)], records: &[&Encoded]) -> Vec<u8> {
-    let streams: Vec<Value> = streams(labels, records)
-        .into_iter()
-        .map(|(stream, entries)| {
-            let values: Vec<Value> = entries
-                .into_iter()
-                .map(|(ts, line)| Value::Array(vec![Value::String(ts.to_string()), line.into()]))
-                .collect();
-            serde_json::json!({"stream": stream, "values": values})
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "streams": streams })).unwrap_or_default()
+    let mut out = Vec::with_capacity(records.iter().map(|r| r.json.len() + 48).sum());
+    out.extend_from_slice(b"{\"streams\":[");
+    for (i, (set, entries)) in streams(labels, records).into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"stream\":");
+        // A map of strings into a Vec: cannot fail.
+        let _ = serde_json::to_writer(&mut out, &set);
+        out.extend_from_slice(b",\"values\":[");
+        for (j, r) in entries.into_iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("[\"{}\",", r.ts_nanos).as_bytes());
+            push_json_str(&mut out, &line(r));
+            out.push(b']');
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Deserializes only the named top-level fields of a JSON object.
+struct Only<'w>(&'w [&'w str]);
+
+impl<'de> DeserializeSeed<'de> for Only<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Only<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(Key(k)) = m.next_key()? {
+            if self.0.contains(&k.as_ref()) {
+                out.insert(k.into_owned(), m.next_value()?);
+            } else {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// The protobuf push request, snappy-compressed.
@@ -126,13 +201,13 @@ pub fn push_request(labels: &[(String, Template)], records: &[&Encoded]) -> logp
             labels: label_string(&set),
             entries: entries
                 .into_iter()
-                .map(|(ts, line)| logproto::Entry {
+                .map(|r| logproto::Entry {
                     timestamp: Some(logproto::Timestamp {
-                        seconds: ts.div_euclid(1_000_000_000),
+                        seconds: r.ts_nanos.div_euclid(1_000_000_000),
                         // In 0..1e9, so it fits.
-                        nanos: ts.rem_euclid(1_000_000_000) as i32,
+                        nanos: r.ts_nanos.rem_euclid(1_000_000_000) as i32,
                     }),
-                    line,
+                    line: line(r).into_owned(),
                 })
                 .collect(),
         })
@@ -204,6 +279,19 @@ pub mod logproto {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_fields_are_read_alone_and_equal_what_a_full_parse_gives() {
+        let json = br#"{"message":"a \"quoted\" line","n":7,"svc\u0041":"x","service":"shop","nested":{"a":[1,2]}}"#;
+        let wanted = ["service", "n", "svcA", "missing"];
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let only = Only(&wanted).deserialize(&mut de).unwrap();
+        let full: Map<String, Value> = serde_json::from_slice(json).unwrap();
+        for f in wanted {
+            assert_eq!(only.get(f), full.get(f), "{f}");
+        }
+        assert_eq!(only.len(), 3, "{only:?}");
+    }
 
     #[test]
     fn records_are_grouped_into_streams_by_rendered_labels() {
