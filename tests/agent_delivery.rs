@@ -54,6 +54,19 @@ fn start(dir: &Path, args: &[String]) -> Agent {
     Agent::start(dir, &a)
 }
 
+/// Offsets in a pipeline's checkpoint file as written to disk (none yet: empty).
+fn checkpointed_offsets(dir: &Path, file: &str) -> Vec<u64> {
+    let path = dir.join("state/checkpoints").join(format!("{file}.json"));
+    let Ok(text) = std::fs::read(&path) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    v["files"]
+        .as_object()
+        .map(|m| m.values().filter_map(|e| e["offset"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
 const FAST_BATCH: &str = "  fields: {service: shop}\n  delivery: {batch: {maxEvents: 500, maxBytes: 256Ki, maxWait: 100ms}}\n";
 
 #[test]
@@ -95,11 +108,14 @@ fn kill_9_after_the_sink_acknowledged_everything_resends_nothing() {
     let file = dir.path().join("logs").join("app.log");
     append_numbered(&file, "seq", 0..4000);
     let mut agent = start(dir.path(), &agent_args(dir.path(), &lp));
+    let size = std::fs::metadata(&file).unwrap().len();
     wait_for("all acknowledged and checkpointed", LONG, || {
         let m = agent.metrics();
         rx.record_count() == 4000
             && agent::metric_sum(&m, "outrider_agent_checkpoint_lag_bytes", &[]) == 0.0
             && agent::metric_sum(&m, "outrider_agent_records_shipped_total", &[]) == 4000.0
+            // The checkpoint is written beside the shipper, right after the acknowledgement.
+            && checkpointed_offsets(dir.path(), "test_acked") == [size]
     });
     agent.kill9();
     append_numbered(&file, "seq", 4000..5000);
@@ -535,4 +551,43 @@ fn switching_from_disk_to_memory_buffer_still_ships_the_spooled_records() {
     let (missing, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), N);
     assert!(missing.is_empty(), "{} missing", missing.len());
     assert_eq!(dups, 0);
+}
+
+#[test]
+fn a_failing_checkpoint_write_is_retried_with_the_next_batch_not_in_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let lp = http_pipeline(dir.path(), "cpfail", "*.log", &rx, FAST_BATCH);
+    // A directory where the checkpoint's temp file goes: every write fails, even as root.
+    let blocker = dir.path().join("state/checkpoints/.test_cpfail.json.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let file = dir.path().join("logs").join("app.log");
+    append_numbered(&file, "seq", 0..2000);
+    let mut agent = start(dir.path(), &agent_args(dir.path(), &lp));
+    wait_for("2000 records", LONG, || rx.record_count() >= 2000);
+    // Quiet time in which a write retried in a loop would fail thousands of times.
+    std::thread::sleep(Duration::from_secs(2));
+    let failures = agent
+        .log_text()
+        .matches("writing checkpoints failed")
+        .count();
+    assert!(
+        (1..=8).contains(&failures),
+        "{failures} failed checkpoint writes for 4 batches"
+    );
+    assert!(checkpointed_offsets(dir.path(), "test_cpfail").is_empty());
+    // Writable again: the next acknowledged batch writes the checkpoint, so a kill -9 after
+    // it re-sends nothing.
+    std::fs::remove_dir(&blocker).unwrap();
+    append_numbered(&file, "seq", 2000..2100);
+    let size = std::fs::metadata(&file).unwrap().len();
+    wait_for("the next batch checkpointed", LONG, || {
+        rx.record_count() >= 2100 && checkpointed_offsets(dir.path(), "test_cpfail") == [size]
+    });
+    agent.kill9();
+    agent.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let (missing, dups) = missing_and_dups(&count_numbers(&rx.messages(), "seq"), 2100);
+    assert!(missing.is_empty(), "missing {} lines", missing.len());
+    assert_eq!(dups, 0, "checkpointed lines were sent again");
 }

@@ -377,10 +377,15 @@ async fn ship_until_done(s: &mut Shipper) {
                 start_write(s);
             }
             r = write_done => {
+                let ok = matches!(r, Ok(Ok(())));
                 if let Some(Writing(_, sync)) = s.writing.take() {
                     written(&mut s.checkpoints, &s.key, r, sync);
                 }
-                start_write(s);
+                // What was acknowledged meanwhile is written now; after a failure, only
+                // with the next acknowledgement (a full disk is not retried in a loop).
+                if ok {
+                    start_write(s);
+                }
             }
             t = s.rx.recv(), if take => {
                 // Then everything already queued, without a trip through select! per item.
