@@ -33,10 +33,8 @@ impl Batch {
     /// Records and record bytes of an item.
     fn size(t: &Taken) -> (usize, usize) {
         match &t.item {
-            Item::Event(e) => (
-                e.records.len(),
-                e.records.iter().map(|r| r.json.len() + 1).sum(),
-            ),
+            // The group's NDJSON is its records' JSON, each with its newline.
+            Item::Event(e) => (e.records.len(), e.ndjson.len()),
             Item::Forget(_) => (0, 0),
         }
     }
@@ -118,7 +116,7 @@ mod tests {
                     };
                     n
                 ],
-                ndjson: Default::default(),
+                ndjson: vec![b'x'; n * (len + 1)].into(),
                 consumed: 0,
             }),
             weight: 1,

@@ -269,7 +269,8 @@ pub struct RecordParts<'a> {
 }
 
 impl<'a> RecordParts<'a> {
-    /// The record as compact JSON.
+    /// The record as compact JSON on its own (the tailer appends to a group's block).
+    #[cfg(test)]
     pub fn encode(&self, fixed: &FixedFields) -> Vec<u8> {
         let mut out = BytesMut::new();
         self.encode_into(fixed, &mut out);

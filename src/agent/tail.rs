@@ -557,11 +557,6 @@ impl Tailer {
         if bytes.is_empty() {
             return;
         }
-        let id = if s.ids {
-            record_id(&s.pipeline, &self.key, end, bytes)
-        } else {
-            RecordId::default()
-        };
         // Valid UTF-8 (nearly every line) is borrowed; std's validation has an ASCII fast
         // path that the lossy decoder lacks.
         let text = match std::str::from_utf8(bytes) {
@@ -598,6 +593,11 @@ impl Tailer {
         if !filter::keep(&s.filters, |f| parts.field(&self.fixed, f)) {
             return;
         }
+        let id = if s.ids {
+            record_id(&s.pipeline, &self.key, end, bytes)
+        } else {
+            RecordId::default()
+        };
         let start = self.block.len();
         parts.encode_into(&self.fixed, &mut self.block);
         let len = self.block.len() - start;
