@@ -154,6 +154,8 @@ impl RunningPipeline {
                 },
                 checkpoints,
                 writing: None,
+                unwritten: 0,
+                covered: 0,
                 metrics: metrics.clone(),
                 lag: lag.clone(),
                 abort: abort.clone(),
@@ -293,6 +295,11 @@ struct Shipper {
     /// disk between batches. While it runs, later acknowledgements only update the
     /// checkpoints in memory; the newest state is written as soon as it completes.
     writing: Option<Writing>,
+    /// Batches acknowledged whose checkpoint is not on disk yet. They count against
+    /// `in_flight`, so a kill -9 still re-sends at most `in_flight` batches.
+    unwritten: usize,
+    /// Of those, the ones the running write covers.
+    covered: usize,
     metrics: AgentMetrics,
     lag: Arc<AtomicI64>,
     abort: CancellationToken,
@@ -315,14 +322,22 @@ async fn ship_loop(mut s: Shipper) {
 
 /// Starts writing the checkpoints if they changed and no write is running.
 fn start_write(s: &mut Shipper) {
-    if s.writing.is_some() {
-        return;
+    if s.writing.is_none() {
+        s.writing = spawn_write(&mut s.checkpoints, false);
+        s.covered = s.unwritten;
+        if s.writing.is_none() {
+            // Nothing changed: what was acknowledged is on disk already.
+            s.unwritten = 0;
+        }
     }
-    if let Some(w) = s.checkpoints.pending_write(false) {
-        let sync = w.sync;
-        let handle = tokio::task::spawn_blocking(move || write_atomic(&w.path, &w.body, w.sync));
-        s.writing = Some(Writing(handle, sync));
-    }
+}
+
+/// Starts writing the checkpoints on a blocking thread, if they changed.
+fn spawn_write(c: &mut Checkpoints, final_write: bool) -> Option<Writing> {
+    let w = c.pending_write(final_write)?;
+    let sync = w.sync;
+    let handle = tokio::task::spawn_blocking(move || write_atomic(&w.path, &w.body, w.sync));
+    Some(Writing(handle, sync))
 }
 
 /// Fills batches and delivers up to `in_flight` of them at once (so the next batch is on the
@@ -342,7 +357,7 @@ async fn ship_until_done(s: &mut Shipper) {
         let deadline = s.batch.deadline();
         let due = deadline.is_some_and(|d| d <= tokio::time::Instant::now());
         let ready = !s.batch.is_empty() && (s.batch.is_full() || carry.is_some() || due || done);
-        if ready && deliveries.len() < s.in_flight {
+        if ready && deliveries.len() + s.unwritten < s.in_flight {
             let items = s.batch.take();
             deliveries.push_back(deliver_batch(s, items));
             if let Some(t) = carry.take() {
@@ -354,7 +369,7 @@ async fn ship_until_done(s: &mut Shipper) {
         if done && s.batch.is_empty() && carry.is_none() && deliveries.is_empty() {
             return;
         }
-        let room = deliveries.len() < s.in_flight;
+        let room = deliveries.len() + s.unwritten < s.in_flight;
         let sleep = async {
             match deadline {
                 Some(d) if room && !due => tokio::time::sleep_until(d).await,
@@ -374,6 +389,7 @@ async fn ship_until_done(s: &mut Shipper) {
                     return;
                 }
                 acknowledge(s, &items);
+                s.unwritten += 1;
                 start_write(s);
             }
             r = write_done => {
@@ -381,10 +397,16 @@ async fn ship_until_done(s: &mut Shipper) {
                 if let Some(Writing(_, sync)) = s.writing.take() {
                     written(&mut s.checkpoints, &s.key, r, sync);
                 }
-                // What was acknowledged meanwhile is written now; after a failure, only
-                // with the next acknowledgement (a full disk is not retried in a loop).
+                // What was acknowledged meanwhile is written now. After a failure it is
+                // written with the next acknowledgement (a full disk is not retried in a
+                // loop), and shipping does not wait for a disk that fails.
                 if ok {
+                    s.unwritten = s.unwritten.saturating_sub(s.covered);
+                    s.covered = 0;
                     start_write(s);
+                } else {
+                    s.unwritten = 0;
+                    s.covered = 0;
                 }
             }
             t = s.rx.recv(), if take => {
@@ -653,12 +675,9 @@ fn advance(checkpoints: &mut Checkpoints, items: &[Taken]) -> (u64, u64) {
 /// Writes the checkpoints if they changed (fsynced once per [`super::checkpoint::SYNC_INTERVAL`] while
 /// shipping, and always when `final_write`).
 async fn persist(c: &mut Checkpoints, key: &str, final_write: bool) {
-    let Some(w) = c.pending_write(final_write) else {
-        return;
-    };
-    let sync = w.sync;
-    let res = tokio::task::spawn_blocking(move || write_atomic(&w.path, &w.body, w.sync)).await;
-    written(c, key, res, sync);
+    if let Some(Writing(handle, sync)) = spawn_write(c, final_write) {
+        written(c, key, handle.await, sync);
+    }
 }
 
 /// Records how a checkpoint write went; a failed one is written again next time.
