@@ -4,9 +4,10 @@
 #[path = "support/sshd.rs"]
 mod sshd;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sshd::{Sshd, user_key};
@@ -52,6 +53,10 @@ struct Outcome {
 }
 
 fn ssh_command(server: &Sshd, key: &Path, known_hosts: &Path, target: &str) -> Command {
+    ssh_command_to_port(server.port, key, known_hosts, target)
+}
+
+fn ssh_command_to_port(port: u16, key: &Path, known_hosts: &Path, target: &str) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-F")
         .arg("/dev/null")
@@ -66,7 +71,7 @@ fn ssh_command(server: &Sshd, key: &Path, known_hosts: &Path, target: &str) -> C
         .arg("-i")
         .arg(key)
         .arg("-p")
-        .arg(server.port.to_string())
+        .arg(port.to_string())
         .arg(target);
     cmd
 }
@@ -426,4 +431,219 @@ fn sleeper_running() -> bool {
             .map(|cmdline| cmdline == b"sleep\x003171\x00")
             .unwrap_or(false)
     })
+}
+
+fn sleeper_with_arg_running(arg: &str) -> bool {
+    let cmdline = format!("sleep\0{arg}\0");
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .map(|c| c == cmdline.as_bytes())
+            .unwrap_or(false)
+    })
+}
+
+/// Set (to a key dir) in the copy of this test binary that plays the owning test process.
+const OWNER_ENV: &str = "OUTRIDER_SSHD_HARNESS_OWNER_KEYS";
+const OWNER_TEST: &str = "sshd_dies_when_its_owning_test_process_is_killed";
+const OWNER_LINE: &str = "sshd-owner:";
+
+/// A process alive and not a zombie (a killed sshd reparented to an init that does not reap it
+/// stays a zombie: it holds no socket and runs nothing).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|close| stat[close + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    sshd::process_table()
+        .into_iter()
+        .find(|&(p, _)| p == pid)
+        .map(|(_, ppid)| ppid)
+}
+
+/// Kills the owner process if the test fails before it does.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The owner role, run in a copy of this test binary: starts an sshd, authorizes the key in
+/// `keys`, writes known_hosts there, reports pid, port and dir, and waits to be killed. Never
+/// returns, so it never passes as a test of its own.
+fn act_as_owner_until_killed(keys: &Path) -> ! {
+    let server = Sshd::start();
+    let public = std::fs::read_to_string(keys.join("owner_key.pub")).expect("read owner_key.pub");
+    server.authorize("root", &public);
+    std::fs::write(
+        keys.join("known_hosts"),
+        server.known_hosts_for(&["127.0.10.80"]),
+    )
+    .expect("write known_hosts");
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{OWNER_LINE} {} {} {}",
+        server.pid(),
+        server.port,
+        server.dir.path().display()
+    )
+    .unwrap();
+    out.flush().unwrap();
+    drop(out);
+    std::thread::sleep(Duration::from_secs(120));
+    panic!("the owner role was not killed within 120 s");
+}
+
+#[test]
+fn sshd_dies_when_its_owning_test_process_is_killed() {
+    if let Some(keys) = std::env::var_os(OWNER_ENV) {
+        act_as_owner_until_killed(Path::new(&keys));
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = user_key(keys.path(), "ed25519", None, "openssh");
+    std::fs::write(keys.path().join("owner_key.pub"), &public).unwrap();
+    let key = keys.path().join(find_private_key(keys.path()));
+
+    // The owner: this test binary again, running only this test, in the owner role.
+    let owner = Command::new(std::env::current_exe().unwrap())
+        .args([OWNER_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(OWNER_ENV, keys.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("re-run this test binary as the owner");
+    let mut owner = KillOnDrop(owner);
+    let owner_pid = owner.0.id();
+    let stdout = owner.0.stdout.take().unwrap();
+    let mut stderr = owner.0.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(report) = line.split_once(OWNER_LINE).map(|(_, r)| r.to_owned()) {
+                let _ = tx.send(report);
+            }
+        }
+    });
+    let report = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(report) => report,
+        Err(e) => {
+            drop(owner);
+            panic!(
+                "the owner reported no sshd ({e}); its stderr:\n{}",
+                errors.join().unwrap()
+            );
+        }
+    };
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "owner report {report:?}");
+    let sshd_pid: u32 = fields[0].parse().unwrap();
+    let port: u16 = fields[1].parse().unwrap();
+    let dir = PathBuf::from(fields[2]);
+    assert_eq!(
+        parent_of(sshd_pid),
+        Some(owner_pid),
+        "the sshd must be a child of the owner"
+    );
+    assert!(dir.is_dir(), "{} missing", dir.display());
+
+    // A connection with a running session, so that sshd has processes below it.
+    let mut cmd = ssh_command_to_port(
+        port,
+        &key,
+        &keys.path().join("known_hosts"),
+        "root@127.0.10.80",
+    );
+    cmd.arg("echo started; exec sleep 3172");
+    let session = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut session = KillOnDrop(session);
+    let mut first = [0u8; 8];
+    let started = session.0.stdout.as_mut().unwrap().read_exact(&mut first);
+    if started.is_err() || &first != b"started\n" {
+        let mut err = String::new();
+        let _ = session.0.stderr.as_mut().unwrap().read_to_string(&mut err);
+        panic!("the session did not start ({started:?}, {first:?}); ssh stderr: {err}");
+    }
+    let tree = sshd::descendants(sshd_pid);
+    assert!(
+        sleeper_with_arg_running("3172") && tree.len() >= 2,
+        "expected the connection and the session below sshd {sshd_pid}, found {tree:?}"
+    );
+
+    // SIGKILL: no destructor, no atexit handler, nothing in the owner runs.
+    owner.0.kill().unwrap();
+    let status = owner.0.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{status}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leftovers = loop {
+        let mut left: Vec<String> = std::iter::once(sshd_pid)
+            .chain(tree.iter().copied())
+            .filter(|&pid| alive(pid))
+            .map(|pid| format!("process {pid}"))
+            .collect();
+        left.extend(
+            sshd::descendants(sshd_pid)
+                .into_iter()
+                .filter(|&pid| alive(pid) && !tree.contains(&pid))
+                .map(|pid| format!("new process {pid}")),
+        );
+        if sleeper_with_arg_running("3172") {
+            left.push("the session's sleep 3172".to_owned());
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            left.push(format!("port {port} accepting connections"));
+        }
+        if dir.exists() {
+            left.push(format!("temp dir {}", dir.display()));
+        }
+        if left.is_empty() || Instant::now() >= deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !leftovers.is_empty() {
+        // Do not leak them past this failure.
+        let mut targets: Vec<String> = sshd::descendants(sshd_pid)
+            .iter()
+            .chain(tree.iter())
+            .map(u32::to_string)
+            .collect();
+        targets.push(sshd_pid.to_string());
+        let _ = Command::new("kill").arg("-KILL").args(&targets).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!("10 s after the owner was SIGKILLed, still there: {leftovers:?}");
+    }
+    // The ssh client sees its connection go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the ssh client still runs 10 s after its sshd went"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -29,6 +29,14 @@
 //!
 //! The generated config accepts logins from loopback addresses only (a `Match` block denies every
 //! user from any other source), although it listens on 0.0.0.0.
+//!
+//! An sshd never outlives the test process that started it, even one killed with SIGKILL: next to
+//! each sshd runs a reaper (`sh`, in a process group of its own) that blocks reading a pipe whose
+//! only write end the test process holds. When that process dies, however it dies, the kernel
+//! closes the write end, the reaper reads EOF, finds the listener by the config path in its
+//! command line, stops and kills it and every process below it (its connections and their
+//! sessions), and removes the temp dir. Dropping the `Sshd` stops sshd, then kills the reaper
+//! before it can act; a static `Sshd` that is never dropped goes when the test process exits.
 #![allow(dead_code)]
 
 use std::fs;
@@ -56,6 +64,7 @@ pub struct Sshd {
     pub dir: tempfile::TempDir,
     child: Child,
     host_public_keys: Vec<String>,
+    reaper: Reaper,
 }
 
 impl Sshd {
@@ -83,6 +92,9 @@ impl Sshd {
         let authorized = dir.path().join("authorized_keys");
         fs::create_dir(&authorized).expect("create authorized_keys dir");
         set_mode(&authorized, 0o755);
+        // Before anything else runs: from here on, the death of this process takes the dir and
+        // any sshd started on it along.
+        let reaper = Reaper::spawn(dir.path());
 
         // Three host keys, generated in parallel (rsa takes the longest).
         let keygens: Vec<(PathBuf, Child)> = HOST_KEY_KINDS
@@ -150,6 +162,7 @@ impl Sshd {
                         dir,
                         child,
                         host_public_keys,
+                        reaper,
                     };
                 }
                 Err(failure) => {
@@ -237,12 +250,96 @@ impl Sshd {
     }
     fn stop(&mut self) {
         stop_process(&mut self.child);
+        self.reaper.disarm();
     }
 }
 
 impl Drop for Sshd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Kills the sshd started on a temp dir (and everything below it) and removes the dir once the
+/// test process is gone. $1: the temp dir. stdin: a pipe whose write end only the test process
+/// holds (Rust opens it close-on-exec, so no other child inherits it).
+///
+/// The listener is found by `<dir>/sshd_config` in its command line (sshd keeps it in its
+/// `[listener]` title), so no pid can be stale or reused, and an sshd spawned a moment before the
+/// test process died is found too. grep reads the pattern from a file: given as an argument, it
+/// would match grep's own command line. Everything below the listener is stopped before anything
+/// is killed, level by level until no new process appears, so none forks away unseen and none is
+/// orphaned (and lost) before its children are found.
+const REAPER_SCRIPT: &str = r#"
+trap '' HUP INT
+dir=$1
+case $dir in
+    /*/outrider-sshd-*) ;;
+    *) exit 2 ;;
+esac
+while read -r line; do :; done
+[ -d "$dir" ] || exit 0
+printf '%s\n' "$dir/sshd_config" > "$dir/reaper.pattern" || exit 1
+all=
+for f in $(grep -laFf "$dir/reaper.pattern" /proc/[0-9]*/cmdline 2>/dev/null); do
+    p=${f#/proc/}
+    all="$all ${p%/cmdline}"
+done
+while [ -n "$all" ]; do
+    kill -STOP $all 2>/dev/null
+    new=
+    for s in /proc/[0-9]*/stat; do
+        read -r stat < "$s" 2>/dev/null || continue
+        set -- ${stat##*") "}
+        p=${s#/proc/}
+        p=${p%/stat}
+        case " $all " in
+            *" $2 "*) case " $all $new " in *" $p "*) ;; *) new="$new $p" ;; esac ;;
+        esac
+    done
+    [ -z "$new" ] && break
+    all="$all $new"
+done
+[ -n "$all" ] && kill -KILL $all 2>/dev/null
+rm -rf -- "$dir"
+"#;
+
+/// The reaper process of one sshd temp dir (see [`REAPER_SCRIPT`]). Holds the write end of the
+/// reaper's stdin; [`Reaper::disarm`] (also on drop) kills the reaper without letting it act.
+struct Reaper {
+    child: Child,
+}
+
+impl Reaper {
+    fn spawn(dir: &Path) -> Reaper {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(REAPER_SCRIPT)
+            .arg("outrider-sshd-reaper")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Out of the test's process group: a Ctrl-C or a group kill aimed at the test run
+            // must leave the reaper alive to clean up after it.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the sshd reaper (sh): {e}"));
+        Reaper { child }
+    }
+
+    /// Kills the reaper (it never sees EOF, so it does nothing) and reaps it. Idempotent.
+    fn disarm(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.disarm();
     }
 }
 
@@ -563,7 +660,7 @@ pub fn process_table() -> Vec<(u32, u32)> {
 }
 
 /// Every process below `root` (by parent pid), depth first.
-fn descendants(root: u32) -> Vec<u32> {
+pub fn descendants(root: u32) -> Vec<u32> {
     let parents = process_table();
     let mut out = Vec::new();
     let mut stack = vec![root];
