@@ -1,11 +1,13 @@
 //! Outrider: a Kubernetes operator for day-2 operations on machines outside the cluster.
 //!
-//! Layers (data flows one way): [`api`] → [`controller`] → [`engine`] → transports.
+//! Layers (data flows one way): [`api`] → [`resolve`] → [`controller`] → [`engine`] → transports.
 
 pub mod agent;
 pub mod api;
+pub mod backoff;
 pub mod controller;
 pub mod engine;
+pub mod resolve;
 pub mod ssh;
-pub mod targets;
 pub mod telemetry;
+pub mod text;

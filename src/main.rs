@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use outrider::controller::{self, Context, leader};
+use outrider::controller::{self, Context, WatchNamespace, leader};
 use outrider::telemetry::{self, LogFormat, Metrics, Readiness};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -163,7 +163,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         client.clone(),
         metrics.clone(),
         Some(identity.clone()),
-        args.watch_namespace,
+        WatchNamespace::from_option(args.watch_namespace),
         args.lease_namespace.clone(),
     ));
 

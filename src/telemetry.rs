@@ -77,6 +77,9 @@ pub struct Metrics {
     pub plan_host_stage_duration: Histogram,
     /// Hosts with a plan stage in progress, over all plans.
     pub plan_hosts_in_flight: Gauge,
+    /// Status writes sent to the API server, per kind (writes skipped as unchanged are not
+    /// counted): the cost the controller puts on the API server.
+    pub status_writes: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -97,6 +100,7 @@ impl Metrics {
                 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
             ]),
             plan_hosts_in_flight: Gauge::default(),
+            status_writes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("outrider");
         r.register(
@@ -135,6 +139,11 @@ impl Metrics {
             m.plan_host_stage_duration.clone(),
         );
         r.register(
+            "status_writes",
+            "Status writes sent to the API server, per kind",
+            m.status_writes.clone(),
+        );
+        r.register(
             "plan_hosts_in_flight",
             "Hosts with a DeploymentPlan stage in progress",
             m.plan_hosts_in_flight.clone(),
@@ -153,6 +162,15 @@ impl Metrics {
             start: Instant::now(),
             histogram: self.reconcile_duration.get_or_create(&label).clone(),
         }
+    }
+
+    /// Counts one status write of `kind`.
+    pub fn status_written(&self, kind: &str) {
+        self.status_writes
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a failed reconcile under a static category.

@@ -13,8 +13,8 @@ use outrider::api::deployment_plan::DeploymentPlanSpec;
 use outrider::engine::plan::{
     self, Control, FailureReason, HostState, Phase, ResumeState, RollbackState, SshRunner,
 };
+use outrider::resolve::{deployment_plan as resolve_plan, inventory as resolve_inv};
 use outrider::ssh::{ClientConfig, Credentials, Endpoint, Fleet};
-use outrider::targets;
 use tokio::sync::{mpsc, watch};
 
 /// Appends `$STAGE <address>` to `$DIR/<address>` and to `$DIR/all.log` (small O_APPEND
@@ -107,7 +107,7 @@ async fn twenty_hosts_two_failures_exceed_the_budget_and_roll_back_exactly_the_s
     let yaml = plan_yaml(work.path(), "127.0.40.7 127.0.40.9", "5", "1");
     let doc: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("yaml");
     let spec: DeploymentPlanSpec = serde_yaml::from_value(doc["spec"].clone()).expect("plan spec");
-    let spec = targets::plan_spec(&spec).expect("engine spec");
+    let spec = resolve_plan::plan_spec(&spec).expect("engine spec");
 
     let runner = SshRunner::new(fleet);
     let (_control, control_rx) = watch::channel(Control::Run);
@@ -470,13 +470,13 @@ fn local_example_is_a_valid_ssh_only_plan_for_its_inventory() {
         Some(plan.spec.targets.inventory_ref.name.as_str()),
         inv.metadata.name.as_deref()
     );
-    let spec = targets::plan_spec(&plan.spec).expect("valid plan");
+    let spec = resolve_plan::plan_spec(&plan.spec).expect("valid plan");
     assert!(
         spec.stages
             .iter()
             .chain(&spec.rollback)
             .all(|s| !matches!(s.action, plan::StageAction::Job(_)))
     );
-    let hosts = targets::endpoints(&inv, plan.spec.targets.selector.as_ref()).expect("hosts");
+    let hosts = resolve_inv::endpoints(&inv, plan.spec.targets.selector.as_ref()).expect("hosts");
     assert_eq!(hosts.len(), 4);
 }

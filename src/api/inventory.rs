@@ -217,8 +217,14 @@ pub struct InventoryStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("maxItems" = 50))]
     pub unreachable: Vec<UnreachableHost>,
-    /// Host keys trusted on first use (`hostKeyPolicy: AcceptNew`). They are pinned: a later
-    /// change of key is refused like any mismatch.
+    /// Host keys trusted on first use (`hostKeyPolicy: AcceptNew`): how many are pinned and
+    /// where. The pins themselves live in a ConfigMap the Inventory owns, so status stays
+    /// small for any fleet size and key type; a later change of a pinned key is refused
+    /// like any mismatch, by the Inventory's probes and by every plan alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_keys: Option<PinnedHostKeys>,
+    /// Deprecated: where Outrider 0.1 kept pinned keys. Read once and moved into the
+    /// ConfigMap named in `hostKeys`; never written.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("maxItems" = 10000))]
     pub accepted_host_keys: Vec<AcceptedHostKey>,
@@ -239,7 +245,34 @@ pub struct UnreachableHost {
     pub message: String,
 }
 
-/// A host key accepted on first use.
+/// Where the pinned host keys are, and the most recent ones.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedHostKeys {
+    /// Number of host keys pinned.
+    pub pinned: u32,
+    /// The ConfigMap (in this namespace, owned by this Inventory) holding them: one key per
+    /// host, `address port SHA256:fingerprint`.
+    #[schemars(length(max = 253))]
+    pub config_map: String,
+    /// The last keys trusted on first use (at most 20), newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 20))]
+    pub recent: Vec<RecentHostKey>,
+}
+
+/// A host key trusted on first use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentHostKey {
+    #[schemars(length(max = 63))]
+    pub host: String,
+    /// `SHA256:…`, as `ssh-keygen -lf` prints it.
+    #[schemars(length(max = 64))]
+    pub fingerprint: String,
+}
+
+/// A host key accepted on first use (Outrider 0.1's status form, deprecated).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcceptedHostKey {

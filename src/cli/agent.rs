@@ -139,10 +139,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
             gzip: args.gzip,
             request_timeout: args.request_timeout,
             batches_in_flight: usize::from(args.batches_in_flight),
-            backoff: Backoff {
-                initial: args.retry_initial,
-                max: args.retry_max,
-            },
+            backoff: Backoff::new(args.retry_initial, args.retry_max),
         },
         reload_interval: args.reload_interval,
         shutdown_grace: args.shutdown_grace,

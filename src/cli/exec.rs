@@ -3,7 +3,7 @@
 //! uses. Credentials come from a directory laid out like a mounted Secret.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -11,8 +11,8 @@ use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use outrider::api::inventory::Inventory;
-use outrider::ssh::{Command, Credentials, Fleet};
-use outrider::targets;
+use outrider::resolve::inventory as resolve_inv;
+use outrider::ssh::Command;
 
 #[derive(Args)]
 pub struct ExecArgs {
@@ -26,6 +26,9 @@ pub struct ExecArgs {
     /// Only hosts with these labels: `key=value[,key=value…]`.
     #[arg(long, short = 'l')]
     selector: Option<String>,
+    /// Host keys pinned on first use, one `host address port SHA256:…` line each.
+    #[arg(long)]
+    host_keys: Option<PathBuf>,
     /// Hosts in flight at once.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
@@ -63,10 +66,6 @@ fn selector(spec: &str) -> anyhow::Result<LabelSelector> {
     })
 }
 
-fn read_secret_dir(dir: &Path, key: &str) -> Option<Vec<u8>> {
-    std::fs::read(dir.join(key)).ok()
-}
-
 /// Runs the command everywhere; returns whether every host succeeded.
 pub async fn run(args: ExecArgs) -> anyhow::Result<bool> {
     let text = std::fs::read_to_string(&args.inventory)
@@ -74,20 +73,22 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<bool> {
     let inv: Inventory = serde_yaml::from_str(&text)
         .with_context(|| format!("{} is not an Inventory", args.inventory.display()))?;
     let secret = args.secret_dir.display().to_string();
-    let material = targets::ssh_material(&secret, inv.spec.ssh.host_key_policy, |k| {
-        read_secret_dir(&args.secret_dir, k)
-    })?;
-    let credentials = Credentials::new(
-        &material.private_key,
-        material.passphrase.as_deref(),
-        &material.known_hosts,
-    )?;
     let selector = args.selector.as_deref().map(selector).transpose()?;
-    let endpoints = targets::endpoints(&inv, selector.as_ref())?;
-    if endpoints.is_empty() {
-        bail!("no host of {} matches", args.inventory.display());
-    }
-    let fleet = Fleet::new(targets::client_config(&inv)?, credentials)
+    let targets = resolve_inv::fleet(
+        &inv,
+        resolve_inv::FleetInput {
+            secret_name: &secret,
+            lookup: &resolve_inv::secret_dir_lookup(&args.secret_dir),
+            pins: super::plan::read_pins(args.host_keys.as_deref())?,
+            selector: selector.as_ref(),
+            selector_field: "--selector",
+            shared_handshakes: None,
+        },
+    )
+    .with_context(|| format!("{}", args.inventory.display()))?;
+    let endpoints = targets.hosts;
+    let fleet = targets
+        .fleet
         .with_concurrency(args.concurrency)
         .with_handshakes(args.handshakes);
     let command = Command::argv(args.command.clone())

@@ -11,13 +11,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use outrider::api::deployment_plan::DeploymentPlan;
 use outrider::api::inventory::Inventory;
-use outrider::engine::inventory::check_hosts;
 use outrider::engine::plan::{
     self, Control, HostState, Phase, PlanEvent, PlanOutcome, ResumeState, RollbackState, SshRunner,
     StageAction,
 };
-use outrider::ssh::{Credentials, Fleet};
-use outrider::targets;
+use outrider::resolve::{deployment_plan as resolve_plan, inventory as resolve_inv};
 use tokio::sync::{mpsc, watch};
 
 #[derive(Args)]
@@ -47,6 +45,10 @@ struct RunArgs {
     /// SSH handshakes in flight at once (they cost the servers far more than commands).
     #[arg(long, default_value_t = 16)]
     handshakes: usize,
+    /// Host keys pinned on first use, one `host address port SHA256:…` line each (an
+    /// Inventory's `<name>-host-keys` ConfigMap holds the same entries).
+    #[arg(long)]
+    host_keys: Option<PathBuf>,
 }
 
 /// Runs the subcommand; returns whether the plan succeeded.
@@ -79,7 +81,7 @@ async fn run_plan(args: RunArgs) -> anyhow::Result<bool> {
             args.file.display()
         );
     }
-    let spec = targets::plan_spec(&plan.spec)
+    let spec = resolve_plan::plan_spec(&plan.spec)
         .with_context(|| format!("{} is not a valid plan", args.file.display()))?;
     if let Some(s) = spec
         .stages
@@ -93,27 +95,21 @@ async fn run_plan(args: RunArgs) -> anyhow::Result<bool> {
             s.name
         );
     }
-    check_hosts(inv.spec.hosts.iter().map(|h| h.name.as_str()))
-        .with_context(|| format!("{}", args.inventory.display()))?;
-    let endpoints = targets::endpoints(&inv, plan.spec.targets.selector.as_ref())?;
-    if endpoints.is_empty() {
-        bail!(
-            "no host of {} matches the plan's selector",
-            args.inventory.display()
-        );
-    }
     let secret = args.secret_dir.display().to_string();
-    let material = targets::ssh_material(&secret, inv.spec.ssh.host_key_policy, |k| {
-        std::fs::read(args.secret_dir.join(k)).ok()
-    })?;
-    let credentials = Credentials::new(
-        &material.private_key,
-        material.passphrase.as_deref(),
-        &material.known_hosts,
-    )?;
-    let fleet =
-        Fleet::new(targets::client_config(&inv)?, credentials).with_handshakes(args.handshakes);
-    let runner = SshRunner::new(fleet);
+    let targets = resolve_inv::fleet(
+        &inv,
+        resolve_inv::FleetInput {
+            secret_name: &secret,
+            lookup: &resolve_inv::secret_dir_lookup(&args.secret_dir),
+            pins: read_pins(args.host_keys.as_deref())?,
+            selector: plan.spec.targets.selector.as_ref(),
+            selector_field: "spec.targets.selector",
+            shared_handshakes: None,
+        },
+    )
+    .with_context(|| format!("{}", args.inventory.display()))?;
+    let endpoints = targets.hosts;
+    let runner = SshRunner::new(targets.fleet.with_handshakes(args.handshakes));
 
     let (control, control_rx) = watch::channel(Control::Run);
     // Ctrl-C: stop starting hosts and stages, let in-flight stages finish, report.
@@ -144,6 +140,16 @@ async fn run_plan(args: RunArgs) -> anyhow::Result<bool> {
     printed?;
     print_summary(&outcome, started.elapsed().as_secs_f64())?;
     Ok(outcome.phase == Phase::Succeeded)
+}
+
+/// Pinned host keys from `--host-keys` (none without it).
+pub fn read_pins(path: Option<&Path>) -> anyhow::Result<outrider::ssh::Pins> {
+    let Some(path) = path else {
+        return Ok(outrider::ssh::Pins::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    outrider::ssh::Pins::parse(&text).with_context(|| format!("{}", path.display()))
 }
 
 /// One plain line per finished host stage (and per notable run event); on a terminal, a

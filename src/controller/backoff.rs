@@ -1,18 +1,18 @@
 //! Per-object error backoff. kube-runtime requeues a failed object at whatever delay the
 //! error policy returns, with no memory of earlier failures: this keeps a failure count per
-//! object (reset on success) and turns it into exponential backoff with jitter.
+//! object (reset on success) and turns it into the crate's one exponential backoff with
+//! jitter ([`crate::backoff::Backoff`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rand::Rng;
+use crate::backoff::Backoff;
 
 /// Failure counts per object key (`kind/namespace/name`).
 #[derive(Debug)]
 pub struct ErrorBackoff {
-    base: Duration,
-    max: Duration,
+    timing: Backoff,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -25,15 +25,14 @@ impl Default for ErrorBackoff {
 impl ErrorBackoff {
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
-            base,
-            max,
+            timing: Backoff::new(base, max),
             failures: Mutex::new(HashMap::new()),
         }
     }
 
     /// Records one more failure of `key` and returns how long to wait before retrying:
-    /// `base * 2^(n-1)`, capped at `max`, with ±20% jitter so a fleet of failing objects
-    /// does not retry in lock step.
+    /// `base * 2^(n-1)`, capped at `max`, jittered so a fleet of failing objects does not
+    /// retry in lock step.
     pub fn next_delay(&self, key: &str) -> Duration {
         let n = {
             let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -41,10 +40,7 @@ impl ErrorBackoff {
             *n = n.saturating_add(1);
             *n
         };
-        let exp = self.base.saturating_mul(1u32 << (n - 1).min(20));
-        let capped = exp.min(self.max);
-        let jitter = rand::rng().random_range(0.8..1.2);
-        capped.mul_f64(jitter)
+        self.timing.delay(n - 1)
     }
 
     /// Forgets `key`'s failures after a successful reconcile.
@@ -77,19 +73,19 @@ mod tests {
         let d2 = b.next_delay("x");
         let d3 = b.next_delay("x");
         assert!(
-            d1 >= Duration::from_millis(800) && d1 <= Duration::from_millis(1200),
+            d1 >= Duration::from_millis(500) && d1 <= Duration::from_millis(1000),
             "{d1:?}"
         );
         assert!(
-            d2 >= Duration::from_millis(1600) && d2 <= Duration::from_millis(2400),
+            d2 >= Duration::from_millis(1000) && d2 <= Duration::from_millis(2000),
             "{d2:?}"
         );
         assert!(
-            d3 >= Duration::from_millis(3200) && d3 <= Duration::from_millis(4800),
+            d3 >= Duration::from_millis(2000) && d3 <= Duration::from_millis(4000),
             "{d3:?}"
         );
         for _ in 0..30 {
-            assert!(b.next_delay("x") <= Duration::from_secs(12));
+            assert!(b.next_delay("x") <= Duration::from_secs(10));
         }
     }
 
@@ -103,6 +99,6 @@ mod tests {
         assert_eq!(b.failures("a"), 0);
         assert_eq!(b.failures("b"), 1);
         let d = b.next_delay("a");
-        assert!(d <= Duration::from_millis(1200), "{d:?}");
+        assert!(d <= Duration::from_millis(1000), "{d:?}");
     }
 }

@@ -2,7 +2,101 @@
 //! `lastTransitionTime` only moves when a condition's status really changes (otherwise every
 //! status write would trigger our own watch again).
 
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{At, Context, Error, Stage, runtime, status};
+
+/// The condition every kind has.
+pub const READY: &str = "Ready";
+
+/// A user-side problem that stops the work: reported as `Ready=False` with this reason and
+/// message (never an error to retry: the user must change something).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotReady {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl NotReady {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The `Ready=False` condition saying it.
+    pub fn ready(&self) -> Desired {
+        Desired::new(READY, false, self.reason, self.message.clone())
+    }
+}
+
+impl From<crate::resolve::ResolveError> for NotReady {
+    fn from(e: crate::resolve::ResolveError) -> Self {
+        NotReady::new(e.reason(), e.to_string())
+    }
+}
+
+/// Writes `new` as `obj`'s status when it differs from `old`, and publishes an Event when
+/// the Ready reason changed from `old_conditions` (Warning when not ready). The one way a
+/// short reconcile reports; long-running tasks use a `StatusWriter` and [`ready_changed`].
+pub async fn report<K, S>(
+    ctx: &Context,
+    obj: &K,
+    old: Option<&S>,
+    new: &S,
+    old_conditions: &[Condition],
+    ready: &Desired,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+    S: Serialize + PartialEq,
+{
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let api = ctx.api_in::<K>(&ns);
+    if status::apply_if_changed(&api, &obj.name_any(), old, new)
+        .await
+        .at(Stage::Status)?
+    {
+        ctx.metrics.status_written(&K::kind(&()));
+    }
+    if ready_changed(old_conditions, ready) {
+        runtime::publish_event(
+            ctx,
+            obj,
+            event_type(ready),
+            ready.reason,
+            ready.message.clone(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Whether `ready`'s reason differs from the Ready condition in `old` (or there was none):
+/// the one test for "publish an Event", so Events mark transitions, not rounds.
+pub fn ready_changed(old: &[Condition], ready: &Desired) -> bool {
+    find(old, ready.type_).is_none_or(|c| c.reason != ready.reason)
+}
+
+/// Normal for a true condition, Warning for a false one.
+pub fn event_type(ready: &Desired) -> EventType {
+    if ready.status {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    }
+}
 
 /// A condition as a reconciler decides it; [`merge`] turns it into a `metav1.Condition`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,6 +1,10 @@
-//! kube-runtime adapters, one file per kind: read the object, call the engine, write
-//! status, emit Events. The shared machinery (status writes, conditions, backoff, leader
-//! election, the watch stream) lives beside them.
+//! kube-runtime adapters, one folder per kind, all of one shape: `run` builds the kind's
+//! controller with [`runtime::controller`] (adding only its `watches`/`owns`), and a plain
+//! `async fn reconcile(&K, &Context) -> Result<Action, Error>` wrapped by
+//! [`runtime::reconciler`] does validate → resolve → act → report. Long-running work
+//! (plan runs, inventory probing) goes through the [`tasks`] registry and writes status
+//! through a [`status::StatusWriter`]; short reconciles report through
+//! [`conditions::report`]. The shared machinery lives beside the kinds.
 
 pub mod backoff;
 pub mod conditions;
@@ -10,27 +14,48 @@ pub mod leader;
 pub mod log_pipeline;
 pub mod runtime;
 pub mod status;
+pub mod tasks;
 
 use std::sync::Arc;
 
-use kube::Client;
+use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
 
-/// Everything a reconciler needs, built once in `main` and shared.
+/// Handshakes in flight at once over every SSH fleet of the process.
+pub const MAX_HANDSHAKES: usize = 32;
+
+/// Which namespaces the controller watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchNamespace {
+    All,
+    One(String),
+}
+
+impl WatchNamespace {
+    pub fn from_option(ns: Option<String>) -> Self {
+        ns.map_or(WatchNamespace::All, WatchNamespace::One)
+    }
+}
+
+/// Everything a reconciler needs, built once in `main` and shared. Kind-specific state
+/// lives with the kind (captured by its reconcile closure), not here.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub backoff: backoff::ErrorBackoff,
-    /// Only this namespace is watched when set; all namespaces otherwise.
-    pub namespace: Option<String>,
-    /// DeploymentPlan runs in progress (background tasks), by namespace/name.
-    pub plans: deployment_plan::Runs,
+    pub scope: WatchNamespace,
     /// The operator's own namespace: the node agents' ConfigMap and Pods live there.
     pub operator_namespace: String,
+    /// The process-wide cap on SSH handshakes in flight, handed to every Fleet.
+    pub handshakes: Arc<Semaphore>,
+    /// Long-running per-object work (plan runs, inventory probes).
+    pub tasks: tasks::Registry,
 }
 
 impl Context {
@@ -38,7 +63,7 @@ impl Context {
         client: Client,
         metrics: Metrics,
         instance: Option<String>,
-        namespace: Option<String>,
+        scope: WatchNamespace,
         operator_namespace: String,
     ) -> Self {
         let reporter = Reporter {
@@ -50,9 +75,54 @@ impl Context {
             client,
             metrics,
             backoff: backoff::ErrorBackoff::default(),
-            namespace,
-            plans: deployment_plan::Runs::default(),
+            scope,
             operator_namespace,
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            tasks: tasks::Registry::default(),
+        }
+    }
+
+    /// An Api over the watched scope (one namespace, or all).
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.scope {
+            WatchNamespace::All => Api::all(self.client.clone()),
+            WatchNamespace::One(ns) => Api::namespaced(self.client.clone(), ns),
+        }
+    }
+
+    /// An Api in one namespace (an object's own).
+    pub fn api_in<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+/// Where in a reconcile an error happened: the `category` label of
+/// `outrider_reconcile_errors_total`, as stackable's operators label theirs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Reading what the object refers to (Inventory, Secret, pinned keys, raw spec).
+    Resolve,
+    /// Doing the work: Jobs, ConfigMaps, pinned keys.
+    Apply,
+    /// Writing status.
+    Status,
+    /// Deleting what a deleted object leaves behind.
+    Cleanup,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Resolve => "resolve",
+            Stage::Apply => "apply",
+            Stage::Status => "status",
+            Stage::Cleanup => "cleanup",
         }
     }
 }
@@ -61,8 +131,12 @@ impl Context {
 /// Problems with the user's objects are not errors: they become status conditions.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
+    #[error("Kubernetes API request failed while {}: {source}", .stage.as_str())]
+    Kube {
+        stage: Stage,
+        #[source]
+        source: kube::Error,
+    },
     #[error("object has no namespace")]
     NoNamespace,
     #[error("finalizer: {0}")]
@@ -73,19 +147,37 @@ impl Error {
     /// Short static category for metrics labels and Event reasons.
     pub fn category(&self) -> &'static str {
         match self {
-            Error::Kube(_) => "kube_api",
+            Error::Kube { stage, .. } => stage.as_str(),
             Error::NoNamespace => "invalid_object",
-            Error::Finalizer(_) => "finalizer",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                _ => "finalizer",
+            },
         }
     }
 }
 
+/// Tags a kube result with the reconcile stage it belongs to.
+pub trait At<T> {
+    fn at(self, stage: Stage) -> Result<T, Error>;
+}
+
+impl<T> At<T> for Result<T, kube::Error> {
+    fn at(self, stage: Stage) -> Result<T, Error> {
+        self.map_err(|source| Error::Kube { stage, source })
+    }
+}
+
 /// Runs every kind's controller until `stop` fires, then lets in-flight reconciles (and
-/// their status writes) finish before returning.
+/// their status writes) finish and stops the long-running tasks before returning.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let shared = runtime::Shared::start(&ctx);
     tokio::join!(
-        inventory::run(ctx.clone(), stop.clone()),
-        deployment_plan::run(ctx.clone(), stop.clone()),
-        log_pipeline::run(ctx, stop),
+        shared.drive(stop.clone()),
+        inventory::run(ctx.clone(), &shared, stop.clone()),
+        deployment_plan::run(ctx.clone(), &shared, stop.clone()),
+        log_pipeline::run(ctx.clone(), &shared, stop),
     );
+    ctx.tasks.shutdown(tasks::SHUTDOWN_GRACE).await;
 }

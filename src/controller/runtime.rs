@@ -1,39 +1,61 @@
-//! The watch stream every kind's controller runs on: objects wrapped in
-//! [`DeserializeGuard`] (one malformed object must not stop the watch for the others),
-//! `managedFields` stripped before caching, and a queue-depth gauge fed from it.
+//! The machinery every kind's controller runs on:
+//! - [`controller`]: the trigger stream (objects wrapped in [`DeserializeGuard`] so one
+//!   malformed object cannot stop the watch for the others, `managedFields` stripped before
+//!   caching, a queue-depth gauge) behind a [`changed`] filter, so the controller's own
+//!   status writes do not trigger another reconcile, and bounded reconcile concurrency;
+//! - [`reconciler`]: wraps a kind's plain `reconcile(Obj<K>, Arc<Context>)` with the timer,
+//!   queue bookkeeping, one way of reporting unreadable objects, and the backoff reset;
+//! - [`Shared`]: one Inventory stream and one Secret-metadata stream for every kind.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt::Debug;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, TryStreamExt};
-use kube::core::DeserializeGuard;
-use kube::runtime::controller::Action;
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::metrics::gauge::Gauge;
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 
-use super::{Context, Error};
+use super::conditions::{self, Desired};
+use super::{At, Context, Error, Stage, status};
+use crate::api::inventory::Inventory;
+
+/// Requeue interval for objects that are fine: a safety net, watches do the real work.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Reconciles of one kind running at once.
+pub const CONCURRENCY: u16 = 8;
+/// Shared streams buffer this many changes per subscriber before applying backpressure.
+const SHARED_BUFFER: usize = 1024;
 
 /// Objects that changed but have not been reconciled since, for the queue-depth gauge.
 pub struct QueueDepth {
-    pending: Mutex<HashSet<String>>,
+    pending: Mutex<std::collections::HashSet<String>>,
     gauge: Gauge,
 }
 
 impl QueueDepth {
     pub fn new(gauge: Gauge) -> Self {
         Self {
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(std::collections::HashSet::new()),
             gauge,
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut HashSet<String>)) {
+    fn update(&self, f: impl FnOnce(&mut std::collections::HashSet<String>)) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut pending);
         self.gauge
@@ -63,12 +85,151 @@ pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     )
 }
 
-/// The trigger stream and its store for kind `K`, watched in `namespace` or cluster-wide.
+/// What a change must touch to trigger a reconcile: the spec (`generation`), annotations
+/// (`outrider.dev/rerun`), finalizers and deletion. Status writes, ours included, touch
+/// none of these.
+pub fn trigger_hash<K: Resource>(obj: &K) -> u64 {
+    let meta = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.annotations.hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    meta.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    meta.uid.hash(&mut h);
+    h.finish()
+}
+
+/// Drops objects whose [`trigger_hash`] equals the last one seen for them.
+#[derive(Default)]
+pub struct Changed {
+    seen: Mutex<HashMap<(Option<String>, String), u64>>,
+}
+
+impl Changed {
+    /// Whether `obj` differs from the last version seen in what [`trigger_hash`] covers.
+    pub fn check<K: Resource>(&self, obj: &K) -> bool {
+        let key = (
+            obj.meta().namespace.clone(),
+            obj.meta().name.clone().unwrap_or_default(),
+        );
+        let hash = trigger_hash(obj);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(key, hash) != Some(hash)
+    }
+}
+
+/// Filters a stream of shared objects through a fresh [`Changed`].
+pub fn changed<K, S>(stream: S) -> impl Stream<Item = Arc<K>> + Send + 'static
+where
+    K: Resource + Send + Sync + 'static,
+    S: Stream<Item = Arc<K>> + Send + 'static,
+{
+    let filter = Changed::default();
+    stream.filter(move |obj| futures::future::ready(filter.check(obj.as_ref())))
+}
+
+/// The controller of kind `K` over `trigger` (from [`Shared`] or [`watch`]), with bounded
+/// concurrency; the caller adds `watches`/`owns` and runs it with [`reconciler`].
+pub fn controller<K>(
+    ctx: &Context,
+    trigger: impl Stream<Item = Arc<DeserializeGuard<K>>> + Send + 'static,
+    store: Store<DeserializeGuard<K>>,
+) -> (Controller<DeserializeGuard<K>>, Arc<QueueDepth>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let queue = queue_depth(ctx, &K::kind(&()));
+    let q = queue.clone();
+    let trigger = changed(trigger).inspect(move |obj| q.queued(object_key(obj.as_ref())));
+    let controller = Controller::for_shared_stream(trigger, store)
+        .with_config(Config::default().concurrency(CONCURRENCY));
+    (controller, queue)
+}
+
+/// A watch of kind `K` in the watched scope, shared (subscribe as often as needed before
+/// driving it): its store, a subscription and the future that drives it.
+pub struct SharedWatch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    pub store: Store<K>,
+    handle: ReflectHandle<K>,
+}
+
+impl<K> SharedWatch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    /// Starts the watch; the returned future must be polled for any subscriber to see
+    /// anything (and every subscriber must be polled, or the watch stalls).
+    fn start(
+        api: Api<K>,
+        modify: impl FnMut(&mut K) + Send + 'static,
+    ) -> (Self, BoxFuture<'static, ()>) {
+        let (store, writer) = reflector::store_shared(SHARED_BUFFER);
+        let handle = writer
+            .subscribe()
+            .unwrap_or_else(|| unreachable!("a shared store always hands out subscriptions"));
+        let driver = watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(modify)
+            .reflect_shared(writer)
+            .for_each(|event| {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "watch error; retrying");
+                }
+                futures::future::ready(())
+            })
+            .boxed();
+        (Self { store, handle }, driver)
+    }
+
+    /// One more subscriber: every change (applied object) from now on.
+    pub fn subscribe(&self) -> ReflectHandle<K> {
+        self.handle.clone()
+    }
+}
+
+/// The streams every kind that needs them shares: one watch of Inventories and one of
+/// Secret metadata (Secret data never enters this process's cache).
+pub struct Shared {
+    pub inventories: SharedWatch<DeserializeGuard<Inventory>>,
+    pub secrets: SharedWatch<PartialObjectMeta<Secret>>,
+    drivers: Mutex<Vec<BoxFuture<'static, ()>>>,
+}
+
+impl Shared {
+    pub fn start(ctx: &Context) -> Self {
+        let (inventories, inv_driver) =
+            SharedWatch::start(ctx.api::<DeserializeGuard<Inventory>>(), |obj| {
+                obj.managed_fields_mut().clear()
+            });
+        let (secrets, secret_driver) =
+            SharedWatch::start(ctx.api::<PartialObjectMeta<Secret>>(), |obj| {
+                obj.managed_fields_mut().clear()
+            });
+        Self {
+            inventories,
+            secrets,
+            drivers: Mutex::new(vec![inv_driver, secret_driver]),
+        }
+    }
+
+    /// Drives the shared watches until `stop` fires. Call once.
+    pub async fn drive(&self, stop: CancellationToken) {
+        let drivers = std::mem::take(&mut *self.drivers.lock().unwrap_or_else(|p| p.into_inner()));
+        tokio::select! {
+            _ = futures::future::join_all(drivers) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+}
+
+/// A private (unshared) watch of kind `K`: its trigger stream and store.
 pub fn watch<K>(
     api: Api<DeserializeGuard<K>>,
-    queue: Arc<QueueDepth>,
 ) -> (
-    impl Stream<Item = Result<DeserializeGuard<K>, watcher::Error>> + Send + 'static,
+    impl Stream<Item = Arc<DeserializeGuard<K>>> + Send + 'static,
     Store<DeserializeGuard<K>>,
 )
 where
@@ -80,8 +241,105 @@ where
         .modify(|obj| obj.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects()
-        .inspect_ok(move |obj| queue.queued(object_key(obj)));
+        .filter_map(|r| futures::future::ready(r.ok().map(Arc::new)));
     (stream, reader)
+}
+
+/// A readable object handed to a kind's reconcile: derefs to `K`.
+pub struct Obj<K: Resource>(Arc<DeserializeGuard<K>>);
+
+impl<K: Resource> std::ops::Deref for Obj<K> {
+    type Target = K;
+    fn deref(&self) -> &K {
+        match &self.0.0 {
+            Ok(k) => k,
+            Err(_) => unreachable!("Obj is only built from readable objects"),
+        }
+    }
+}
+
+impl<K: Resource> Obj<K> {
+    /// The object's namespace (every Outrider kind is namespaced).
+    pub fn ns(&self) -> Result<String, Error> {
+        self.0.namespace().ok_or(Error::NoNamespace)
+    }
+}
+
+/// Wraps a kind's reconcile: reconcile timer and queue bookkeeping, unreadable objects
+/// reported one way for every kind (a Warning Event and `Ready=False/InvalidObject`, no
+/// retry), and the per-object backoff reset on every `Ok`.
+pub fn reconciler<K, F, Fut>(
+    queue: Arc<QueueDepth>,
+    f: F,
+) -> impl FnMut(Arc<DeserializeGuard<K>>, Arc<Context>) -> BoxFuture<'static, Result<Action, Error>>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+    F: Fn(Obj<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    move |guard, ctx| {
+        let f = f.clone();
+        let queue = queue.clone();
+        async move {
+            let kind = K::kind(&());
+            let key = object_key(guard.as_ref());
+            queue.started(&key);
+            let _timer = ctx.metrics.reconcile_started(&kind);
+            if guard.0.is_err() {
+                report_unreadable(&ctx, guard.as_ref()).await?;
+                return Ok(Action::await_change());
+            }
+            let action = f(Obj(guard), ctx.clone()).await?;
+            ctx.backoff.reset(&key);
+            Ok(action)
+        }
+        .boxed()
+    }
+}
+
+/// An object that no longer deserializes (e.g. stored by a newer CRD than this controller
+/// knows): a Warning Event and `Ready=False/InvalidObject` on it, through its metadata only.
+async fn report_unreadable<K>(ctx: &Context, guard: &DeserializeGuard<K>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let Err(invalid) = &guard.0 else {
+        return Ok(());
+    };
+    let message = format!("cannot read this {}: {}", K::kind(&()), invalid.error);
+    publish_event(
+        ctx,
+        guard,
+        EventType::Warning,
+        "InvalidObject",
+        message.clone(),
+    )
+    .await;
+    let ns = guard.namespace().ok_or(Error::NoNamespace)?;
+    let status = serde_json::json!({
+        "conditions": conditions::merge(
+            &[],
+            &[Desired::new(conditions::READY, false, "InvalidObject", message)],
+            invalid.metadata.generation,
+            &Time(Timestamp::now()),
+        ),
+    });
+    let api: Api<PartialObjectMeta<K>> = ctx.api_in(&ns);
+    status::apply(&api, &guard.name_any(), &status)
+        .await
+        .at(Stage::Status)?;
+    ctx.metrics.status_written(&K::kind(&()));
+    Ok(())
 }
 
 /// Error policy shared by every kind: count the failure, back off per object.
@@ -97,6 +355,34 @@ where
     Action::requeue(delay)
 }
 
+/// Drives a built controller to completion, discarding its per-reconcile results (errors
+/// are already counted and logged by [`error_policy`]).
+pub async fn drive<K>(
+    controller: Controller<DeserializeGuard<K>>,
+    stop: CancellationToken,
+    ctx: Arc<Context>,
+    reconcile: impl FnMut(
+        Arc<DeserializeGuard<K>>,
+        Arc<Context>,
+    ) -> BoxFuture<'static, Result<Action, Error>>
+    + Send
+    + 'static,
+) where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    controller
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
 /// Publishes an Event on `obj`; failures are logged, never fatal (Events are best effort).
 pub async fn publish_event<K>(ctx: &Context, obj: &K, type_: EventType, reason: &str, note: String)
 where
@@ -105,7 +391,7 @@ where
     let event = Event {
         type_,
         reason: reason.to_string(),
-        note: Some(truncate(note, 1000)),
+        note: Some(crate::text::clip(note, 1000)),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -114,39 +400,8 @@ where
     }
 }
 
-/// The object, or `None` after a Warning Event on it saying why it cannot be read (only when
-/// the stored object no longer matches these types, e.g. a CRD newer than this controller).
-pub async fn readable<'a, K>(ctx: &Context, guard: &'a DeserializeGuard<K>) -> Option<&'a K>
-where
-    K: Resource<DynamicType = ()>,
-{
-    match &guard.0 {
-        Ok(obj) => Some(obj),
-        Err(invalid) => {
-            let message = format!("cannot read this {}: {}", K::kind(&()), invalid.error);
-            publish_event(ctx, guard, EventType::Warning, "InvalidObject", message).await;
-            None
-        }
-    }
-}
-
-/// Caps a message at `max` bytes on a character boundary.
-pub fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
-}
-
-/// Requeue interval for objects that are fine: a safety net, watches do the real work.
-pub const RESYNC: Duration = Duration::from_secs(300);
-
-/// Maps a changed object of another kind to the objects of `K` in the store that refer
-/// to it, for `Controller::watches_stream`.
+/// Maps a changed object of another kind to the objects of `K` in the store (same
+/// namespace) that `refers` accepts, for `watches_shared_stream`.
 pub fn referrers<K>(
     store: &Store<DeserializeGuard<K>>,
     namespace: Option<String>,
@@ -188,4 +443,52 @@ pub fn queue_depth(ctx: &Context, kind: &str) -> Arc<QueueDepth> {
         .get_or_create(&crate::telemetry::KindLabel { kind: kind.into() })
         .clone();
     Arc::new(QueueDepth::new(gauge))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::inventory::Inventory;
+
+    fn inv(yaml: &str) -> Inventory {
+        serde_yaml::from_str(yaml).expect("inventory")
+    }
+
+    const BASE: &str = r#"
+apiVersion: outrider.dev/v1alpha1
+kind: Inventory
+metadata: {name: a, namespace: n, generation: 1, resourceVersion: "10"}
+spec:
+  ssh: {user: u, secretRef: {name: s}}
+  hosts: [{name: h, address: 127.0.0.1}]
+"#;
+
+    #[test]
+    fn our_status_writes_do_not_pass_the_trigger_filter_but_spec_annotation_and_finalizer_changes_do()
+     {
+        let changed = Changed::default();
+        let base = inv(BASE);
+        assert!(changed.check(&base), "first sight passes");
+        let mut status_only = base.clone();
+        status_only.metadata.resource_version = Some("11".into());
+        status_only.status = Some(Default::default());
+        assert!(
+            !changed.check(&status_only),
+            "a status write must not re-trigger"
+        );
+        let mut spec = status_only.clone();
+        spec.metadata.generation = Some(2);
+        assert!(changed.check(&spec));
+        let mut annotated = spec.clone();
+        annotated
+            .annotations_mut()
+            .insert("outrider.dev/rerun".into(), "1".into());
+        assert!(changed.check(&annotated));
+        let mut finalized = annotated.clone();
+        finalized
+            .finalizers_mut()
+            .push("outrider.dev/cleanup".into());
+        assert!(changed.check(&finalized));
+        assert!(!changed.check(&finalized));
+    }
 }

@@ -10,12 +10,15 @@ use russh::client::{self, AuthResult, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 
 use super::known_hosts::{self, HostKeyVerdict, KnownHosts};
+use super::pins::{PinVerdict, Pins};
 use super::{ClientConfig, Endpoint, Error, HostKeyPolicy};
 
 /// Credentials decoded once per run and shared by every connection.
 pub struct Credentials {
     key: Arc<PrivateKey>,
     known_hosts: KnownHosts,
+    /// Keys pinned on first use, checked when `known_hosts` does not know a host.
+    pins: Pins,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -46,7 +49,19 @@ impl Credentials {
         Ok(Self {
             key: Arc::new(key),
             known_hosts,
+            pins: Pins::default(),
         })
+    }
+
+    /// Adds the host keys pinned on first use (see [`Pins`]).
+    pub fn with_pins(mut self, pins: Pins) -> Self {
+        self.pins = pins;
+        self
+    }
+
+    /// The pinned host keys these credentials verify against.
+    pub fn pins(&self) -> &Pins {
+        &self.pins
     }
 }
 
@@ -93,16 +108,19 @@ impl client::Handler for Verifier {
             .verify(&self.address, self.port, key)
         {
             HostKeyVerdict::Trusted => Verdict::Trusted,
-            HostKeyVerdict::Unknown if self.policy == HostKeyPolicy::AcceptNew => {
-                Verdict::AcceptedNew {
-                    line: known_hosts::known_hosts_line(&self.address, self.port, key),
-                    fingerprint,
-                }
-            }
-            HostKeyVerdict::Unknown => Verdict::Refused(Error::HostKeyUnknown {
-                host: self.host.clone(),
-                fingerprint,
-            }),
+            HostKeyVerdict::Unknown => match self.credentials.pins.verify_fingerprint(
+                &self.address,
+                self.port,
+                &fingerprint,
+            ) {
+                PinVerdict::Matches => Verdict::Trusted,
+                PinVerdict::Differs { pinned } => Verdict::Refused(Error::HostKeyMismatch {
+                    host: self.host.clone(),
+                    presented: fingerprint,
+                    expected: format!("{pinned} (pinned on first use)"),
+                }),
+                PinVerdict::Unpinned => self.unknown(key, fingerprint),
+            },
             HostKeyVerdict::Mismatch { expected } => Verdict::Refused(Error::HostKeyMismatch {
                 host: self.host.clone(),
                 presented: fingerprint,
@@ -120,6 +138,21 @@ impl client::Handler for Verifier {
 }
 
 impl Verifier {
+    /// A key neither `known_hosts` nor a pin knows: trusted once under `AcceptNew`.
+    fn unknown(&self, key: &russh::keys::PublicKey, fingerprint: String) -> Verdict {
+        if self.policy == HostKeyPolicy::AcceptNew {
+            Verdict::AcceptedNew {
+                line: known_hosts::known_hosts_line(&self.address, self.port, key),
+                fingerprint,
+            }
+        } else {
+            Verdict::Refused(Error::HostKeyUnknown {
+                host: self.host.clone(),
+                fingerprint,
+            })
+        }
+    }
+
     fn set(&self, v: Verdict) {
         *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
     }

@@ -132,16 +132,7 @@ impl ExecOutput {
 }
 
 fn tail_text(c: &Captured, max: usize) -> String {
-    let s = c.to_string_lossy();
-    let s = s.trim_end();
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &s[start..])
+    crate::text::tail(&c.to_string_lossy(), max)
 }
 
 /// Recognises sudo's own refusals (as opposed to the command failing).

@@ -29,8 +29,12 @@ pub struct Fleet {
     credentials: Arc<Credentials>,
     /// Hosts in flight at once.
     pub concurrency: usize,
-    /// Handshakes in flight at once.
+    /// Handshakes in flight at once for this fleet.
     pub handshakes: usize,
+    handshake_permits: Arc<Semaphore>,
+    /// Handshakes in flight at once across every fleet of the process (the controller
+    /// shares one: a hundred Inventories must not open 1,600 handshakes together).
+    shared_handshakes: Option<Arc<Semaphore>>,
     /// Hosts in flight at once through one jump host.
     pub per_jump_host: usize,
     jump: Arc<OnceCell<Result<Option<Arc<Session>>, Error>>>,
@@ -43,6 +47,8 @@ impl Fleet {
             credentials: Arc::new(credentials),
             concurrency: 50,
             handshakes: 16,
+            handshake_permits: Arc::new(Semaphore::new(16)),
+            shared_handshakes: None,
             per_jump_host: 32,
             jump: Arc::new(OnceCell::new()),
         }
@@ -55,7 +61,18 @@ impl Fleet {
 
     pub fn with_handshakes(mut self, handshakes: usize) -> Self {
         self.handshakes = handshakes.max(1);
+        self.handshake_permits = Arc::new(Semaphore::new(self.handshakes));
         self
+    }
+
+    /// Also holds a permit of `limit` (shared with other fleets) during every handshake.
+    pub fn with_shared_handshakes(mut self, limit: Arc<Semaphore>) -> Self {
+        self.shared_handshakes = Some(limit);
+        self
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -70,8 +87,14 @@ impl Fleet {
             .clone()
     }
 
-    /// Connects to one host (through the jump host if configured).
+    /// Connects to one host (through the jump host if configured), holding a handshake
+    /// permit of this fleet (and of the process, when shared) while it does.
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Session, Error> {
+        let _mine = self.handshake_permits.acquire().await;
+        let _shared = match &self.shared_handshakes {
+            Some(s) => Some(s.acquire().await),
+            None => None,
+        };
         let jump = self.jump().await.map_err(|e| Error::Unreachable {
             host: endpoint.name.clone(),
             reason: format!("via jump host: {e}"),
@@ -100,7 +123,6 @@ impl Fleet {
     {
         let fleet = self.clone();
         let until = tokio::time::Instant::now() + deadline;
-        let handshakes = Arc::new(Semaphore::new(self.handshakes));
         let limit = if self.config.jump_host.is_some() {
             self.concurrency.min(self.per_jump_host)
         } else {
@@ -110,14 +132,10 @@ impl Fleet {
             .map(move |endpoint| {
                 let fleet = fleet.clone();
                 let action = action.clone();
-                let handshakes = handshakes.clone();
                 async move {
                     let mut accepted_host_key = None;
                     let work = async {
-                        let session = {
-                            let _permit = handshakes.acquire().await;
-                            fleet.connect(&endpoint).await?
-                        };
+                        let session = fleet.connect(&endpoint).await?;
                         accepted_host_key = session.accepted_host_key.clone();
                         action(Arc::new(session)).await
                     };

@@ -7,6 +7,7 @@ pub mod error;
 pub mod exec;
 pub mod fanout;
 pub mod known_hosts;
+pub mod pins;
 pub mod quote;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ pub use client::{Credentials, Session};
 pub use error::Error;
 pub use exec::{Command, ExecOutput, Program};
 pub use fanout::{Fleet, HostResult};
+pub use pins::{Pin, Pins};
 
 /// A host as the transport sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{OutputConfig, OutputKind};
@@ -459,33 +458,10 @@ impl Sink {
     }
 }
 
-/// Retry timing: exponential from `initial` to `max`, with full jitter.
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
+pub use crate::backoff::Backoff;
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Backoff {
-    /// Delay before retry number `attempt` (0-based): uniform in [cap/2, cap].
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let cap = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max);
-        let half = cap / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-}
+/// Sink retries: 100 ms doubling to 10 s, jittered.
+pub const SINK_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// A delivery to one output, with where its rejects go.
 #[derive(Debug)]
@@ -642,22 +618,6 @@ pub fn ndjson(records: &[&Encoded]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_exponentially_with_jitter_and_a_cap() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
-        for _ in 0..50 {
-            let d0 = b.delay(0);
-            assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100));
-            let d3 = b.delay(3);
-            assert!(d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(800));
-            let d20 = b.delay(20);
-            assert!(d20 >= Duration::from_secs(1) && d20 <= Duration::from_secs(2));
-        }
-    }
 
     #[test]
     fn status_classes_decide_retry_or_reject() {

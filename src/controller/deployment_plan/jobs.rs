@@ -2,7 +2,9 @@
 //! stages as owned `batch/v1` Jobs in the cluster. One watch of the plans' Jobs (label
 //! `outrider.dev/plan`) feeds both the controller (`owns`) and the runs waiting on a Job.
 
+use futures::StreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 
 use super::*;
 
@@ -87,11 +89,7 @@ fn terminated(pods: &[Pod]) -> Option<(i32, String)> {
 
 /// Keeps the first `max` bytes of a name, on a char boundary.
 fn clip(s: &str, max: usize) -> &str {
-    let mut cut = s.len().min(max);
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    s[..cut].trim_end_matches('-')
+    crate::text::head(s, max).trim_end_matches('-')
 }
 
 impl ClusterRunner {

@@ -3,11 +3,14 @@
 //! ([`plan::run_plan`]) and turns its events into status, Events and metrics. Reconcile
 //! returns at once; status is the durable record a restarted controller resumes from.
 //!
-//! A run is identified by a key: a hash of the spec without `paused`, plus the value of the
-//! `outrider.dev/rerun` annotation. Toggling `paused` pauses/resumes the same run; any other
-//! spec edit, or a new annotation value, stops the run at the next host boundary and
-//! starts a new one. `status.progress` keeps the key, a fingerprint of the host list and
-//! the engine's [`ResumeState`].
+//! A run is identified by a key over what the user wrote (see
+//! [`crate::resolve::deployment_plan::run_key`]): the stored spec without `paused`, plus the
+//! value of the `outrider.dev/rerun` annotation. Toggling `paused` pauses/resumes the same
+//! run; any other spec edit, or a new annotation value, stops the run at the next host
+//! boundary and starts a new one. `status.progress` keeps a format version, the key, a
+//! fingerprint of the host list and the engine's [`ResumeState`]; a progress this version
+//! cannot read is reported (`Ready=False/ProgressUnreadable`), never silently restarted.
+//! Runs are tasks of the shared [`tasks::Registry`](super::tasks::Registry).
 //!
 //! `job:` stages run as `batch/v1` Jobs owned by the plan (`ClusterRunner`); SSH stages
 //! go through [`SshRunner`]. The finalizer `outrider.dev/cleanup` stops a deleted plan's
@@ -18,24 +21,23 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::conditions::{self, Desired};
-use super::runtime;
-use super::{Context, Error, status};
+use super::conditions::{self, Desired, NotReady, READY};
+use super::runtime::{self, Obj, Shared};
+use super::tasks::{Found, Steer};
+use super::{At, Context, Error, Stage, status};
 use crate::api::deployment_plan::{
     self as api, BatchProgress, DeploymentPlan, DeploymentPlanStatus, HostCounts, PlanPhase,
     RERUN_ANNOTATION, StageProgress,
@@ -44,8 +46,9 @@ use crate::api::inventory::Inventory;
 use crate::engine::plan::{
     self, Control, Phase, PlanEvent, PlanSpec, ResumeState, SshRunner, StageAction,
 };
-use crate::ssh::{Credentials, Endpoint, Fleet};
-use crate::targets;
+use crate::resolve::deployment_plan::{self as resolve_plan, fnv};
+use crate::resolve::inventory as resolve_inv;
+use crate::ssh::Endpoint;
 use crate::telemetry::ResultLabel;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{EnvVar, Pod, PodTemplateSpec};
@@ -56,7 +59,6 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 const KIND: &str = "DeploymentPlan";
 /// Finalizer that lets a deleted plan's run stop before the plan is gone.
 pub const FINALIZER: &str = "outrider.dev/cleanup";
-const READY: &str = "Ready";
 const PROGRESSING: &str = "Progressing";
 const FAILED: &str = "Failed";
 /// Labels of a plan's Jobs.
@@ -78,54 +80,43 @@ const WRITE_INTERVAL: Duration = Duration::from_millis(250);
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Retry interval while the Inventory or Secret is missing or invalid.
 const NOT_READY_RETRY: Duration = Duration::from_secs(5);
-/// How long shutdown waits for runs to reach a host boundary before cancelling them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Attempts of a run's final status write before giving up until the next reconcile.
+const FINAL_WRITE_ATTEMPTS: u32 = 12;
+/// The `status.progress` format this version writes and reads.
+const PROGRESS_VERSION: u32 = 2;
 
-/// One plan's run in progress (or just finished), owned by the controller context.
-struct RunHandle {
-    key: String,
+/// Steers one plan's run task.
+struct PlanSteer {
     control: watch::Sender<Control>,
-    task: JoinHandle<()>,
     /// `metadata.generation` the run's status reports as observed (pausing changes it
     /// without starting a new run).
     generation: Arc<AtomicI64>,
 }
 
-/// The runs of every plan, by `namespace/name`.
-#[derive(Default)]
-pub struct Runs {
-    runs: Mutex<HashMap<String, RunHandle>>,
-    /// The shared watch of the plans' Jobs, set when the controller starts.
-    jobs: std::sync::OnceLock<JobWatch>,
+impl Steer for PlanSteer {
+    fn stop(&self) {
+        let _ = self.control.send(Control::Stop);
+    }
 }
 
-impl Runs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunHandle>> {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Stops every run (at the next host boundary), waits up to `grace`, then cancels the
-    /// rest. Status keeps whatever they recorded, so a successor resumes them.
-    async fn shutdown(&self, grace: Duration) {
-        let handles: Vec<RunHandle> = self.lock().drain().map(|(_, h)| h).collect();
-        for h in &handles {
-            let _ = h.control.send(Control::Stop);
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        for h in handles {
-            let abort = h.task.abort_handle();
-            if tokio::time::timeout_at(deadline, h.task).await.is_err() {
-                abort.abort();
-            }
-        }
-    }
+/// What the DeploymentPlan controller keeps besides the shared [`Context`].
+pub(super) struct PlanState {
+    /// The shared watch of the plans' Jobs.
+    jobs: JobWatch,
+    /// Run keys by plan uid, computed once per generation from the stored spec.
+    keys: Mutex<HashMap<String, (i64, String)>>,
+    /// The shared Inventory cache (the plans' targets are read from it, not fetched).
+    inventories: kube::runtime::reflector::Store<kube::core::DeserializeGuard<Inventory>>,
 }
 
 /// What `status.progress` holds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Progress {
-    /// Run key: hash of the spec without `paused`, and the rerun annotation.
+    /// Format version ([`PROGRESS_VERSION`]); absent in Outrider 0.1's progress.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    v: u32,
+    /// Run key (see [`resolve_plan::run_key`]).
     key: String,
     /// Fingerprint of the run's host list (a changed list cannot be resumed).
     hosts: String,
@@ -133,36 +124,52 @@ struct Progress {
     state: ResumeState,
 }
 
-/// FNV-1a, stable across builds and platforms (unlike `DefaultHasher`).
-fn fnv(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// What a plan's `status.progress` says, as far as this version can tell.
+#[derive(Debug, PartialEq)]
+enum Recorded {
+    None,
+    Readable(Progress),
+    /// Written in a form this version cannot read: never restarted silently.
+    Unreadable(String),
+}
+
+fn recorded(status: Option<&DeploymentPlanStatus>) -> Recorded {
+    let Some(value) = status.and_then(|s| s.progress.as_ref()) else {
+        return Recorded::None;
+    };
+    match serde_json::from_value::<Progress>(value.clone()) {
+        Ok(p) if p.v <= PROGRESS_VERSION => Recorded::Readable(p),
+        Ok(p) => Recorded::Unreadable(format!(
+            "status.progress has format version {} but this controller reads up to {PROGRESS_VERSION} (a newer Outrider wrote it)",
+            p.v
+        )),
+        Err(e) => Recorded::Unreadable(format!("status.progress cannot be read: {e}")),
     }
-    format!("{h:016x}")
+}
+
+/// Whether `progress` records the run `key` identifies (an Outrider 0.1 progress is
+/// matched by its own key scheme, so upgrading never reruns finished plans).
+fn same_run(progress: &Progress, key: &str, legacy_key: &str) -> bool {
+    if progress.v == 0 {
+        progress.key == legacy_key
+    } else {
+        progress.key == key
+    }
 }
 
 fn rerun_value(dp: &DeploymentPlan) -> Option<&str> {
     dp.annotations().get(RERUN_ANNOTATION).map(String::as_str)
 }
 
-/// The run key of a plan as it is now.
-fn run_key(dp: &DeploymentPlan) -> String {
-    let mut spec = dp.spec.clone();
-    spec.paused = false;
-    let json = serde_json::to_vec(&spec).unwrap_or_default();
-    match rerun_value(dp) {
-        Some(v) => format!("{}/{}", fnv(&json), fnv(v.as_bytes())),
-        None => fnv(&json),
-    }
-}
-
 /// `status.run`: the generation the run started at, plus the rerun annotation.
 fn run_id(dp: &DeploymentPlan) -> String {
     let generation = dp.metadata.generation.unwrap_or(0);
     match rerun_value(dp) {
-        Some(v) => runtime::truncate(format!("{generation}/{v}"), 128),
+        Some(v) => crate::text::clip(format!("{generation}/{v}"), 128),
         None => generation.to_string(),
     }
 }
@@ -175,12 +182,6 @@ fn hosts_fingerprint(hosts: &[Endpoint]) -> String {
     fnv(text.join(",").as_bytes())
 }
 
-fn progress_of(status: Option<&DeploymentPlanStatus>) -> Option<Progress> {
-    status
-        .and_then(|s| s.progress.clone())
-        .and_then(|v| serde_json::from_value(v).ok())
-}
-
 fn terminal(phase: Option<PlanPhase>) -> bool {
     matches!(
         phase,
@@ -188,37 +189,21 @@ fn terminal(phase: Option<PlanPhase>) -> bool {
     )
 }
 
-/// Runs the DeploymentPlan controller until `stop` fires, then stops the runs.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
-    let (plans, secrets, inventories, jobs) = match &ctx.namespace {
-        Some(ns) => (
-            Api::namespaced(ctx.client.clone(), ns),
-            Api::<PartialObjectMeta<Secret>>::namespaced(ctx.client.clone(), ns),
-            Api::<PartialObjectMeta<Inventory>>::namespaced(ctx.client.clone(), ns),
-            Api::<Job>::namespaced(ctx.client.clone(), ns),
-        ),
-        None => (
-            Api::all(ctx.client.clone()),
-            Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
-            Api::<PartialObjectMeta<Inventory>>::all(ctx.client.clone()),
-            Api::<Job>::all(ctx.client.clone()),
-        ),
-    };
-    let (job_watch, job_changes) = JobWatch::start(jobs);
-    let _ = ctx.plans.jobs.set(job_watch);
-    let queue = runtime::queue_depth(&ctx, KIND);
-    let (trigger, store) = runtime::watch::<DeploymentPlan>(plans, queue.clone());
-    let secret_changes = watcher(secrets, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
-    let inventory_changes = watcher(inventories, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
+/// Runs the DeploymentPlan controller until `stop` fires.
+pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
+    let (jobs, job_changes) = JobWatch::start(ctx.api::<Job>());
+    let state = Arc::new(PlanState {
+        jobs,
+        keys: Mutex::new(HashMap::new()),
+        inventories: shared.inventories.store.clone(),
+    });
+    let (trigger, store) = runtime::watch::<DeploymentPlan>(ctx.api());
+    let (controller, queue) = runtime::controller::<DeploymentPlan>(&ctx, trigger, store.clone());
     let by_secret = store.clone();
-    let by_inventory = store.clone();
-    Controller::for_stream(trigger, store)
+    let by_inventory = store;
+    let controller = controller
         .owns_stream(job_changes)
-        .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| {
+        .watches_shared_stream(shared.secrets.subscribe(), move |secret| {
             // the plan names its Inventory, not the Secret: wake the plans still waiting
             runtime::referrers(&by_secret, secret.namespace(), |dp: &DeploymentPlan| {
                 dp.status
@@ -226,32 +211,20 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                     .is_some_and(|s| s.phase == Some(PlanPhase::Pending))
             })
         })
-        .watches_stream(
-            inventory_changes,
-            move |inv: PartialObjectMeta<Inventory>| {
+        .watches_shared_stream(
+            runtime::changed(shared.inventories.subscribe()),
+            move |inv| {
                 let name = inv.name_any();
                 runtime::referrers(&by_inventory, inv.namespace(), |dp: &DeploymentPlan| {
                     dp.spec.targets.inventory_ref.name == name
                 })
             },
-        )
-        .graceful_shutdown_on(stop.cancelled_owned())
-        .run(
-            move |obj, ctx| {
-                queue.started(&runtime::object_key(obj.as_ref()));
-                reconcile(obj, ctx)
-            },
-            runtime::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
-    ctx.plans.shutdown(SHUTDOWN_GRACE).await;
-}
-
-/// Why a plan cannot start, as the Ready condition says it.
-fn not_ready(reason: &'static str, message: String) -> Desired {
-    Desired::new(READY, false, reason, message)
+        );
+    let reconcile = runtime::reconciler(queue, move |dp, ctx| {
+        let state = state.clone();
+        async move { reconcile(dp, ctx, state).await }
+    });
+    runtime::drive(controller, stop, ctx, reconcile).await;
 }
 
 /// Everything a run needs, resolved from the plan, its Inventory and its Secret.
@@ -259,109 +232,164 @@ struct Resolved {
     spec: PlanSpec,
     hosts: Vec<Endpoint>,
     runner: SshRunner,
+    /// The Inventory, to pin keys trusted on first use during the run.
+    inventory: Inventory,
 }
 
-async fn resolve(ctx: &Context, ns: &str, dp: &DeploymentPlan) -> Result<Resolved, DesiredOr> {
-    let spec = targets::plan_spec(&dp.spec)
-        .map_err(|e| DesiredOr::Desired(not_ready("InvalidSpec", e.to_string())))?;
+async fn resolve(
+    ctx: &Context,
+    state: &PlanState,
+    ns: &str,
+    dp: &DeploymentPlan,
+) -> Result<Result<Resolved, NotReady>, Error> {
+    let spec = match resolve_plan::plan_spec(&dp.spec) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e.into())),
+    };
     let inv_name = &dp.spec.targets.inventory_ref.name;
-    let inv = Api::<Inventory>::namespaced(ctx.client.clone(), ns)
-        .get_opt(inv_name)
-        .await
-        .map_err(DesiredOr::Kube)?
-        .ok_or_else(|| {
-            DesiredOr::Desired(not_ready(
-                "InventoryNotFound",
-                format!(
-                    "Inventory {inv_name:?} (spec.targets.inventoryRef) does not exist in this namespace"
-                ),
-            ))
-        })?;
+    let cached = state
+        .inventories
+        .get(&ObjectRef::new(inv_name).within(ns))
+        .and_then(|g| g.0.as_ref().ok().cloned());
+    let inv = match cached {
+        Some(inv) => inv,
+        // not cached (yet): ask once, the Inventory watch wakes the plan when it appears
+        None => match ctx
+            .api_in::<Inventory>(ns)
+            .get_opt(inv_name)
+            .await
+            .at(Stage::Resolve)?
+        {
+            Some(inv) => inv,
+            None => {
+                return Ok(Err(NotReady::new(
+                    "InventoryNotFound",
+                    format!(
+                        "Inventory {inv_name:?} (spec.targets.inventoryRef) does not exist in this namespace"
+                    ),
+                )));
+            }
+        },
+    };
     let secret_name = &inv.spec.ssh.secret_ref.name;
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+    let Some(secret) = ctx
+        .api_in::<Secret>(ns)
         .get_opt(secret_name)
         .await
-        .map_err(DesiredOr::Kube)?
-        .ok_or_else(|| {
-            DesiredOr::Desired(not_ready(
-                "SecretNotFound",
-                format!(
-                    "Secret {secret_name:?} (spec.ssh.secretRef of Inventory {inv_name:?}) does not exist in this namespace"
-                ),
-            ))
-        })?;
-    let lookup = |key: &str| runtime::secret_value(&secret, key);
-    let invalid = |e: String| DesiredOr::Desired(not_ready("SecretInvalid", e));
-    let material = targets::ssh_material(secret_name, inv.spec.ssh.host_key_policy, lookup)
-        .map_err(|e| invalid(e.to_string()))?;
-    let credentials = Credentials::new(
-        &material.private_key,
-        material.passphrase.as_deref(),
-        &material.known_hosts,
-    )
-    .map_err(|e| invalid(format!("Secret {secret_name:?}: {e}")))?;
-    let config = targets::client_config(&inv)
-        .map_err(|e| DesiredOr::Desired(not_ready("InvalidInventory", e.to_string())))?;
-    let hosts = targets::endpoints(&inv, dp.spec.targets.selector.as_ref())
-        .map_err(|e| DesiredOr::Desired(not_ready("InvalidSpec", format!("spec.{e}"))))?;
-    if hosts.is_empty() {
-        return Err(DesiredOr::Desired(not_ready(
-            "NoTargets",
-            format!("no host of Inventory {inv_name:?} matches spec.targets.selector"),
+        .at(Stage::Resolve)?
+    else {
+        return Ok(Err(NotReady::new(
+            "SecretNotFound",
+            format!(
+                "Secret {secret_name:?} (spec.ssh.secretRef of Inventory {inv_name:?}) does not exist in this namespace"
+            ),
         )));
-    }
-    let fleet = Fleet::new(config, credentials).with_handshakes(16);
-    Ok(Resolved {
-        spec,
-        hosts,
-        runner: SshRunner::new(fleet),
+    };
+    let pins = match super::inventory::read_pins(ctx, &inv).await? {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let built = resolve_inv::fleet(
+        &inv,
+        resolve_inv::FleetInput {
+            secret_name,
+            lookup: &|k| runtime::secret_value(&secret, k),
+            pins,
+            selector: dp.spec.targets.selector.as_ref(),
+            selector_field: "spec.targets.selector",
+            shared_handshakes: Some(ctx.handshakes.clone()),
+        },
+    );
+    Ok(match built {
+        Ok(targets) => Ok(Resolved {
+            spec,
+            hosts: targets.hosts,
+            runner: SshRunner::new(targets.fleet),
+            inventory: inv,
+        }),
+        Err(e) => Err(e.into()),
     })
 }
 
-/// A resolve failure: a condition for the user, or an API error to retry.
-enum DesiredOr {
-    Desired(Desired),
-    Kube(kube::Error),
+/// The run key of `dp` from its stored spec (fetched once per generation: the typed spec
+/// re-serialised is not what the user wrote). `None` while the stored object is ahead of
+/// the watched one (the watch catches up and reconciles again).
+async fn stored_run_key(
+    ctx: &Context,
+    state: &PlanState,
+    ns: &str,
+    dp: &DeploymentPlan,
+) -> Result<Option<String>, Error> {
+    let uid = dp.uid().unwrap_or_default();
+    let generation = dp.metadata.generation.unwrap_or(0);
+    let cached = state
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .filter(|(g, _)| *g == generation)
+        .map(|(_, k)| k.clone());
+    let base = match cached {
+        Some(k) => k,
+        None => {
+            let ar = ApiResource::erase::<DeploymentPlan>(&());
+            let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+            let Some(raw) = api.get_opt(&dp.name_any()).await.at(Stage::Resolve)? else {
+                return Ok(None);
+            };
+            if raw.metadata.generation != dp.metadata.generation || raw.uid() != dp.uid() {
+                return Ok(None);
+            }
+            let spec = raw.data.get("spec").cloned().unwrap_or_default();
+            let key = resolve_plan::run_key(&spec, None);
+            state
+                .keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, (generation, key.clone()));
+            key
+        }
+    };
+    Ok(Some(match rerun_value(dp) {
+        Some(v) => format!("{base}/{}", fnv(v.as_bytes())),
+        None => base,
+    }))
 }
 
 async fn reconcile(
-    guard: Arc<DeserializeGuard<DeploymentPlan>>,
+    dp: Obj<DeploymentPlan>,
     ctx: Arc<Context>,
+    state: Arc<PlanState>,
 ) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started(KIND);
-    let key = runtime::object_key(guard.as_ref());
-    let ns = guard.namespace().ok_or(Error::NoNamespace)?;
-    let Some(dp) = runtime::readable(&ctx, guard.as_ref()).await else {
-        return Ok(Action::await_change());
-    };
-    let api: Api<DeploymentPlan> = Api::namespaced(ctx.client.clone(), &ns);
-    let action = finalizer(&api, FINALIZER, Arc::new(dp.clone()), |event| async {
+    let ns = dp.ns()?;
+    let api: Api<DeploymentPlan> = ctx.api_in(&ns);
+    finalizer(&api, FINALIZER, Arc::new((*dp).clone()), |event| async {
         match event {
-            FinalizerEvent::Apply(dp) => apply(&ctx, &api, &ns, &dp).await,
-            FinalizerEvent::Cleanup(dp) => cleanup(&ctx, &ns, &dp).await,
+            FinalizerEvent::Apply(dp) => apply(&ctx, &state, &api, &ns, &dp).await,
+            FinalizerEvent::Cleanup(dp) => cleanup(&ctx, &state, &ns, &dp).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
-    ctx.backoff.reset(&key);
-    Ok(action)
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 /// Stops the plan's run when the plan is deleted. The run task cancels itself once the
 /// plan is gone; it is aborted if it has not reached a host boundary within the grace.
 /// Idempotent: a plan without a run has nothing to clean up.
-async fn cleanup(ctx: &Context, ns: &str, dp: &DeploymentPlan) -> Result<Action, Error> {
-    let plan_key = format!("{ns}/{}", dp.name_any());
-    if let Some(h) = ctx.plans.lock().remove(&plan_key) {
-        let _ = h.control.send(Control::Stop);
-        let abort = h.task.abort_handle();
-        tokio::spawn(async move {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-            abort.abort();
-        });
-    }
+async fn cleanup(
+    ctx: &Context,
+    state: &PlanState,
+    ns: &str,
+    dp: &DeploymentPlan,
+) -> Result<Action, Error> {
+    ctx.tasks.stop(&runtime::object_key(dp));
+    state
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&dp.uid().unwrap_or_default());
     // owned Jobs would be garbage-collected too; deleting them now stops their pods at once
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let jobs: Api<Job> = ctx.api_in(ns);
     let selector = format!("{PLAN_LABEL}={}", dp.name_any());
     match jobs
         .delete_collection(
@@ -372,105 +400,129 @@ async fn cleanup(ctx: &Context, ns: &str, dp: &DeploymentPlan) -> Result<Action,
     {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e).at(Stage::Cleanup),
     }
     Ok(Action::await_change())
+}
+
+/// What to do with a plan whose run is not running here.
+#[derive(Debug, PartialEq)]
+enum Start {
+    /// Status already records this run as finished: nothing to run.
+    AlreadyFinished,
+    /// Resume this run from the recorded progress.
+    Resume(ResumeState),
+    /// Start the run from scratch.
+    Fresh,
+    /// The recorded progress cannot be read: report it, run nothing.
+    Unreadable(String),
+}
+
+/// The resume decision, from what status records and what the run would be now.
+fn decide(
+    status: Option<&DeploymentPlanStatus>,
+    key: &str,
+    legacy_key: &str,
+    fingerprint: Option<&str>,
+    replacing: bool,
+) -> Start {
+    let phase = status.and_then(|s| s.phase);
+    match recorded(status) {
+        Recorded::Unreadable(why) if !replacing => Start::Unreadable(why),
+        Recorded::Readable(p) if !replacing && same_run(&p, key, legacy_key) => {
+            if terminal(phase) {
+                Start::AlreadyFinished
+            } else if matches!(phase, Some(PlanPhase::Running | PlanPhase::Paused))
+                && fingerprint.is_some_and(|f| f == p.hosts)
+            {
+                Start::Resume(p.state)
+            } else {
+                Start::Fresh
+            }
+        }
+        _ => Start::Fresh,
+    }
 }
 
 /// Starts, steers or replaces the plan's run (the finalizer is in place).
 async fn apply(
     ctx: &Arc<Context>,
+    state: &Arc<PlanState>,
     api: &Api<DeploymentPlan>,
     ns: &str,
     dp: &DeploymentPlan,
 ) -> Result<Action, Error> {
-    let plan_key = format!("{ns}/{}", dp.name_any());
-    let run_key = run_key(dp);
+    let task_key = runtime::object_key(dp);
+    let Some(run_key) = stored_run_key(ctx, state, ns, dp).await? else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    let legacy_key = resolve_plan::legacy_run_key(&dp.spec, rerun_value(dp));
     let wanted = if dp.spec.paused {
         Control::Pause
     } else {
         Control::Run
     };
-
-    // A run of this plan exists: steer it, or stop it when the run key changed.
-    enum Existing {
-        Steered,
-        Finished,
-        Replaced(RunHandle),
-        None,
-    }
-    let existing = {
-        let mut runs = ctx.plans.lock();
-        match runs.get(&plan_key) {
-            Some(h) if h.key == run_key && !h.task.is_finished() => {
-                h.generation
-                    .store(dp.metadata.generation.unwrap_or(0), Ordering::SeqCst);
-                h.control.send_if_modified(|c| {
-                    let changed = *c != wanted && *c != Control::Stop;
-                    if changed {
-                        *c = wanted;
-                    }
-                    changed
-                });
-                Existing::Steered
+    let found = ctx.tasks.steer::<PlanSteer>(&task_key, &run_key, |s| {
+        s.generation
+            .store(dp.metadata.generation.unwrap_or(0), Ordering::SeqCst);
+        s.control.send_if_modified(|c| {
+            let changed = *c != wanted && *c != Control::Stop;
+            if changed {
+                *c = wanted;
             }
-            Some(h) if h.key == run_key => Existing::Finished,
-            Some(_) => runs
-                .remove(&plan_key)
-                .map_or(Existing::None, Existing::Replaced),
-            None => Existing::None,
-        }
-    };
-    let previous = match existing {
-        Existing::Steered => {
-            return Ok(Action::requeue(runtime::RESYNC));
-        }
-        Existing::Finished => {
+            changed
+        });
+    });
+    match found {
+        Found::Running => return Ok(Action::requeue(runtime::RESYNC)),
+        Found::Finished => {
             // status is final; only observedGeneration may need to follow
-            observe_generation(api, dp).await?;
+            observe_generation(ctx, api, dp).await?;
             return Ok(Action::requeue(runtime::RESYNC));
         }
-        Existing::Replaced(h) => Some(h),
-        Existing::None => None,
-    };
-    if let Some(old) = &previous {
-        let _ = old.control.send(Control::Stop);
+        Found::Other => {}
     }
-
+    let replacing = ctx.tasks.contains(&task_key);
     let old_status = dp.status.clone().unwrap_or_default();
-    let progress = progress_of(dp.status.as_ref());
-    let same_run = progress.as_ref().is_some_and(|p| p.key == run_key);
-    if previous.is_none() && same_run && terminal(old_status.phase) {
-        observe_generation(api, dp).await?;
-        return Ok(Action::requeue(runtime::RESYNC));
+
+    // decide what the status allows before resolving anything (a finished run needs no SSH)
+    match decide(dp.status.as_ref(), &run_key, &legacy_key, None, replacing) {
+        Start::AlreadyFinished => {
+            observe_generation(ctx, api, dp).await?;
+            return Ok(Action::requeue(runtime::RESYNC));
+        }
+        Start::Unreadable(why) => {
+            let problem = NotReady::new(
+                "ProgressUnreadable",
+                format!(
+                    "{why}; nothing was run. Set the annotation {RERUN_ANNOTATION} to a new value to start a fresh run"
+                ),
+            );
+            write_not_ready(ctx, dp, &old_status, &problem, false).await?;
+            return Ok(Action::await_change());
+        }
+        _ => {}
     }
 
-    let resolved = match resolve(ctx, ns, dp).await {
+    let resolved = match resolve(ctx, state, ns, dp).await? {
         Ok(r) => r,
-        Err(DesiredOr::Kube(e)) => return Err(e.into()),
-        Err(DesiredOr::Desired(ready)) => {
-            // keep the old run's task stopped; report why nothing runs
-            if let Some(old) = previous {
-                old.task.abort();
-            }
-            write_not_ready(ctx, api, dp, &old_status, &ready).await?;
+        Err(problem) => {
+            // any old run stays stopped; report why nothing runs
+            ctx.tasks.stop(&task_key);
+            write_not_ready(ctx, dp, &old_status, &problem, true).await?;
             return Ok(Action::requeue(NOT_READY_RETRY));
         }
     };
 
     let fingerprint = hosts_fingerprint(&resolved.hosts);
-    let resume = match progress {
-        Some(p)
-            if previous.is_none()
-                && p.key == run_key
-                && p.hosts == fingerprint
-                && matches!(
-                    old_status.phase,
-                    Some(PlanPhase::Running | PlanPhase::Paused)
-                ) =>
-        {
-            Some(p.state)
-        }
+    let resume = match decide(
+        dp.status.as_ref(),
+        &run_key,
+        &legacy_key,
+        Some(&fingerprint),
+        replacing,
+    ) {
+        Start::Resume(state) => Some(state),
         _ => None,
     };
     let (control, control_rx) = watch::channel(wanted);
@@ -478,6 +530,7 @@ async fn apply(
     let run = PlanRun {
         generation: generation.clone(),
         ctx: ctx.clone(),
+        jobs: state.jobs.clone(),
         api: api.clone(),
         plan: dp.clone(),
         run_id: if resume.is_some() {
@@ -489,29 +542,25 @@ async fn apply(
         fingerprint,
         old_status: resume.is_some().then_some(old_status),
     };
-    let wait_for = previous.map(|p| p.task);
-    let task = tokio::spawn(async move {
-        if let Some(old) = wait_for {
-            // the old run stops at its next host boundary; its last write comes first
-            let _ = old.await;
-        }
-        run.drive(resolved, resume, control_rx).await;
-    });
-    ctx.plans.lock().insert(
-        plan_key,
-        RunHandle {
-            key: run_key,
+    ctx.tasks.start(
+        &task_key,
+        run_key,
+        PlanSteer {
             control,
-            task,
             generation,
         },
+        run.drive(resolved, resume, control_rx),
     );
     Ok(Action::requeue(runtime::RESYNC))
 }
 
 /// A finished run's status with `observedGeneration` (and its conditions') moved to the
 /// current generation, e.g. after `paused` was toggled on a finished plan.
-async fn observe_generation(api: &Api<DeploymentPlan>, dp: &DeploymentPlan) -> Result<(), Error> {
+async fn observe_generation(
+    ctx: &Context,
+    api: &Api<DeploymentPlan>,
+    dp: &DeploymentPlan,
+) -> Result<(), Error> {
     let Some(old) = dp.status.as_ref() else {
         return Ok(());
     };
@@ -520,45 +569,51 @@ async fn observe_generation(api: &Api<DeploymentPlan>, dp: &DeploymentPlan) -> R
     for c in &mut new.conditions {
         c.observed_generation = dp.metadata.generation;
     }
-    status::apply_if_changed(api, &dp.name_any(), Some(old), &new).await?;
+    if status::apply_if_changed(api, &dp.name_any(), Some(old), &new)
+        .await
+        .at(Stage::Status)?
+    {
+        ctx.metrics.status_written(KIND);
+    }
     Ok(())
 }
 
-/// Records why the plan cannot run (phase Pending, Ready=False) and, on a change, an Event.
+/// Records why the plan cannot run (Ready=False, and phase Pending when `pending`; the
+/// recorded progress is kept) and, on a change, an Event.
 async fn write_not_ready(
     ctx: &Context,
-    api: &Api<DeploymentPlan>,
     dp: &DeploymentPlan,
     old: &DeploymentPlanStatus,
-    ready: &Desired,
+    problem: &NotReady,
+    pending: bool,
 ) -> Result<(), Error> {
+    let ready = problem.ready();
     let progressing = Desired::new(PROGRESSING, false, ready.reason, ready.message.clone());
-    let new = DeploymentPlanStatus {
-        observed_generation: dp.metadata.generation,
-        run: Some(run_id(dp)),
-        phase: Some(PlanPhase::Pending),
-        conditions: conditions::merge(
-            &old.conditions,
-            &[ready.clone(), progressing],
-            dp.metadata.generation,
-            &Time(Timestamp::now()),
-        ),
-        ..Default::default()
+    let conditions = conditions::merge(
+        &old.conditions,
+        &[ready.clone(), progressing],
+        dp.metadata.generation,
+        &Time(Timestamp::now()),
+    );
+    let interrupted =
+        matches!(old.phase, Some(PlanPhase::Running | PlanPhase::Paused)) && old.progress.is_some();
+    let new = if pending && !interrupted {
+        DeploymentPlanStatus {
+            observed_generation: dp.metadata.generation,
+            run: Some(run_id(dp)),
+            phase: Some(PlanPhase::Pending),
+            conditions,
+            ..Default::default()
+        }
+    } else {
+        // a run interrupted mid-way keeps its recorded progress, to resume once resolvable
+        DeploymentPlanStatus {
+            observed_generation: dp.metadata.generation,
+            conditions,
+            ..old.clone()
+        }
     };
-    let transitioned =
-        conditions::find(&old.conditions, READY).is_none_or(|c| c.reason != ready.reason);
-    status::apply_if_changed(api, &dp.name_any(), dp.status.as_ref(), &new).await?;
-    if transitioned {
-        runtime::publish_event(
-            ctx,
-            dp,
-            EventType::Warning,
-            ready.reason,
-            ready.message.clone(),
-        )
-        .await;
-    }
-    Ok(())
+    conditions::report(ctx, dp, dp.status.as_ref(), &new, &old.conditions, &ready).await
 }
 
 mod jobs;
@@ -584,28 +639,103 @@ spec:
   stages: [{name: a, script: "true"}]
 "#;
 
+    fn status(phase: PlanPhase, progress: serde_json::Value) -> DeploymentPlanStatus {
+        DeploymentPlanStatus {
+            phase: Some(phase),
+            progress: Some(progress),
+            ..Default::default()
+        }
+    }
+
+    fn progress(v: u32, key: &str, hosts: &str) -> serde_json::Value {
+        serde_json::to_value(Progress {
+            v,
+            key: key.into(),
+            hosts: hosts.into(),
+            state: ResumeState {
+                done: [0, 1].into_iter().collect(),
+                ..Default::default()
+            },
+        })
+        .expect("json")
+    }
+
     #[test]
-    fn pausing_keeps_the_run_key_but_edits_and_reruns_change_it() {
+    fn run_ids_carry_the_generation_and_the_rerun_value() {
         let base = plan(PLAN);
-        let mut paused = base.clone();
-        paused.spec.paused = true;
-        paused.metadata.generation = Some(4);
-        assert_eq!(run_key(&base), run_key(&paused));
-        let mut edited = base.clone();
-        edited.spec.stages[0].script = Some("false".into());
-        assert_ne!(run_key(&base), run_key(&edited));
         let mut rerun = base.clone();
         rerun
             .annotations_mut()
             .insert(RERUN_ANNOTATION.into(), "x".into());
-        assert_ne!(run_key(&base), run_key(&rerun));
         assert_eq!(run_id(&rerun), "3/x");
         assert_eq!(run_id(&base), "3");
     }
 
     #[test]
-    fn progress_round_trips_through_status_json() {
+    fn a_finished_run_is_not_started_again_and_a_running_one_resumes_on_the_same_hosts() {
+        let done = status(PlanPhase::Succeeded, progress(2, "k2-a", "h"));
+        assert_eq!(
+            decide(Some(&done), "k2-a", "legacy", None, false),
+            Start::AlreadyFinished
+        );
+        let running = status(PlanPhase::Running, progress(2, "k2-a", "h"));
+        assert!(matches!(
+            decide(Some(&running), "k2-a", "legacy", Some("h"), false),
+            Start::Resume(s) if s.done.len() == 2
+        ));
+        // the host list changed: start over
+        assert_eq!(
+            decide(Some(&running), "k2-a", "legacy", Some("other"), false),
+            Start::Fresh
+        );
+        // the spec changed (another key), or a run of this plan is being replaced here
+        assert_eq!(
+            decide(Some(&done), "k2-b", "legacy", None, false),
+            Start::Fresh
+        );
+        assert_eq!(
+            decide(Some(&running), "k2-a", "legacy", Some("h"), true),
+            Start::Fresh
+        );
+        assert_eq!(
+            decide(None, "k2-a", "legacy", Some("h"), false),
+            Start::Fresh
+        );
+    }
+
+    #[test]
+    fn a_run_recorded_by_outrider_0_1_is_recognised_after_the_upgrade() {
+        let dp = plan(PLAN);
+        let legacy = resolve_plan::legacy_run_key(&dp.spec, None);
+        let old = status(PlanPhase::Succeeded, progress(0, &legacy, "h"));
+        assert_eq!(
+            decide(Some(&old), "k2-new", &legacy, None, false),
+            Start::AlreadyFinished,
+            "a finished 0.1 run must not run again on its whole fleet"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_progress_is_reported_not_restarted() {
+        let garbage = status(PlanPhase::Running, serde_json::json!({"key": 7}));
+        assert!(matches!(
+            decide(Some(&garbage), "k2-a", "l", Some("h"), false),
+            Start::Unreadable(why) if why.contains("status.progress")
+        ));
+        let newer = status(
+            PlanPhase::Running,
+            progress(PROGRESS_VERSION + 1, "k2-a", "h"),
+        );
+        assert!(matches!(
+            decide(Some(&newer), "k2-a", "l", Some("h"), false),
+            Start::Unreadable(why) if why.contains("newer")
+        ));
+    }
+
+    #[test]
+    fn progress_round_trips_through_status_json_with_its_version() {
         let p = Progress {
+            v: PROGRESS_VERSION,
             key: "k".into(),
             hosts: "h".into(),
             state: ResumeState {
@@ -620,6 +750,6 @@ spec:
         let json = serde_json::to_string(&status).expect("json");
         assert!(json.len() < 200, "{json}");
         let back: DeploymentPlanStatus = serde_json::from_str(&json).expect("parse");
-        assert_eq!(progress_of(Some(&back)), Some(p));
+        assert_eq!(recorded(Some(&back)), Recorded::Readable(p));
     }
 }

@@ -2,10 +2,13 @@
 //! status (coalesced writes), Events and metrics.
 
 use super::*;
+use crate::controller::status::{StatusWriter, WriteError};
+use crate::telemetry::Metrics;
 
 /// One run of one plan, driven on its own task.
 pub(super) struct PlanRun {
     pub(super) ctx: Arc<Context>,
+    pub(super) jobs: JobWatch,
     pub(super) api: Api<DeploymentPlan>,
     pub(super) plan: DeploymentPlan,
     pub(super) generation: Arc<AtomicI64>,
@@ -32,17 +35,33 @@ impl PlanRun {
             spec,
             hosts,
             runner,
+            inventory,
         } = resolved;
         let runner = ClusterRunner {
             ssh: runner,
             jobs: Api::namespaced(self.ctx.client.clone(), &self.api_namespace()),
-            watch: self.ctx.plans.jobs.get().cloned(),
+            watch: Some(self.jobs.clone()),
             namespace: self.api_namespace(),
             owner: self.plan.controller_owner_ref(&()),
             plan: self.plan.name_any(),
             run_key: self.progress_key.clone(),
         };
-        let mut fold = Fold::new(&self, &spec, hosts.len(), resume.clone());
+        let mut fold = Fold::new(
+            FoldStart {
+                old_status: self.old_status.as_ref(),
+                conditions: self
+                    .plan
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default(),
+                generation: self.generation.load(Ordering::SeqCst),
+                metrics: &self.ctx.metrics,
+            },
+            &spec,
+            hosts.len(),
+            resume.clone(),
+        );
         let resumed = resume.is_some();
         let run = plan::run_plan(
             &spec,
@@ -54,7 +73,7 @@ impl PlanRun {
         );
         tokio::pin!(run);
         {
-            let consume = self.consume(&mut fold, rx, resumed);
+            let consume = self.consume(&mut fold, rx, resumed, &inventory);
             tokio::pin!(consume);
             tokio::select! {
                 _ = &mut run => {
@@ -69,7 +88,19 @@ impl PlanRun {
     }
 
     /// Folds events into status until the engine finishes (or the plan disappears).
-    async fn consume(&self, fold: &mut Fold, mut rx: mpsc::Receiver<PlanEvent>, resumed: bool) {
+    async fn consume(
+        &self,
+        fold: &mut Fold,
+        mut rx: mpsc::Receiver<PlanEvent>,
+        resumed: bool,
+        inventory: &Inventory,
+    ) {
+        let mut writer = StatusWriter::new(
+            self.api.clone(),
+            self.plan.name_any(),
+            self.ctx.metrics.clone(),
+            self.plan.status.as_ref(),
+        );
         let mut tick = tokio::time::interval(WRITE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_write = Instant::now();
@@ -84,7 +115,10 @@ impl PlanRun {
             tokio::select! {
                 event = rx.recv() => {
                     let Some(event) = event else { break };
-                    for (type_, reason, note) in fold.apply(&self.ctx, &event) {
+                    if let PlanEvent::HostKeyAccepted { host, fingerprint, .. } = &event {
+                        self.pin(inventory, &host.name, fingerprint).await;
+                    }
+                    for (type_, reason, note) in fold.apply(&self.ctx.metrics, &event) {
                         runtime::publish_event(&self.ctx, &self.plan, type_, reason, note).await;
                     }
                 }
@@ -95,7 +129,7 @@ impl PlanRun {
                         fold.dirty = true;
                     }
                     if fold.dirty {
-                        if self.write(fold).await.is_err() {
+                        if self.write(&mut writer, fold).await.is_err() {
                             return;
                         }
                         last_write = Instant::now();
@@ -118,20 +152,54 @@ impl PlanRun {
             )
             .await;
         }
-        let _ = self.write(fold).await;
-    }
-
-    /// Writes the status; `Err` means the plan is gone and the run must end.
-    async fn write(&self, fold: &mut Fold) -> Result<(), ()> {
+        // the last write says how the run ended: retried, so the plan never stays Running
         fold.generation = self.generation.load(Ordering::SeqCst);
         let status = fold.status(&self.run_id, &self.progress_key, &self.fingerprint);
-        match status::apply(&self.api, &self.plan.name_any(), &status).await {
-            Ok(()) => {
+        match writer.write_final(&status, FINAL_WRITE_ATTEMPTS).await {
+            Ok(()) => fold.dirty = false,
+            Err(e) => {
+                tracing::error!(plan = %self.plan.name_any(), error = %e, "the run's final status could not be written; the next reconcile resumes from the last one written");
+            }
+        }
+    }
+
+    /// Pins a host key this run trusted on first use in the Inventory's pins ConfigMap, so
+    /// the Inventory's probes and later runs refuse any other key for the host.
+    async fn pin(&self, inventory: &Inventory, host: &str, fingerprint: &str) {
+        let Some(endpoint) = resolve_inv::endpoints(inventory, None)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.name == host)
+        else {
+            return;
+        };
+        let pin = crate::ssh::Pin {
+            host: endpoint.name,
+            address: endpoint.address,
+            port: endpoint.port,
+            fingerprint: fingerprint.to_string(),
+        };
+        if let Err(e) = super::super::inventory::record_pins(&self.ctx, inventory, &[pin]).await {
+            tracing::warn!(plan = %self.plan.name_any(), host, error = %e, "could not pin a host key trusted on first use");
+        }
+    }
+
+    /// Writes the status (coalesced by the writer); `Err` means the plan is gone and the
+    /// run must end.
+    async fn write(
+        &self,
+        writer: &mut StatusWriter<DeploymentPlan>,
+        fold: &mut Fold,
+    ) -> Result<(), ()> {
+        fold.generation = self.generation.load(Ordering::SeqCst);
+        let status = fold.status(&self.run_id, &self.progress_key, &self.fingerprint);
+        match writer.write(&status).await {
+            Ok(_) => {
                 fold.conditions = status.conditions;
                 fold.dirty = false;
                 Ok(())
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => {
+            Err(WriteError::Gone) => {
                 tracing::info!(plan = %self.plan.name_any(), "plan deleted: cancelling its run");
                 Err(())
             }
@@ -141,6 +209,16 @@ impl PlanRun {
             }
         }
     }
+}
+
+/// What a fold starts from besides the spec.
+struct FoldStart<'a> {
+    /// The status to resume from, when resuming.
+    old_status: Option<&'a DeploymentPlanStatus>,
+    /// The plan's conditions now (their transition times are kept).
+    conditions: Vec<Condition>,
+    generation: i64,
+    metrics: &'a Metrics,
 }
 
 /// Everything status says about a run, updated event by event.
@@ -180,18 +258,9 @@ impl Drop for Fold {
 /// status stays far below etcd's object limit even when the output is all escapes.
 const STATUS_TAIL_BYTES: usize = 512;
 
-/// The end of a failed host's output, at most [`STATUS_TAIL_BYTES`] bytes (on a char
-/// boundary; "…" marks a cut).
+/// The end of a failed host's output, at most [`STATUS_TAIL_BYTES`] bytes.
 fn status_tail(output: &str) -> String {
-    let output = output.trim_end();
-    if output.len() <= STATUS_TAIL_BYTES {
-        return output.to_string();
-    }
-    let mut start = output.len() - (STATUS_TAIL_BYTES - '…'.len_utf8());
-    while !output.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &output[start..])
+    crate::text::tail(output, STATUS_TAIL_BYTES)
 }
 
 fn stage_list(stages: &[plan::StageSpec]) -> Vec<StageProgress> {
@@ -219,8 +288,13 @@ fn count(n: usize) -> u32 {
 }
 
 impl Fold {
-    fn new(run: &PlanRun, spec: &PlanSpec, total: usize, resume: Option<ResumeState>) -> Self {
-        let old = run.old_status.clone().unwrap_or_default();
+    fn new(
+        start: FoldStart<'_>,
+        spec: &PlanSpec,
+        total: usize,
+        resume: Option<ResumeState>,
+    ) -> Self {
+        let old = start.old_status.cloned().unwrap_or_default();
         let resumed = resume.is_some();
         let keep = |old: &[StageProgress], fresh: Vec<StageProgress>| {
             if resumed && old.len() == fresh.len() {
@@ -250,18 +324,13 @@ impl Fold {
                 .filter(|_| resumed)
                 .unwrap_or_else(|| Time(Timestamp::now())),
             finished_at: None,
-            conditions: run
-                .plan
-                .status
-                .as_ref()
-                .map(|s| s.conditions.clone())
-                .unwrap_or_default(),
+            conditions: start.conditions,
             stage_started: HashMap::new(),
             exceeded: false,
             resumed,
             dirty: true,
-            generation: run.generation.load(Ordering::SeqCst),
-            in_flight: run.ctx.metrics.plan_hosts_in_flight.clone(),
+            generation: start.generation,
+            in_flight: start.metrics.plan_hosts_in_flight.clone(),
         }
     }
 
@@ -309,7 +378,7 @@ impl Fold {
     /// Folds one event; returns the Events to publish.
     fn apply(
         &mut self,
-        ctx: &Context,
+        metrics: &Metrics,
         event: &PlanEvent,
     ) -> Vec<(EventType, &'static str, String)> {
         self.state.record(event);
@@ -351,7 +420,7 @@ impl Fold {
                 self.stage_started
                     .insert((host.index, *rollback), Instant::now());
                 if !rollback && self.running.insert(host.index, ()).is_none() {
-                    ctx.metrics.plan_hosts_in_flight.inc();
+                    metrics.plan_hosts_in_flight.inc();
                 }
             }
             PlanEvent::HostStageFinished {
@@ -362,7 +431,7 @@ impl Fold {
                 ..
             } => {
                 if let Some(t) = self.stage_started.remove(&(host.index, *rollback)) {
-                    ctx.metrics
+                    metrics
                         .plan_host_stage_duration
                         .observe(t.elapsed().as_secs_f64());
                 }
@@ -375,7 +444,7 @@ impl Fold {
             }
             PlanEvent::HostFinished { host, failure, .. } => {
                 if self.running.remove(&host.index).is_some() {
-                    ctx.metrics.plan_hosts_in_flight.dec();
+                    metrics.plan_hosts_in_flight.dec();
                 }
                 if let Some(f) = failure {
                     self.record_failure(f, &mut out);
@@ -426,7 +495,7 @@ impl Fold {
                         _ => PlanPhase::RolledBack,
                     };
                     self.finished_at = Some(Time(Timestamp::now()));
-                    ctx.metrics
+                    metrics
                         .plan_runs
                         .get_or_create(&ResultLabel {
                             result: phase.as_str().to_string(),
@@ -500,6 +569,7 @@ impl Fold {
         let failed = self.state.failed.len();
         let running = self.running.len();
         let progress = Progress {
+            v: PROGRESS_VERSION,
             key: key.to_string(),
             hosts: fingerprint.to_string(),
             state: self.state.clone(),
@@ -543,6 +613,153 @@ impl Fold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(index: usize) -> plan::HostRef {
+        plan::HostRef {
+            index,
+            name: format!("h{index}"),
+        }
+    }
+
+    /// The fold turns engine events into exactly what status shows, with nothing but metrics.
+    #[test]
+    fn the_event_fold_counts_hosts_lists_failures_and_ends_in_the_engines_phase() {
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let spec = PlanSpec::new(vec![plan::StageSpec {
+            name: "deploy".into(),
+            action: StageAction::Script("true".into()),
+            env: Default::default(),
+            timeout: Duration::from_secs(5),
+            retries: 0,
+            run_once: false,
+        }]);
+        let mut fold = Fold::new(
+            FoldStart {
+                old_status: None,
+                conditions: Vec::new(),
+                generation: 7,
+                metrics: &metrics,
+            },
+            &spec,
+            3,
+            None,
+        );
+        let failure = plan::StageFailure::new(plan::FailureReason::NonZeroExit, "exit 3");
+        let mut events = Vec::new();
+        let script = vec![
+            PlanEvent::RunStarted {
+                hosts: 3,
+                batches: 1,
+                allowed_failures: 1,
+            },
+            PlanEvent::BatchStarted {
+                index: 0,
+                total: 1,
+                hosts: 0..3,
+            },
+            PlanEvent::HostStageStarted {
+                host: host(0),
+                stage: "deploy".into(),
+                stage_index: 0,
+                attempt: 1,
+                rollback: false,
+            },
+            PlanEvent::HostStageStarted {
+                host: host(1),
+                stage: "deploy".into(),
+                stage_index: 0,
+                attempt: 1,
+                rollback: false,
+            },
+        ];
+        for e in &script {
+            events.extend(fold.apply(&metrics, e));
+        }
+        let mid = fold.status("7", "k2-x", "fp");
+        assert_eq!(mid.phase, Some(PlanPhase::Running));
+        assert_eq!(mid.hosts.map(|h| (h.running, h.pending)), Some((2, 1)));
+        assert_eq!(metrics.plan_hosts_in_flight.get(), 2);
+        let rest = vec![
+            PlanEvent::HostStageFinished {
+                host: host(0),
+                stage: "deploy".into(),
+                stage_index: 0,
+                attempts: 1,
+                result: Ok(Default::default()),
+                rollback: false,
+                run_once: false,
+            },
+            PlanEvent::HostFinished {
+                host: host(0),
+                result: plan::HostState::Succeeded,
+                started: true,
+                failure: None,
+            },
+            PlanEvent::HostStageFinished {
+                host: host(1),
+                stage: "deploy".into(),
+                stage_index: 0,
+                attempts: 1,
+                result: Err(failure.clone()),
+                rollback: false,
+                run_once: false,
+            },
+            PlanEvent::HostFinished {
+                host: host(1),
+                result: plan::HostState::Failed,
+                started: true,
+                failure: Some(plan::HostFailure {
+                    host: "h1".into(),
+                    stage: "deploy".into(),
+                    attempts: 1,
+                    failure,
+                }),
+            },
+            PlanEvent::Finished {
+                phase: Phase::Failed,
+            },
+        ];
+        for e in &rest {
+            events.extend(fold.apply(&metrics, e));
+        }
+        let end = fold.status("7", "k2-x", "fp");
+        assert_eq!(end.phase, Some(PlanPhase::Failed));
+        assert_eq!(end.observed_generation, Some(7));
+        let counts = end.hosts.expect("counts");
+        assert_eq!(
+            (
+                counts.succeeded,
+                counts.failed,
+                counts.running,
+                counts.pending
+            ),
+            (1, 1, 0, 1)
+        );
+        assert_eq!(end.stages[0].succeeded, 1);
+        assert_eq!(end.stages[0].failed, 1);
+        assert_eq!(end.failures.len(), 1);
+        assert_eq!(end.failures[0].host, "h1");
+        assert_eq!(end.failures[0].reason, "NonZeroExit");
+        assert!(end.finished_at.is_some());
+        let ready = conditions::find(&end.conditions, READY).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "RunFailed")
+        );
+        assert_eq!(metrics.plan_hosts_in_flight.get(), 0);
+        let reasons: Vec<&str> = events.iter().map(|(_, r, _)| *r).collect();
+        assert_eq!(
+            reasons,
+            ["RunStarted", "BatchStarted", "HostFailed", "Failed"]
+        );
+        match recorded(Some(&end)) {
+            Recorded::Readable(p) => {
+                assert_eq!((p.v, p.key.as_str()), (PROGRESS_VERSION, "k2-x"));
+                assert!(p.state.done.contains(0) && p.state.failed.contains(1));
+            }
+            other => panic!("progress unreadable: {other:?}"),
+        }
+    }
 
     #[test]
     fn status_tail_keeps_the_last_bytes_on_a_char_boundary() {
@@ -598,6 +815,7 @@ mod tests {
             failed: 5000,
         };
         let progress = Progress {
+            v: PROGRESS_VERSION,
             key: format!("{}/{}", "f".repeat(16), "f".repeat(16)),
             hosts: "f".repeat(16),
             state,
@@ -641,6 +859,6 @@ mod tests {
         );
         eprintln!("worst-case status: {} bytes", json.len());
         let back: DeploymentPlanStatus = serde_json::from_slice(&json).expect("parse");
-        assert_eq!(progress_of(Some(&back)), Some(progress));
+        assert_eq!(recorded(Some(&back)), Recorded::Readable(progress));
     }
 }

@@ -51,29 +51,10 @@ pub struct StageSpec {
     pub run_once: bool,
 }
 
-/// Retry backoff: `base`, `2*base`, `4*base`… capped at `max`. Tests use milliseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-}
+pub use crate::backoff::Backoff;
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Backoff {
-    /// Wait before attempt `attempt + 1` after attempt `attempt` (1-based) failed.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        self.base.saturating_mul(factor).min(self.max)
-    }
-}
+/// Stage retries wait 1 s, 2 s, 4 s… up to 30 s, jittered so failing hosts spread out.
+pub const STAGE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// Everything the scheduler needs to know about a plan.
 #[derive(Clone, Debug, PartialEq)]
@@ -113,7 +94,7 @@ impl PlanSpec {
             max_parallel: 10,
             max_unavailable: Amount::Count(0),
             pause_between_batches: Duration::ZERO,
-            backoff: Backoff::default(),
+            backoff: STAGE_BACKOFF,
             retain_handles: 1000,
             on_interrupt: OnInterrupt::Rerun,
         }
@@ -203,17 +184,7 @@ impl StageFailure {
     }
 }
 
-/// Keeps the last `max` characters of `s` (on a char boundary), marking the cut with `…`.
-pub fn tail(s: &str, max: usize) -> String {
-    let s = s.trim_end();
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let skip = s.chars().count() - max.saturating_sub(1);
-    let mut out = String::from("…");
-    out.extend(s.chars().skip(skip));
-    out
-}
+pub use crate::text::tail;
 
 /// A successful attempt.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

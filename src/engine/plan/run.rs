@@ -595,7 +595,7 @@ impl<'a, R: StageRunner> Run<'a, R> {
             });
             match result {
                 Err(failure) if failure.reason.retryable() && attempt <= stage.retries => {
-                    let retry_in = self.spec.backoff.delay(attempt);
+                    let retry_in = self.spec.backoff.delay(attempt.saturating_sub(1));
                     self.emit(PlanEvent::HostStageRetrying {
                         host: host.clone(),
                         stage: stage.name.clone(),

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 
 use super::{
     FailureReason, OUTPUT_TAIL_MAX, StageAction, StageFailure, StageOutcome, StageRunner,
@@ -13,21 +13,18 @@ use super::{
 use crate::ssh::{self, Command, Endpoint, ExecOutput, Fleet, Session};
 
 /// Runs script and command stages over SSH; Job stages need the controller's runner.
+/// Handshakes are bounded by the [`Fleet`] (they cost the servers far more than commands,
+/// and a stock sshd drops handshakes past `MaxStartups`).
 pub struct SshRunner {
     fleet: Fleet,
-    /// Handshakes in flight at once (they cost the servers far more than commands, and a
-    /// stock sshd drops handshakes past `MaxStartups`).
-    handshakes: Arc<Semaphore>,
 }
 
 impl SshRunner {
     pub fn new(fleet: Fleet) -> Self {
-        let handshakes = Arc::new(Semaphore::new(fleet.handshakes.max(1)));
-        Self { fleet, handshakes }
+        Self { fleet }
     }
 
     async fn connect(&self, endpoint: &Endpoint) -> Result<Session, StageFailure> {
-        let _permit = self.handshakes.acquire().await;
         self.fleet.connect(endpoint).await.map_err(failure)
     }
 

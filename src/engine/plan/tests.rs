@@ -125,10 +125,7 @@ fn plan(
         batch_size: batch,
         max_parallel: parallel,
         max_unavailable: budget,
-        backoff: Backoff {
-            base: Duration::from_millis(1),
-            max: Duration::from_millis(4),
-        },
+        backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(4)).exact(),
         ..PlanSpec::new(stages.iter().map(|s| stage(s)).collect())
     }
 }
@@ -380,9 +377,14 @@ async fn retries_back_off_and_succeed_on_a_later_attempt_but_not_for_auth_errors
         delays,
         vec![Duration::from_millis(1), Duration::from_millis(2)]
     );
-    assert_eq!(Backoff::default().delay(1), Duration::from_secs(1));
-    assert_eq!(Backoff::default().delay(3), Duration::from_secs(4));
-    assert_eq!(Backoff::default().delay(10), Duration::from_secs(30));
+    let stage = crate::engine::plan::STAGE_BACKOFF;
+    assert!(
+        stage.jitter,
+        "stage retries of many hosts must not run in lock step"
+    );
+    assert_eq!(stage.cap(0), Duration::from_secs(1));
+    assert_eq!(stage.cap(2), Duration::from_secs(4));
+    assert_eq!(stage.cap(9), Duration::from_secs(30));
 }
 
 #[tokio::test]

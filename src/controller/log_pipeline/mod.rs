@@ -4,36 +4,40 @@
 //! content hash as an annotation), and reports each pipeline's rollout: how many selected
 //! nodes run an agent, how many are ready, and how many report the current config hash.
 //!
+//! The config is rendered by one singleton task from the pipeline cache, triggered by any
+//! pipeline change (deletions included) and by Secret changes — never by every pipeline
+//! listing every pipeline. Each pipeline's reconcile only reads the last render and the
+//! cached agent Pods and Nodes, so a DaemonSet rollout costs no API reads.
+//!
 //! A broken pipeline is left out of the rendered config and reported on its own status, so it
 //! never takes the others down. Agents report the hash of the config they run as the
 //! annotation `outrider.dev/config-hash` on their own Pod.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, ObjectMeta, Patch, PatchParams};
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::core::{DeserializeGuard, PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::conditions::{self, Desired};
-use super::runtime;
-use super::{Context, Error, status};
+use super::conditions::{self, Desired, READY};
+use super::runtime::{self, Obj, Shared};
+use super::{At, Context, Error, Stage, WatchNamespace};
 use crate::agent::config::{AgentConfigFile, PipelineEntry, validate};
 use crate::agent::report::{CONFIG_HASH_ANNOTATION, config_hash};
 use crate::api::FIELD_MANAGER;
 use crate::api::log_pipeline::{LogPipeline, LogPipelineSpec, LogPipelineStatus, NodeCounts};
 
-const KIND: &str = "LogPipeline";
-const READY: &str = "Ready";
 /// The agent configuration: this ConfigMap, this key, in the operator's namespace.
 pub const AGENT_CONFIGMAP: &str = "outrider-agent";
 pub const AGENT_CONFIG_KEY: &str = "agent.yaml";
@@ -41,67 +45,168 @@ pub const AGENT_CONFIG_KEY: &str = "agent.yaml";
 pub const AGENT_POD_SELECTOR: &str = "app.kubernetes.io/name=outrider-agent";
 /// Rollout state is re-read this often even without a Pod change.
 const RESYNC: Duration = Duration::from_secs(60);
+/// Changes arriving within this long of each other are rendered once.
+const RENDER_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The last rendered agent configuration.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Rendered {
+    hash: String,
+    /// `namespace/name` of each pipeline left out, with why.
+    problems: HashMap<String, Desired>,
+}
+
+/// What the LogPipeline controller keeps besides the shared [`Context`].
+struct PipelineState {
+    rendered: watch::Receiver<Option<Rendered>>,
+    agents: Store<Pod>,
+    /// Node labels; absent when the install cannot read Nodes (namespace-scoped).
+    nodes: Option<Store<PartialObjectMeta<Node>>>,
+}
 
 /// Runs the LogPipeline controller until `stop` fires.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
-    let pipelines: Api<DeserializeGuard<LogPipeline>> = match &ctx.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let pods: Api<PartialObjectMeta<Pod>> =
-        Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
-    let queue = runtime::queue_depth(&ctx, KIND);
-    let (trigger, store) = runtime::watch::<LogPipeline>(pipelines.clone(), queue.clone());
-    // any change of an agent Pod (created, ready, reporting a hash) re-reads every rollout
+pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
+    let render_needed = Arc::new(Notify::new());
+    let (pipelines, writer) = reflector::store::<DeserializeGuard<LogPipeline>>();
+    let notify = render_needed.clone();
+    // every pipeline event (deletions included) asks for a render; applied ones reconcile
+    let trigger = watcher(
+        ctx.api::<DeserializeGuard<LogPipeline>>(),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|obj| obj.managed_fields_mut().clear())
+    .reflect(writer)
+    .inspect_ok(move |_| notify.notify_one())
+    .applied_objects()
+    .filter_map(|r| futures::future::ready(r.ok().map(Arc::new)));
+    // a Secret appearing or going away changes which pipelines are valid
+    let notify = render_needed.clone();
+    let secret_changes = shared.secrets.subscribe().for_each(move |_| {
+        notify.notify_one();
+        futures::future::ready(())
+    });
+
+    let (agents, agent_writer) = reflector::store::<Pod>();
     let agent_changes = watcher(
-        pods,
+        ctx.api_in::<Pod>(&ctx.operator_namespace),
         watcher::Config::default()
             .labels(AGENT_POD_SELECTOR)
             .any_semantic(),
     )
     .default_backoff()
+    .modify(|obj| obj.managed_fields_mut().clear())
+    .reflect(agent_writer)
     .touched_objects()
     .map(|_| ());
-    // a deleted pipeline leaves the rendered config: re-render on every deletion
-    let deletions = {
-        let ctx = ctx.clone();
-        let metas: Api<PartialObjectMeta<LogPipeline>> = match &ctx.namespace {
-            Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-            None => Api::all(ctx.client.clone()),
-        };
-        watcher(metas, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .for_each(move |event| {
-                let ctx = ctx.clone();
-                async move {
-                    if let Ok(watcher::Event::Delete(_)) = event
-                        && let Err(e) = render(&ctx).await
-                    {
-                        tracing::warn!(error = %e, "re-rendering the agent config after a deletion failed");
-                    }
-                }
-            })
-    };
-    let controller = Controller::for_stream(trigger, store)
-        .reconcile_all_on(agent_changes)
-        .graceful_shutdown_on(stop.cancelled_owned())
-        .run(
-            move |obj, ctx| {
-                queue.started(&runtime::object_key(obj.as_ref()));
-                reconcile(obj, ctx)
-            },
-            runtime::error_policy,
-            ctx.clone(),
+    // Nodes are cluster-scoped: only a cluster-wide install may read them
+    let (nodes, node_driver) = if ctx.scope == WatchNamespace::All {
+        let (store, writer) = reflector::store::<PartialObjectMeta<Node>>();
+        let driver = watcher(
+            Api::<PartialObjectMeta<Node>>::all(ctx.client.clone()),
+            watcher::Config::default().any_semantic(),
         )
-        .for_each(|_| futures::future::ready(()));
+        .default_backoff()
+        .modify(|obj| obj.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+        .map(|_| ())
+        .boxed();
+        (Some(store), driver)
+    } else {
+        (None, futures::stream::pending().boxed())
+    };
+
+    let (rendered_tx, rendered) = watch::channel(None);
+    let render_done = tokio_stream_of(rendered.clone());
+    let state = Arc::new(PipelineState {
+        rendered,
+        agents,
+        nodes,
+    });
+    let renderer = render_loop(
+        ctx.clone(),
+        pipelines.clone(),
+        shared.secrets.store.clone(),
+        render_needed,
+        rendered_tx,
+        stop.clone(),
+    );
+    let (controller, queue) = runtime::controller::<LogPipeline>(&ctx, trigger, pipelines);
+    let controller = controller.reconcile_all_on(futures::stream::select_all([
+        agent_changes.boxed(),
+        node_driver,
+        render_done.boxed(),
+    ]));
+    let reconcile = runtime::reconciler(queue, move |lp, ctx| {
+        let state = state.clone();
+        async move { reconcile(lp, ctx, state).await }
+    });
     tokio::select! {
-        () = controller => {}
-        () = deletions => {}
+        () = runtime::drive(controller, stop.clone(), ctx, reconcile) => {}
+        () = renderer => {}
+        () = secret_changes => {}
     }
 }
 
-/// Why a pipeline is left out of the agent config; `None` when it is valid.
-async fn problem(ctx: &Context, lp: &LogPipeline) -> Result<Option<Desired>, Error> {
+/// A stream that yields once per change of `rx`.
+fn tokio_stream_of<T: Send + Sync + 'static>(
+    rx: watch::Receiver<T>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
+
+/// The singleton render task: renders whenever asked (debounced), publishes the result.
+async fn render_loop(
+    ctx: Arc<Context>,
+    pipelines: Store<DeserializeGuard<LogPipeline>>,
+    secrets: Store<PartialObjectMeta<Secret>>,
+    needed: Arc<Notify>,
+    out: watch::Sender<Option<Rendered>>,
+    stop: CancellationToken,
+) {
+    let written: Mutex<Option<String>> = Mutex::new(None);
+    let backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            () = needed.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::time::sleep(RENDER_DEBOUNCE).await;
+        if pipelines.wait_until_ready().await.is_err() {
+            return;
+        }
+        let rendered = render(&pipelines, &secrets);
+        match write_config(&ctx, &rendered.1, &rendered.0.hash, &written).await {
+            Ok(()) => {
+                failures = 0;
+                out.send_if_modified(|cur| {
+                    let changed = cur.as_ref() != Some(&rendered.0);
+                    if changed {
+                        *cur = Some(rendered.0.clone());
+                    }
+                    changed
+                });
+            }
+            Err(e) => {
+                let delay = backoff.delay(failures);
+                failures = failures.saturating_add(1);
+                ctx.metrics.reconcile_failed("LogPipeline", e.category());
+                tracing::warn!(error = %e, retry_in = ?delay, "writing the agent config failed");
+                tokio::time::sleep(delay).await;
+                needed.notify_one();
+            }
+        }
+    }
+}
+
+/// Why a pipeline is left out of the agent config; `None` when it is valid. Secrets are
+/// checked for existence from the shared metadata cache (their values are the agent's).
+fn problem(lp: &LogPipeline, secrets: &Store<PartialObjectMeta<Secret>>) -> Option<Desired> {
     let ns = lp.namespace().unwrap_or_default();
     let entry = PipelineEntry {
         namespace: ns.clone(),
@@ -109,30 +214,21 @@ async fn problem(ctx: &Context, lp: &LogPipeline) -> Result<Option<Desired>, Err
         spec: lp.spec.clone(),
     };
     if let Err(e) = validate(entry) {
-        return Ok(Some(Desired::new(
-            READY,
-            false,
-            "InvalidSpec",
-            e.to_string(),
-        )));
+        return Some(Desired::new(READY, false, "InvalidSpec", e.to_string()));
     }
-    // Existence only (metadata; the controller never reads Secret values). Which keys a
-    // Secret holds (credentials and/or TLS: `ca.crt`, `tls.crt` + `tls.key`) and whether
-    // its PEM parses is the agent's to check, where the values are mounted.
-    let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &ns);
     for (output, secret) in secret_refs(&lp.spec) {
-        if secrets.get_metadata_opt(&secret).await?.is_none() {
-            return Ok(Some(Desired::new(
+        if secrets.get(&ObjectRef::new(&secret).within(&ns)).is_none() {
+            return Some(Desired::new(
                 READY,
                 false,
                 "SecretNotFound",
                 format!(
                     "Secret {secret:?} (spec.outputs[{output}].secretRef) does not exist in this namespace"
                 ),
-            )));
+            ));
         }
     }
-    Ok(None)
+    None
 }
 
 /// `(output name, Secret name)` of every output that names a Secret.
@@ -151,58 +247,63 @@ fn secret_refs(spec: &LogPipelineSpec) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The rendered agent configuration.
-struct Rendered {
-    hash: String,
-    /// `namespace/name` of each pipeline left out, with why.
-    problems: HashMap<String, Desired>,
-}
-
-/// Renders every valid pipeline into the agent ConfigMap (written only when it changed).
-async fn render(ctx: &Context) -> Result<Rendered, Error> {
-    let api: Api<DeserializeGuard<LogPipeline>> = match &ctx.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+/// Renders every valid pipeline of the cache: the result and the config text.
+fn render(
+    pipelines: &Store<DeserializeGuard<LogPipeline>>,
+    secrets: &Store<PartialObjectMeta<Secret>>,
+) -> (Rendered, String) {
     // a pipeline that does not deserialize is skipped (its own reconcile reports it)
-    let mut all: Vec<LogPipeline> = api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|g| g.0.ok())
+    let mut all: Vec<LogPipeline> = pipelines
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok().cloned())
         .collect();
     all.sort_by_key(|lp| (lp.namespace(), lp.name_any()));
-    let mut pipelines = Vec::new();
+    let mut entries = Vec::new();
     let mut problems = HashMap::new();
     for lp in &all {
         let key = format!("{}/{}", lp.namespace().unwrap_or_default(), lp.name_any());
-        match problem(ctx, lp).await? {
+        match problem(lp, secrets) {
             Some(p) => {
                 problems.insert(key, p);
             }
-            None => pipelines.push(PipelineEntry {
+            None => entries.push(PipelineEntry {
                 namespace: lp.namespace().unwrap_or_default(),
                 name: lp.name_any(),
                 spec: lp.spec.clone(),
             }),
         }
     }
-    let text = serde_yaml::to_string(&AgentConfigFile { pipelines }).unwrap_or_default();
+    let text = serde_yaml::to_string(&AgentConfigFile { pipelines: entries }).unwrap_or_default();
     let hash = config_hash(text.as_bytes());
-    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
-    let current = maps.get_opt(AGENT_CONFIGMAP).await?;
-    let deployed = current
-        .as_ref()
-        .and_then(|cm| cm.annotations().get(CONFIG_HASH_ANNOTATION).cloned());
-    if deployed.as_deref() != Some(hash.as_str()) {
+    (Rendered { hash, problems }, text)
+}
+
+/// Writes the agent ConfigMap unless it already holds `hash` (read once, then remembered).
+async fn write_config(
+    ctx: &Context,
+    text: &str,
+    hash: &str,
+    written: &Mutex<Option<String>>,
+) -> Result<(), Error> {
+    let known = written.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let maps: Api<ConfigMap> = ctx.api_in(&ctx.operator_namespace);
+    let deployed = match known {
+        Some(h) => Some(h),
+        None => maps
+            .get_opt(AGENT_CONFIGMAP)
+            .await
+            .at(Stage::Apply)?
+            .and_then(|cm| cm.annotations().get(CONFIG_HASH_ANNOTATION).cloned()),
+    };
+    if deployed.as_deref() != Some(hash) {
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(AGENT_CONFIGMAP.into()),
                 namespace: Some(ctx.operator_namespace.clone()),
                 annotations: Some(BTreeMap::from([(
                     CONFIG_HASH_ANNOTATION.to_string(),
-                    hash.clone(),
+                    hash.to_string(),
                 )])),
                 labels: Some(BTreeMap::from([(
                     "app.kubernetes.io/managed-by".to_string(),
@@ -210,7 +311,10 @@ async fn render(ctx: &Context) -> Result<Rendered, Error> {
                 )])),
                 ..Default::default()
             },
-            data: Some(BTreeMap::from([(AGENT_CONFIG_KEY.to_string(), text)])),
+            data: Some(BTreeMap::from([(
+                AGENT_CONFIG_KEY.to_string(),
+                text.to_string(),
+            )])),
             ..Default::default()
         };
         maps.patch(
@@ -218,59 +322,35 @@ async fn render(ctx: &Context) -> Result<Rendered, Error> {
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&cm),
         )
-        .await?;
+        .await
+        .at(Stage::Apply)?;
         tracing::info!(%hash, "rendered the agent configuration");
     }
-    Ok(Rendered { hash, problems })
+    *written.lock().unwrap_or_else(|p| p.into_inner()) = Some(hash.to_string());
+    Ok(())
 }
 
-/// Whether a node's labels satisfy a selector (absent selector: every node).
+/// Whether a node's labels satisfy a selector (absent selector: every node; a selector
+/// that does not parse selects nothing).
 fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
     let Some(sel) = selector else {
         return true;
     };
-    let exact = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let expressions = sel.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        let value = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    exact && expressions
+    Selector::try_from(sel.clone()).is_ok_and(|s| s.matches(labels))
 }
 
 /// Agent Pods on the nodes the pipeline selects: desired, ready, and ready with `hash`.
-async fn rollout(ctx: &Context, lp: &LogPipeline, hash: &str) -> Result<NodeCounts, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
-    let pods = pods
-        .list(&ListParams::default().labels(AGENT_POD_SELECTOR))
-        .await?
-        .items;
-    let nodes: Api<PartialObjectMeta<Node>> = Api::all(ctx.client.clone());
-    // Nodes are cluster-scoped: a namespace-scoped install may not read them, and then every
-    // agent counts (the selector cannot be evaluated)
+fn rollout(state: &PipelineState, lp: &LogPipeline, hash: &str) -> NodeCounts {
     let node_labels: Option<HashMap<String, BTreeMap<String, String>>> =
-        match nodes.list_metadata(&ListParams::default()).await {
-            Ok(list) => Some(
-                list.items
-                    .into_iter()
-                    .map(|n| (n.name_any(), n.labels().clone()))
-                    .collect(),
-            ),
-            Err(kube::Error::Api(e)) if e.code == 403 => None,
-            Err(e) => return Err(e.into()),
-        };
+        state.nodes.as_ref().map(|nodes| {
+            nodes
+                .state()
+                .iter()
+                .map(|n| (n.name_any(), n.labels().clone()))
+                .collect()
+        });
     let mut counts = NodeCounts::default();
-    for pod in &pods {
+    for pod in state.agents.state() {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) else {
             continue;
         };
@@ -300,26 +380,25 @@ async fn rollout(ctx: &Context, lp: &LogPipeline, hash: &str) -> Result<NodeCoun
             }
         }
     }
-    Ok(counts)
+    counts
 }
 
 async fn reconcile(
-    guard: Arc<DeserializeGuard<LogPipeline>>,
+    lp: Obj<LogPipeline>,
     ctx: Arc<Context>,
+    state: Arc<PipelineState>,
 ) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started(KIND);
-    let key = runtime::object_key(guard.as_ref());
-    let ns = guard.namespace().ok_or(Error::NoNamespace)?;
-    let Some(lp) = runtime::readable(&ctx, guard.as_ref()).await else {
-        return Ok(Action::await_change());
+    let ns = lp.ns()?;
+    let Some(rendered) = state.rendered.borrow().clone() else {
+        // not rendered yet: the first render reconciles every pipeline
+        return Ok(Action::requeue(Duration::from_secs(2)));
     };
-    let rendered = render(&ctx).await?;
     let me = format!("{ns}/{}", lp.name_any());
     let old = lp.status.clone().unwrap_or_default();
     let (ready, config_hash, nodes) = match rendered.problems.get(&me) {
         Some(problem) => (problem.clone(), None, None),
         None => {
-            let nodes = rollout(&ctx, lp, &rendered.hash).await?;
+            let nodes = rollout(&state, &lp, &rendered.hash);
             let ready = if nodes.desired == 0 {
                 Desired::new(
                     READY,
@@ -354,8 +433,6 @@ async fn reconcile(
             (ready, Some(rendered.hash.clone()), Some(nodes))
         }
     };
-    let transitioned =
-        conditions::find(&old.conditions, READY).is_none_or(|c| c.reason != ready.reason);
     let new = LogPipelineStatus {
         observed_generation: lp.metadata.generation,
         config_hash,
@@ -367,19 +444,19 @@ async fn reconcile(
             &Time(Timestamp::now()),
         ),
     };
-    let api: Api<LogPipeline> = Api::namespaced(ctx.client.clone(), &ns);
-    status::apply_if_changed(&api, &lp.name_any(), lp.status.as_ref(), &new).await?;
-    if transitioned && !ready.status {
-        runtime::publish_event(
-            &ctx,
-            lp,
-            EventType::Warning,
-            ready.reason,
-            ready.message.clone(),
+    // Events only for problems (a rollout reaching every node is not news): a ready
+    // result is reported against itself, so its reason never counts as a change
+    let event_base = if ready.status {
+        conditions::merge(
+            &[],
+            std::slice::from_ref(&ready),
+            None,
+            &Time(Timestamp::now()),
         )
-        .await;
-    }
-    ctx.backoff.reset(&key);
+    } else {
+        old.conditions.clone()
+    };
+    conditions::report(&ctx, &*lp, lp.status.as_ref(), &new, &event_base, &ready).await?;
     Ok(Action::requeue(RESYNC))
 }
 

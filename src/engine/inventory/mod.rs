@@ -83,8 +83,22 @@ pub struct ProbeFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptedKey {
     pub host: String,
+    pub address: String,
+    pub port: u16,
     pub fingerprint: String,
     pub known_hosts_line: String,
+}
+
+impl AcceptedKey {
+    /// The pin that keeps this key trusted (and any other key for the host refused).
+    pub fn pin(&self) -> crate::ssh::Pin {
+        crate::ssh::Pin {
+            host: self.host.clone(),
+            address: self.address.clone(),
+            port: self.port,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
 }
 
 /// What one reachability probe of an inventory found.
@@ -118,6 +132,8 @@ pub async fn probe(fleet: &Fleet, endpoints: Vec<Endpoint>, deadline: Duration) 
         if let Some((fingerprint, known_hosts_line)) = r.accepted_host_key {
             report.accepted.push(AcceptedKey {
                 host: r.endpoint.name.clone(),
+                address: r.endpoint.address.clone(),
+                port: r.endpoint.port,
                 fingerprint,
                 known_hosts_line,
             });
