@@ -3,7 +3,7 @@
 
 mod api;
 mod chart;
-mod controller;
+mod inventory;
 mod log_pipeline;
 mod plan;
 #[path = "../../tests/support/sshd.rs"]

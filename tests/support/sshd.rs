@@ -79,6 +79,17 @@ impl Sshd {
     /// the config (they override the defaults of this harness, e.g. `MaxStartups 10:30:100`) and
     /// the `Match` blocks go to the end.
     pub fn start_with(extra_config: &str) -> Sshd {
+        Sshd::start_inner(extra_config, None)
+    }
+
+    /// Like [`Sshd::start`], on `port` (e.g. the port of an sshd just stopped: the same
+    /// host and port answering with new host keys).
+    #[allow(dead_code)]
+    pub fn start_on_port(port: u16) -> Sshd {
+        Sshd::start_inner("", Some(port))
+    }
+
+    fn start_inner(extra_config: &str, fixed_port: Option<u16>) -> Sshd {
         preflight();
         let dir = tempfile::Builder::new()
             .prefix("outrider-sshd-")
@@ -133,7 +144,7 @@ impl Sshd {
         let mut last_failure = String::new();
         // A free port can be taken between probing it and sshd binding it: try a few.
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = fixed_port.unwrap_or_else(free_port);
             let config = render_config(dir.path(), port, &host_key_paths, head, tail);
             let config_path = dir.path().join("sshd_config");
             fs::write(&config_path, config).expect("write sshd_config");
@@ -214,6 +225,16 @@ impl Sshd {
     /// The host public keys, `<type> <base64>` (ed25519, ecdsa-sha2-nistp256, rsa).
     pub fn host_public_keys(&self) -> Vec<String> {
         self.host_public_keys.clone()
+    }
+
+    /// `SHA256:…` fingerprints of this server's host keys (what a client may pin).
+    #[allow(dead_code)]
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.host_public_keys
+            .iter()
+            .filter_map(|line| russh::keys::PublicKey::from_openssh(line).ok())
+            .map(|k| outrider::ssh::known_hosts::fingerprint(&k))
+            .collect()
     }
 
     /// The sshd log so far (LogLevel VERBOSE).

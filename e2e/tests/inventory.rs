@@ -1,9 +1,10 @@
 //! The controller process against the real API server: Inventory status, Events, spec
-//! ownership, metrics, and leader election between replicas.
+//! ownership, pinned host keys, metrics, and leader election between replicas.
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
@@ -214,16 +215,91 @@ async fn accept_new_records_and_then_pins_first_seen_host_keys() {
     );
     apply(&kc, &format!("{secret}---\n{inventory}"));
     let inv = wait_ready(&api, "fleet", "True", "AllReachable").await;
-    let accepted = inv.status.expect("status").accepted_host_keys;
-    assert_eq!(
-        accepted.iter().map(|k| k.host.as_str()).collect::<Vec<_>>(),
-        ["host-0", "host-1"]
+    let keys = inv.status.expect("status").host_keys.expect("hostKeys");
+    assert_eq!(keys.pinned, 2);
+    assert_eq!(keys.config_map, "fleet-host-keys");
+    let mut recent: Vec<&str> = keys.recent.iter().map(|k| k.host.as_str()).collect();
+    recent.sort();
+    assert_eq!(recent, ["host-0", "host-1"]);
+    // the pins themselves: one entry per host in a ConfigMap the Inventory owns
+    let cm = Api::<ConfigMap>::namespaced(client().await, &ns)
+        .get("fleet-host-keys")
+        .await
+        .expect("pins ConfigMap");
+    let data = cm.data.expect("data");
+    let fingerprints = hosts().server.fingerprints();
+    for (i, host) in ["host-0", "host-1"].into_iter().enumerate() {
+        let entry = data.get(host).unwrap_or_else(|| panic!("{host} pinned: {data:?}"));
+        let prefix = format!("{} {} ", host_addr(i), hosts().server.port);
+        let fp = entry.strip_prefix(&prefix).unwrap_or_else(|| panic!("{entry}"));
+        assert!(fingerprints.iter().any(|f| f == fp), "{fp} not in {fingerprints:?}");
+    }
+    let owner = cm.metadata.owner_references.expect("owned")[0].clone();
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Inventory", "fleet"));
+}
+
+/// A key pinned by an Inventory under `AcceptNew` binds every kind: when the host later
+/// presents another key, a DeploymentPlan on it fails with `HostKeyMismatch` and never
+/// runs its stage (before pins were shared, the plan trusted the new key "on first use").
+#[tokio::test]
+async fn a_plan_refuses_a_host_whose_key_changed_after_the_inventory_pinned_it() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-pin");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (private_key, public_key) = crate::sshd::user_key(keys.path(), "ed25519", None, "openssh");
+    let first = crate::sshd::Sshd::start();
+    first.authorize("root", &public_key);
+    let port = first.port;
+    let key: String = private_key.lines().map(|l| format!("    {l}\n")).collect();
+    let manifest = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: key-only, namespace: {ns}}}\nstringData:\n  ssh-privatekey: |\n{key}---\n\
+apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: pinned, namespace: {ns}}}\nspec:\n  ssh:\n    user: root\n    port: {port}\n    connectTimeout: 5s\n    hostKeyPolicy: AcceptNew\n    secretRef: {{name: key-only}}\n  probe: {{interval: 1h}}\n  hosts:\n    - {{name: h1, address: 127.0.21.1}}\n"
     );
-    assert!(
-        accepted
-            .iter()
-            .all(|k| k.fingerprint.starts_with("SHA256:")),
-        "{accepted:?}"
+    apply(&kc, &manifest);
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    wait_ready(&api, "pinned", "True", "AllReachable").await;
+    let pins: Api<ConfigMap> = Api::namespaced(client().await, &ns);
+    let pinned = pins.get("pinned-host-keys").await.expect("pins ConfigMap");
+    let entry = pinned.data.as_ref().and_then(|d| d.get("h1")).cloned().expect("h1 pinned");
+    let old_fingerprint = entry
+        .strip_prefix(&format!("127.0.21.1 {port} "))
+        .unwrap_or_else(|| panic!("{entry}"))
+        .to_string();
+    assert!(first.fingerprints().contains(&old_fingerprint), "{entry}");
+
+    // h1 is now answered by an sshd with new host keys, on the same address and port
+    drop(first);
+    let second = crate::sshd::Sshd::start_on_port(port);
+    second.authorize("root", &public_key);
+    assert!(!second.fingerprints().contains(&old_fingerprint), "new host keys");
+
+    let marker = keys.path().join("stage-ran");
+    let plan = format!(
+        "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: deploy, namespace: {ns}}}\nspec:\n  targets: {{inventoryRef: {{name: pinned}}}}\n  stages:\n    - {{name: touch, script: \"touch {}\", timeout: 10s}}\n",
+        marker.display()
+    );
+    apply(&kc, &plan);
+    let plans: Api<outrider::api::DeploymentPlan> = Api::namespaced(client().await, &ns);
+    let failed = eventually(Duration::from_secs(60), "plan Failed", || async {
+        let dp = plans.get_opt("deploy").await.ok().flatten()?;
+        let s = dp.status?;
+        matches!(
+            s.phase,
+            Some(outrider::api::deployment_plan::PlanPhase::Failed)
+        )
+        .then_some(s)
+    })
+    .await;
+    assert_eq!(failed.failures.len(), 1, "{:?}", failed.failures);
+    assert_eq!(failed.failures[0].host, "h1");
+    assert_eq!(failed.failures[0].reason, "HostKeyMismatch", "{:?}", failed.failures[0]);
+    assert!(!marker.exists(), "the stage must never run on a host whose key changed");
+    // and the pin still holds the first key: nothing was re-trusted
+    let pinned = pins.get("pinned-host-keys").await.expect("pins ConfigMap");
+    assert_eq!(
+        pinned.data.as_ref().and_then(|d| d.get("h1")),
+        Some(&format!("127.0.21.1 {port} {old_fingerprint}"))
     );
 }
 
