@@ -145,3 +145,98 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::inventory::{Inventory, InventoryStatus};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A kube client whose API server answers status patches from `script` (HTTP codes, in
+    /// order; the last repeats) and counts them.
+    fn scripted(script: Vec<u16>) -> (kube::Client, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            let code = script[n.min(script.len() - 1)];
+            assert_eq!(req.method(), http::Method::PATCH);
+            assert!(req.uri().path().ends_with("/inventories/inv/status"), "{}", req.uri());
+            let body = if code == 200 {
+                serde_json::json!({
+                    "apiVersion": "outrider.dev/v1alpha1", "kind": "Inventory",
+                    "metadata": {"name": "inv", "namespace": "ns"},
+                    "spec": {"ssh": {"user": "u", "secretRef": {"name": "s"}}, "hosts": []}
+                })
+            } else {
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "scripted", "reason": "InternalError", "code": code})
+            };
+            async move {
+                http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        (kube::Client::new(service, "ns"), calls)
+    }
+
+    fn writer(client: kube::Client) -> StatusWriter<Inventory> {
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        StatusWriter::new(
+            Api::namespaced(client, "ns"),
+            "inv",
+            metrics,
+            None::<&InventoryStatus>,
+        )
+        .with_final_backoff(Backoff::new(Duration::from_millis(1), Duration::from_millis(5)))
+    }
+
+    fn status(hosts: u32) -> InventoryStatus {
+        InventoryStatus {
+            hosts,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_final_write_is_retried_until_it_lands() {
+        let (client, calls) = scripted(vec![500, 503, 429, 200]);
+        let mut w = writer(client);
+        w.write_final(&status(1), 10).await.expect("lands on the 4th try");
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // unchanged: nothing more is sent
+        assert!(!w.write(&status(1)).await.expect("skip"));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            w.metrics
+                .status_writes
+                .get_or_create(&crate::telemetry::KindLabel {
+                    kind: "Inventory".into()
+                })
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn the_final_write_gives_up_after_its_attempts_and_stops_at_once_when_gone() {
+        let (client, calls) = scripted(vec![500]);
+        let mut w = writer(client);
+        assert!(matches!(
+            w.write_final(&status(1), 3).await,
+            Err(WriteError::Failed(_))
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        let (client, calls) = scripted(vec![404]);
+        let mut w = writer(client);
+        assert!(matches!(
+            w.write_final(&status(1), 5).await,
+            Err(WriteError::Gone)
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a deleted object is not retried");
+    }
+}

@@ -231,18 +231,30 @@ impl ClusterRunner {
                 None
             }
         };
-        let deadline = reason == "DeadlineExceeded";
-        plan::StageFailure {
-            reason: if deadline {
-                plan::FailureReason::TimedOut
-            } else {
-                plan::FailureReason::NonZeroExit
-            },
-            exit_code: exit.as_ref().map(|(code, _)| *code).filter(|_| !deadline),
-            signal: None,
-            message: format!("Job {name} failed: {reason}: {message}"),
-            output_tail: exit.map(|(_, why)| why).unwrap_or_default(),
-        }
+        job_failure(name, reason, message, exit)
+    }
+}
+
+/// How a failed Job reads as a stage failure: a Job that ran out of time is `TimedOut`
+/// (its pod's exit code is the kill, not the script's), any other failure `NonZeroExit`
+/// with the first failed container's exit code and termination reason.
+fn job_failure(
+    name: &str,
+    reason: &str,
+    message: &str,
+    exit: Option<(i32, String)>,
+) -> plan::StageFailure {
+    let deadline = reason == "DeadlineExceeded";
+    plan::StageFailure {
+        reason: if deadline {
+            plan::FailureReason::TimedOut
+        } else {
+            plan::FailureReason::NonZeroExit
+        },
+        exit_code: exit.as_ref().map(|(code, _)| *code).filter(|_| !deadline),
+        signal: None,
+        message: format!("Job {name} failed: {reason}: {message}"),
+        output_tail: exit.map(|(_, why)| why).unwrap_or_default(),
     }
 }
 
@@ -282,5 +294,65 @@ impl plan::StageRunner for ClusterRunner {
             StageAction::Job(template) => self.run_job(stage, template, None, attempt).await,
             _ => self.ssh.run_once(host, stage, attempt).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(conditions: serde_json::Value) -> Job {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "j"},
+            "status": {"conditions": conditions}
+        }))
+        .expect("job")
+    }
+
+    fn pod(exit: i32, reason: &str, message: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"containerStatuses": [
+                {"name": "ok", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": 0}}},
+                {"name": "m", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": exit, "reason": reason, "message": message}}}
+            ]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn job_conditions_map_to_running_succeeded_or_failed() {
+        assert_eq!(job_result(&job(serde_json::json!([]))), None);
+        let running = job(serde_json::json!([{"type": "Complete", "status": "False"}]));
+        assert_eq!(job_result(&running), None);
+        let done = job(serde_json::json!([{"type": "Complete", "status": "True"}]));
+        assert_eq!(job_result(&done), Some(Ok(())));
+        let failed = job(serde_json::json!([{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]));
+        assert_eq!(
+            job_result(&failed),
+            Some(Err((
+                "BackoffLimitExceeded".into(),
+                "Job has reached the specified backoff limit".into()
+            )))
+        );
+    }
+
+    #[test]
+    fn a_failed_job_reports_its_pods_exit_code_and_a_deadline_reports_timed_out() {
+        let exit = terminated(&[pod(3, "Error", Some("migration failed"))]);
+        assert_eq!(exit, Some((3, "Error: migration failed".into())));
+        let f = job_failure("j", "BackoffLimitExceeded", "limit", exit.clone());
+        assert_eq!(f.reason, plan::FailureReason::NonZeroExit);
+        assert_eq!(f.exit_code, Some(3));
+        assert_eq!(f.output_tail, "Error: migration failed");
+        assert!(f.message.contains("Job j failed: BackoffLimitExceeded"), "{}", f.message);
+        let t = job_failure("j", "DeadlineExceeded", "too slow", exit);
+        assert_eq!(t.reason, plan::FailureReason::TimedOut);
+        assert_eq!(t.exit_code, None, "a killed pod's exit code is not the script's");
+        let unknown = job_failure("j", "BackoffLimitExceeded", "limit", None);
+        assert_eq!((unknown.exit_code, unknown.output_tail.as_str()), (None, ""));
     }
 }
