@@ -151,7 +151,7 @@ fn names(v: &[usize]) -> Vec<String> {
     v.iter().map(|i| format!("h{i}")).collect()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn every_host_runs_every_stage_batch_by_batch() {
     let fake = Fake::default();
     let spec = plan(
@@ -205,7 +205,7 @@ async fn every_host_runs_every_stage_batch_by_batch() {
     assert!(state.partial.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn budget_exceeded_rolls_back_exactly_the_started_hosts_last_batch_first() {
     let fake = Fake::default()
         .fail("h2", "deploy", vec![Err(FailureReason::NonZeroExit)])
@@ -266,7 +266,7 @@ async fn budget_exceeded_rolls_back_exactly_the_started_hosts_last_batch_first()
     assert_eq!(fake.opens.lock().unwrap().len(), 6);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn budget_exceeded_without_rollback_stages_fails() {
     let fake = Fake::default().fail("h0", "deploy", vec![Err(FailureReason::TimedOut)]);
     let spec = plan(&["deploy"], &[], Amount::Count(1), 1, Amount::Count(0));
@@ -281,7 +281,7 @@ async fn budget_exceeded_without_rollback_stages_fails() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failures_within_the_budget_still_succeed_and_a_failed_rollback_fails() {
     let fake = Fake::default().fail("h1", "deploy", vec![Err(FailureReason::NonZeroExit)]);
     let spec = plan(
@@ -309,13 +309,21 @@ async fn failures_within_the_budget_still_succeed_and_a_failed_rollback_fails() 
     let (out, _) = run(&spec, 4, &fake, ResumeState::default()).await;
     assert_eq!(out.phase, Phase::Failed);
     assert_eq!(out.hosts[0].rollback, RollbackState::Failed);
-    // h0's rollback stopped at its failed stage; the others rolled back fully
+    // h0's rollback stopped at its failed stage; every other host that started rolled back
+    // fully (which hosts started before the budget ran out depends on scheduling)
     let mut undo2 = fake.hosts_of("undo2");
     undo2.sort();
-    assert_eq!(undo2, names(&[1, 2, 3]));
+    let mut started: Vec<String> = fake
+        .hosts_of("deploy")
+        .into_iter()
+        .filter(|h| h != "h0")
+        .collect();
+    started.sort();
+    assert!(started.contains(&"h1".to_string()), "{started:?}");
+    assert_eq!(undo2, started);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unreachable_hosts_count_against_the_budget_and_are_not_rolled_back() {
     let mut fake = Fake::default();
     fake.unreachable.insert("h1".into());
@@ -339,7 +347,7 @@ async fn unreachable_hosts_count_against_the_budget_and_are_not_rolled_back() {
     assert!(state.failed_unstarted.contains(1) && state.budget_exceeded);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retries_back_off_and_succeed_on_a_later_attempt_but_not_for_auth_errors() {
     let fake = Fake::default()
         .fail(
@@ -387,7 +395,7 @@ async fn retries_back_off_and_succeed_on_a_later_attempt_but_not_for_auth_errors
     assert_eq!(stage.cap(9), Duration::from_secs(30));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn run_once_stage_runs_once_before_any_host_passes_it() {
     let fake = Fake {
         delay: Duration::from_millis(5),
@@ -415,7 +423,7 @@ async fn run_once_stage_runs_once_before_any_host_passes_it() {
     assert_eq!(state.run_once_done, vec![1]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_run_once_stage_aborts_the_run_whatever_the_budget() {
     let fake = Fake::default().fail("h0", "migrate", vec![Err(FailureReason::NonZeroExit)]);
     let mut spec = plan(
@@ -432,10 +440,13 @@ async fn a_failed_run_once_stage_aborts_the_run_whatever_the_budget() {
     }));
     assert_eq!(out.phase, Phase::RolledBack);
     assert!(fake.hosts_of("post").is_empty());
-    assert_eq!(fake.hosts_of("pre").len(), 2);
+    // only the first batch (h0, h1) ever started; h0 ran the runOnce stage after its `pre`
+    let pre = fake.hosts_of("pre");
+    assert!(pre.contains(&"h0".to_string()), "{pre:?}");
+    assert!(pre.iter().all(|h| h == "h0" || h == "h1"), "{pre:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn resume_skips_done_hosts_and_stages() {
     let fake = Fake::default();
     let spec = plan(&["a", "b"], &[], Amount::Count(2), 2, Amount::Count(0));
@@ -471,7 +482,7 @@ async fn resume_skips_done_hosts_and_stages() {
     assert_eq!(undone, names(&[0, 1]));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn on_interrupt_fail_counts_hosts_left_mid_way_as_failed() {
     let fake = Fake::default();
     let mut spec = plan(
@@ -501,7 +512,7 @@ async fn on_interrupt_fail_counts_hosts_left_mid_way_as_failed() {
     assert_eq!(undone, names(&[0, 1]));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pause_stops_at_host_boundaries_and_resume_continues() {
     let fake = Fake {
         delay: Duration::from_millis(100),
@@ -539,7 +550,7 @@ async fn pause_stops_at_host_boundaries_and_resume_continues() {
     assert!(seen.contains(&PlanEvent::Paused) && seen.contains(&PlanEvent::Resumed));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stop_ends_the_run_after_in_flight_stages() {
     let fake = Fake {
         delay: Duration::from_millis(100),
@@ -604,7 +615,7 @@ fn ssh_run_is_send<'a>(
     )
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn host_keys_trusted_on_first_use_are_reported_once_per_host() {
     let fake = Fake {
         tofu: true,
