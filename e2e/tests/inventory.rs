@@ -210,8 +210,8 @@ async fn accept_new_records_and_then_pins_first_seen_host_keys() {
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: key-only, namespace: {ns}}}\nstringData:\n  ssh-privatekey: |\n{key}"
     );
     let inventory = inventory_yaml("fleet", &ns, "key-only", 2).replace(
-        "    user: root\n",
-        "    user: root\n    hostKeyPolicy: AcceptNew\n",
+        &format!("    user: {TEST_USER}\n"),
+        &format!("    user: {TEST_USER}\n    hostKeyPolicy: AcceptNew\n"),
     );
     apply(&kc, &format!("{secret}---\n{inventory}"));
     let inv = wait_ready(&api, "fleet", "True", "AllReachable").await;
@@ -229,13 +229,23 @@ async fn accept_new_records_and_then_pins_first_seen_host_keys() {
     let data = cm.data.expect("data");
     let fingerprints = hosts().server.fingerprints();
     for (i, host) in ["host-0", "host-1"].into_iter().enumerate() {
-        let entry = data.get(host).unwrap_or_else(|| panic!("{host} pinned: {data:?}"));
+        let entry = data
+            .get(host)
+            .unwrap_or_else(|| panic!("{host} pinned: {data:?}"));
         let prefix = format!("{} {} ", host_addr(i), hosts().server.port);
-        let fp = entry.strip_prefix(&prefix).unwrap_or_else(|| panic!("{entry}"));
-        assert!(fingerprints.iter().any(|f| f == fp), "{fp} not in {fingerprints:?}");
+        let fp = entry
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("{entry}"));
+        assert!(
+            fingerprints.iter().any(|f| f == fp),
+            "{fp} not in {fingerprints:?}"
+        );
     }
     let owner = cm.metadata.owner_references.expect("owned")[0].clone();
-    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Inventory", "fleet"));
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Inventory", "fleet")
+    );
 }
 
 /// A key pinned by an Inventory under `AcceptNew` binds every kind: when the host later
@@ -249,19 +259,24 @@ async fn a_plan_refuses_a_host_whose_key_changed_after_the_inventory_pinned_it()
     let keys = tempfile::tempdir().expect("tempdir");
     let (private_key, public_key) = crate::sshd::user_key(keys.path(), "ed25519", None, "openssh");
     let first = crate::sshd::Sshd::start();
-    first.authorize("root", &public_key);
+    first.authorize(TEST_USER, &public_key);
     let port = first.port;
     let key: String = private_key.lines().map(|l| format!("    {l}\n")).collect();
     let manifest = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: key-only, namespace: {ns}}}\nstringData:\n  ssh-privatekey: |\n{key}---\n\
-apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: pinned, namespace: {ns}}}\nspec:\n  ssh:\n    user: root\n    port: {port}\n    connectTimeout: 5s\n    hostKeyPolicy: AcceptNew\n    secretRef: {{name: key-only}}\n  probe: {{interval: 1h}}\n  hosts:\n    - {{name: h1, address: 127.0.21.1}}\n"
+apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: pinned, namespace: {ns}}}\nspec:\n  ssh:\n    user: {TEST_USER}\n    port: {port}\n    connectTimeout: 5s\n    hostKeyPolicy: AcceptNew\n    secretRef: {{name: key-only}}\n  probe: {{interval: 1h}}\n  hosts:\n    - {{name: h1, address: 127.0.21.1}}\n"
     );
     apply(&kc, &manifest);
     let api: Api<Inventory> = Api::namespaced(client().await, &ns);
     wait_ready(&api, "pinned", "True", "AllReachable").await;
     let pins: Api<ConfigMap> = Api::namespaced(client().await, &ns);
     let pinned = pins.get("pinned-host-keys").await.expect("pins ConfigMap");
-    let entry = pinned.data.as_ref().and_then(|d| d.get("h1")).cloned().expect("h1 pinned");
+    let entry = pinned
+        .data
+        .as_ref()
+        .and_then(|d| d.get("h1"))
+        .cloned()
+        .expect("h1 pinned");
     let old_fingerprint = entry
         .strip_prefix(&format!("127.0.21.1 {port} "))
         .unwrap_or_else(|| panic!("{entry}"))
@@ -271,8 +286,11 @@ apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: pinned, na
     // h1 is now answered by an sshd with new host keys, on the same address and port
     drop(first);
     let second = crate::sshd::Sshd::start_on_port(port);
-    second.authorize("root", &public_key);
-    assert!(!second.fingerprints().contains(&old_fingerprint), "new host keys");
+    second.authorize(TEST_USER, &public_key);
+    assert!(
+        !second.fingerprints().contains(&old_fingerprint),
+        "new host keys"
+    );
 
     let marker = keys.path().join("stage-ran");
     let plan = format!(
@@ -293,8 +311,15 @@ apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: pinned, na
     .await;
     assert_eq!(failed.failures.len(), 1, "{:?}", failed.failures);
     assert_eq!(failed.failures[0].host, "h1");
-    assert_eq!(failed.failures[0].reason, "HostKeyMismatch", "{:?}", failed.failures[0]);
-    assert!(!marker.exists(), "the stage must never run on a host whose key changed");
+    assert_eq!(
+        failed.failures[0].reason, "HostKeyMismatch",
+        "{:?}",
+        failed.failures[0]
+    );
+    assert!(
+        !marker.exists(),
+        "the stage must never run on a host whose key changed"
+    );
     // and the pin still holds the first key: nothing was re-trusted
     let pinned = pins.get("pinned-host-keys").await.expect("pins ConfigMap");
     assert_eq!(
@@ -444,4 +469,65 @@ async fn one_leader_at_a_time_and_a_standby_takes_over_after_kill_9() {
             .then_some(())
     })
     .await;
+}
+
+/// Probing is the Inventory's task, not its reconcile: rounds go on every interval while
+/// the reconcile count stays put, because the controller's own status writes do not
+/// trigger reconciles (before, every status change started a second full SSH probe).
+#[tokio::test]
+async fn probe_rounds_run_on_their_interval_without_reconciles_or_repeated_status_writes() {
+    let kc = kubeconfig();
+    let ns = namespace("inv-rounds");
+    let controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (private_key, public_key) = crate::sshd::user_key(keys.path(), "ed25519", None, "openssh");
+    let server = crate::sshd::Sshd::start();
+    server.authorize(TEST_USER, &public_key);
+    let port = server.port;
+    let addr = "127.0.22.1";
+    let key: String = private_key.lines().map(|l| format!("    {l}\n")).collect();
+    let known: String = server
+        .known_hosts_for(&[addr])
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    apply(
+        &kc,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: s, namespace: {ns}}}\nstringData:\n  ssh-privatekey: |\n{key}  known_hosts: |\n{known}---\n\
+apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: fleet, namespace: {ns}}}\nspec:\n  ssh:\n    user: {TEST_USER}\n    port: {port}\n    connectTimeout: 5s\n    secretRef: {{name: s}}\n  probe: {{interval: 1s}}\n  hosts:\n    - {{name: h1, address: {addr}}}\n"
+        ),
+    );
+    let api: Api<Inventory> = Api::namespaced(client().await, &ns);
+    wait_ready(&api, "fleet", "True", "AllReachable").await;
+    let url = controller.metrics_url();
+    let counter = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let reconciles = r#"outrider_reconciles_total{kind="Inventory"}"#;
+    let writes = r#"outrider_status_writes_total{kind="Inventory"}"#;
+    let logins = || server.log().matches("Accepted publickey").count();
+    // settle: the first round's write is done once Ready shows; take the counts now
+    let before = eventually(Duration::from_secs(10), "metrics", || http_get(&url)).await;
+    let rounds_before = logins();
+    // positive marker: at least 4 more probe rounds reached the host
+    eventually(Duration::from_secs(60), "4 more probe rounds", || async {
+        (logins() >= rounds_before + 4).then_some(())
+    })
+    .await;
+    let after = eventually(Duration::from_secs(10), "metrics", || http_get(&url)).await;
+    assert_eq!(
+        counter(&after, reconciles),
+        counter(&before, reconciles),
+        "probe rounds and our own status writes must not reconcile again"
+    );
+    assert_eq!(
+        counter(&after, writes),
+        counter(&before, writes),
+        "an unchanged status is not written again"
+    );
+    assert!(counter(&before, writes) >= 1.0, "{before}");
 }

@@ -78,7 +78,7 @@ fn setup(ns: &str, hosts: usize) {
 
 fn out_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    // the sshd runs its sessions as root on this machine
+    // the stages run as the unprivileged test user
     std::fs::set_permissions(
         dir.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
@@ -156,13 +156,50 @@ async fn ssh_plan_runs_to_completion_with_correct_counts() {
     assert!(text.contains("Succeeded"), "{text}");
     assert!(text.contains("PHASE"), "{text}");
 
-    // a finished run does nothing more, even across resyncs and reconciles
-    let version = dp.metadata.resource_version.clone();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let again = api.get("rollout").await.expect("get");
-    assert_eq!(again.metadata.resource_version, version);
-
+    // a finished run does nothing more when reconciled again: an annotation change (not the
+    // rerun one) reconciles it — the positive marker — and no status is written
     let url = controller.metrics_url();
+    let counter = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = eventually(Duration::from_secs(10), "metrics", || http_get(&url)).await;
+    let reconciles = r#"outrider_reconciles_total{kind="DeploymentPlan"}"#;
+    let writes = r#"outrider_status_writes_total{kind="DeploymentPlan"}"#;
+    let out = kubectl(
+        &kc,
+        &[
+            "annotate",
+            "dp",
+            "rollout",
+            "-n",
+            &ns,
+            "example.com/touched=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = eventually(
+        Duration::from_secs(30),
+        "a reconcile after the annotation",
+        || {
+            let url = url.clone();
+            let before = before.clone();
+            async move {
+                let m = http_get(&url).await?;
+                (counter(&m, reconciles) > counter(&before, reconciles)).then_some(m)
+            }
+        },
+    )
+    .await;
+    assert_eq!(counter(&after, writes), counter(&before, writes), "{after}");
+    let again = api.get("rollout").await.expect("get");
+    assert_eq!(
+        again.status, dp.status,
+        "a finished run's status does not move"
+    );
+
     let metrics = eventually(Duration::from_secs(10), "metrics", || http_get(&url)).await;
     assert!(
         metrics.contains(r#"outrider_plan_runs_total{result="Succeeded"} 1"#),
@@ -481,7 +518,13 @@ async fn pausing_holds_the_run_and_unpausing_finishes_the_same_run() {
     let api: Api<DeploymentPlan> = Api::namespaced(client().await, &ns);
     setup(&ns, 6);
     let dir = out_dir();
-    let stage = append_stage("slow", dir.path(), "runs.log", "sleep 0.4");
+    // every attempt records when it started: the positive marker for "nothing started"
+    let stage = append_stage(
+        "slow",
+        dir.path(),
+        "runs.log",
+        "date +%s%N >> \"$OUT/starts.log\"; sleep 0.4",
+    );
     apply(
         &kc,
         &plan_yaml("held", &ns, "{batchSize: 100%, maxParallel: 1}", &stage, ""),
@@ -518,13 +561,34 @@ async fn pausing_holds_the_run_and_unpausing_finishes_the_same_run() {
     settled().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     settled().await;
-    let held = lines(&dir.path().join("runs.log")).len();
+    let epoch_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    };
+    // a window in which nothing may start; checked below against the recorded starts
+    let quiet_from = epoch_ns();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(lines(&dir.path().join("runs.log")).len(), held);
+    let held = lines(&dir.path().join("runs.log")).len();
     assert!(held < 6, "paused too late: {held} hosts ran");
+    let quiet_to = epoch_ns();
 
     patch(false);
     let dp = wait_phase(&api, "held", PlanPhase::Succeeded).await;
+    let starts: Vec<u128> = lines(&dir.path().join("starts.log"))
+        .iter()
+        .map(|l| l.trim().parse().expect("epoch ns"))
+        .collect();
+    assert_eq!(starts.len(), 6, "one start per host: {starts:?}");
+    assert!(
+        starts.iter().any(|t| *t > quiet_to),
+        "hosts started after the unpause: {starts:?}"
+    );
+    assert!(
+        starts.iter().all(|t| *t < quiet_from || *t > quiet_to),
+        "a host started while the plan was paused: {starts:?} in ({quiet_from}, {quiet_to})"
+    );
     let status = dp.status.expect("status");
     assert_eq!(status.run.as_deref(), Some("1"), "pausing is not a new run");
     assert_eq!(status.observed_generation, dp.metadata.generation);
@@ -577,7 +641,12 @@ async fn deleting_a_plan_mid_run_cancels_it() {
     let api: Api<DeploymentPlan> = Api::namespaced(client().await, &ns);
     setup(&ns, 10);
     let dir = out_dir();
-    let stage = append_stage("slow", dir.path(), "runs.log", "sleep 0.4");
+    let stage = append_stage(
+        "slow",
+        dir.path(),
+        "runs.log",
+        "date +%s%N >> \"$OUT/starts.log\"; sleep 0.4",
+    );
     apply(
         &kc,
         &plan_yaml(
@@ -610,25 +679,29 @@ async fn deleting_a_plan_mid_run_cancels_it() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    // a stage in flight may finish (slowly on a loaded machine); then the run is gone: the
-    // log stops growing for 3 s well before the 10 hosts would have run
-    let log = dir.path().join("runs.log");
-    let mut after = lines(&log).len();
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let now = lines(&log).len();
-        if now == after {
-            break;
-        }
-        after = now;
-    }
-    assert_eq!(lines(&log).len(), after, "hosts still run after the delete");
-    assert!(after < 10, "the run was not cancelled: {after} hosts ran");
+    let deleted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    // positive marker: the run gave back its hosts (a stage in flight may finish first)
     let url = controller.metrics_url();
-    let metrics = eventually(Duration::from_secs(10), "metrics", || http_get(&url)).await;
+    eventually(Duration::from_secs(60), "no host in flight", || async {
+        let m = http_get(&url).await?;
+        m.contains("outrider_plan_hosts_in_flight 0").then_some(())
+    })
+    .await;
+    // the stop reached the run before the finalizer let the plan go: nothing starts after
+    let starts: Vec<u128> = lines(&dir.path().join("starts.log"))
+        .iter()
+        .map(|l| l.trim().parse().expect("epoch ns"))
+        .collect();
     assert!(
-        metrics.contains("outrider_plan_hosts_in_flight 0"),
-        "{metrics}"
+        !starts.is_empty() && starts.len() < 10,
+        "the run was not cancelled: {starts:?}"
+    );
+    assert!(
+        starts.iter().all(|t| *t < deleted_at),
+        "a host started after the delete returned: {starts:?} vs {deleted_at}"
     );
     assert!(!controller.log_text().contains("panicked"));
 }
