@@ -1,33 +1,38 @@
 //! The Helm chart as users install it: it installs, its Deployment becomes available, and
-//! its RBAC is exactly enough for the controller to do its work.
+//! its RBAC is exactly enough for the controller to do its work, cluster-wide and scoped to
+//! one namespace (`controller.watchNamespace`).
 
+use std::path::Path;
 use std::time::Duration;
 
-use kube::Api;
-use outrider::api::Inventory;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{Api, ResourceExt};
+use outrider::api::deployment_plan::{DeploymentPlan, PlanPhase};
+use outrider::api::{Inventory, LogPipeline};
 
 use crate::support::*;
 
-#[tokio::test]
-async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
-    let kc = kubeconfig();
-    let release_ns = namespace("chart");
-    let watched = namespace("chart-watched");
-    // cluster-scoped names (ClusterRole) carry the release name: unique per run
-    let release = format!("outrider-{}", std::process::id() % 100_000);
-    let out = helm(&[
+/// The node agents' ConfigMap the LogPipeline controller renders in the operator namespace.
+const AGENT_CONFIGMAP: &str = "outrider-agent";
+const CONFIG_HASH: &str = "outrider.dev/config-hash";
+
+/// `helm upgrade --install` of the chart as release `release` in `ns`, waiting for it.
+fn install(release: &str, ns: &str, sets: &[&str]) {
+    let mut args = vec![
         "upgrade",
         "--install",
-        &release,
+        release,
         "charts/outrider",
         "-n",
-        &release_ns,
+        ns,
         "--set",
         "controller.leaseDuration=10",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    args.extend(["--wait", "--timeout", "120s"]);
+    let out = helm(&args);
     assert!(
         out.status.success(),
         "helm install failed:\n{}{}",
@@ -35,13 +40,13 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
         stderr(&out)
     );
     let out = kubectl(
-        &kc,
+        &kubeconfig(),
         &[
             "get",
             "deploy",
-            &release,
+            release,
             "-n",
-            &release_ns,
+            ns,
             "-o",
             "jsonpath={.status.availableReplicas}",
         ],
@@ -52,24 +57,116 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
         "both replicas available (kwok runs the pods): {}",
         stderr(&out)
     );
+}
 
-    // the chart's pods run on kwok's simulated nodes, so run the same binary locally with the
-    // chart's ServiceAccount: anything its RBAC lacks fails here
-    let sa_config = service_account_kubeconfig(&release_ns, &release);
+fn uninstall(release: &str, ns: &str) {
+    let out = helm(&["uninstall", release, "-n", ns, "--wait"]);
+    assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
+}
+
+/// `helm template` of the chart (no cluster involved), as YAML documents.
+fn template(release: &str, ns: &str, sets: &[&str]) -> Vec<serde_yaml::Value> {
+    let mut cmd = std::process::Command::new(repo().join("e2e/bin/helm"));
+    cmd.args(["template", release, "charts/outrider", "-n", ns])
+        .args(["--kube-version", "1.37.2"])
+        .current_dir(repo());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd
+        .output()
+        .expect("running e2e/bin/helm (run `make tools`)");
+    assert!(out.status.success(), "helm template: {}", stderr(&out));
+    serde_yaml::Deserializer::from_str(&stdout(&out))
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML"))
+        .filter(|v: &serde_yaml::Value| !v.is_null())
+        .collect()
+}
+
+/// The rendered object of `kind` named `name`.
+fn find<'a>(
+    docs: &'a [serde_yaml::Value],
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_yaml::Value> {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+}
+
+fn strings(v: &serde_yaml::Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each rule of a (Cluster)Role as (resources, resourceNames, verbs) for the core group.
+fn core_rules(role: &serde_yaml::Value) -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
+    role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter(|r| strings(&r["apiGroups"]) == [""])
+        .map(|r| {
+            (
+                strings(&r["resources"]),
+                strings(&r["resourceNames"]),
+                strings(&r["verbs"]),
+            )
+        })
+        .collect()
+}
+
+/// `kubectl auth can-i` as whoever `kubeconfig` authenticates (a SelfSubjectAccessReview).
+fn can_i(kubeconfig: &Path, verb: &str, resource: &str, ns: &str) -> bool {
+    let out = kubectl(kubeconfig, &["auth", "can-i", verb, resource, "-n", ns]);
+    let answer = stdout(&out).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "auth can-i {verb} {resource} -n {ns}: {answer} {}",
+        stderr(&out)
+    );
+    answer == "yes"
+}
+
+/// Runs the controller locally under the chart's ServiceAccount (the chart's pods run on
+/// kwok's simulated nodes, so the real binary runs here with exactly the chart's RBAC),
+/// watching `watched` with the operator namespace `release_ns`, and drives one of each
+/// implemented kind to its expected status: an Inventory Ready, a DeploymentPlan (a Job
+/// stage and an SSH stage) Succeeded, and a LogPipeline rendered into the agents' ConfigMap
+/// in `release_ns` (Ready reason `NoAgents`: no agent runs). Anything the RBAC lacks fails.
+async fn controller_works_under_the_chart_rbac(sa_config: &Path, watched: &str, release_ns: &str) {
+    let kc = kubeconfig();
+    let client = client().await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), release_ns);
+    assert!(
+        maps.get_opt(AGENT_CONFIGMAP).await.expect("get").is_none(),
+        "the agents' ConfigMap does not exist before the controller creates it"
+    );
     let controller =
-        ControllerProcess::start_with(&sa_config, &watched, &release_ns, "outrider-sa", "sa", &[]);
+        ControllerProcess::start_with(sa_config, watched, release_ns, "outrider-sa", "sa", &[]);
     let manifest = format!(
-        "{}---\n{}",
-        secret_yaml("fleet-ssh", &watched),
-        inventory_yaml("fleet", &watched, "fleet-ssh", 2)
+        "{}---\n{}---\n{}---\n{}",
+        secret_yaml("fleet-ssh", watched),
+        inventory_yaml("fleet", watched, "fleet-ssh", 2),
+        format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: rollout, namespace: {watched}}}\nspec:\n  targets: {{inventoryRef: {{name: fleet}}}}\n  strategy: {{batchSize: 100%}}\n  stages:\n    - name: migrate\n      runOnce: true\n      timeout: 2m\n      job:\n        template: {{spec: {{containers: [{{name: m, image: example.com/migrate:42}}], restartPolicy: Never}}}}\n    - name: rollout\n      command: [\"true\"]\n      timeout: 60s\n"
+        ),
+        format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: shop, namespace: {watched}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]}}\n  outputs:\n    - {{name: out, http: {{url: \"http://127.0.0.1:9/ingest\"}}}}\n"
+        ),
     );
     apply(&kc, &manifest);
-    let api: Api<Inventory> = Api::namespaced(client().await, &watched);
+
+    let inventories: Api<Inventory> = Api::namespaced(client.clone(), watched);
     eventually(
         Duration::from_secs(60),
         "Inventory Ready under the chart's RBAC",
         || async {
-            let inv = api.get_opt("fleet").await.ok().flatten()?;
+            let inv = inventories.get_opt("fleet").await.ok().flatten()?;
             inv.status?
                 .conditions
                 .iter()
@@ -78,12 +175,282 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
         },
     )
     .await;
-    let log = controller.log_text();
-    assert!(
-        !log.contains("forbidden"),
-        "the controller hit RBAC denials:\n{log}"
+
+    let plans: Api<DeploymentPlan> = Api::namespaced(client.clone(), watched);
+    let dp = eventually(
+        Duration::from_secs(120),
+        "DeploymentPlan Succeeded under the chart's RBAC",
+        || async {
+            let dp = plans.get_opt("rollout").await.ok().flatten()?;
+            (dp.status.as_ref()?.phase == Some(PlanPhase::Succeeded)).then_some(dp)
+        },
+    )
+    .await;
+    let counts: Vec<(String, u32, u32)> = dp
+        .status
+        .expect("status")
+        .stages
+        .iter()
+        .map(|s| (s.name.clone(), s.succeeded, s.failed))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![("migrate".into(), 1, 0), ("rollout".into(), 2, 0)]
     );
 
-    let out = helm(&["uninstall", &release, "-n", &release_ns, "--wait"]);
-    assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
+    let pipelines: Api<LogPipeline> = Api::namespaced(client.clone(), watched);
+    let hash = eventually(
+        Duration::from_secs(60),
+        "LogPipeline rendered (configHash, Ready reason NoAgents) under the chart's RBAC",
+        || async {
+            let lp = pipelines.get_opt("shop").await.ok().flatten()?;
+            let status = lp.status?;
+            let no_agents = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "NoAgents");
+            no_agents.then_some(status.config_hash?)
+        },
+    )
+    .await;
+    let cm = maps
+        .get_opt(AGENT_CONFIGMAP)
+        .await
+        .expect("get")
+        .expect("the agents' ConfigMap in the release namespace");
+    assert_eq!(
+        cm.annotations().get(CONFIG_HASH),
+        Some(&hash),
+        "the ConfigMap carries the hash the LogPipeline reports"
+    );
+    let text = cm
+        .data
+        .clone()
+        .unwrap_or_default()
+        .remove("agent.yaml")
+        .expect("agent.yaml");
+    assert!(text.contains("name: shop"), "{text}");
+    // written by the controller's server-side apply (which created it: absent above)
+    let managers: Vec<(String, String)> = cm
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        managers,
+        vec![("outrider".to_string(), "Apply".to_string())]
+    );
+    if watched != release_ns {
+        let elsewhere: Api<ConfigMap> = Api::namespaced(client.clone(), watched);
+        assert!(
+            elsewhere
+                .get_opt(AGENT_CONFIGMAP)
+                .await
+                .expect("get")
+                .is_none(),
+            "the agents' ConfigMap is rendered in the operator namespace only"
+        );
+    }
+
+    let log = controller.log_text();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "the controller hit RBAC denials:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
+    let release_ns = namespace("chart");
+    let watched = namespace("chart-watched");
+    // cluster-scoped names (ClusterRole) carry the release name: unique per run
+    let release = format!("outrider-{}", std::process::id() % 100_000);
+    install(&release, &release_ns, &[]);
+    let out = kubectl(&kubeconfig(), &["get", "clusterrole", &release]);
+    assert!(
+        out.status.success(),
+        "cluster-wide install: a ClusterRole: {}",
+        stderr(&out)
+    );
+
+    let sa_config = service_account_kubeconfig(&release_ns, &release);
+    controller_works_under_the_chart_rbac(&sa_config, &watched, &release_ns).await;
+
+    uninstall(&release, &release_ns);
+}
+
+#[tokio::test]
+async fn scoped_chart_grants_the_watched_namespace_and_only_the_agents_objects_in_its_own() {
+    let kc = kubeconfig();
+    let release_ns = namespace("chart-scoped");
+    let watched = namespace("chart-scoped-watched");
+    // a namespace the install knows nothing of (it need not exist to ask)
+    let other = format!("chart-scoped-other-{}", std::process::id() % 100_000);
+    let release = format!("outrider-scoped-{}", std::process::id() % 100_000);
+    let watch = format!("controller.watchNamespace={watched}");
+    install(&release, &release_ns, &[&watch]);
+    let out = kubectl(&kc, &["get", "clusterrole", &release]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("NotFound"),
+        "a scoped install creates no ClusterRole: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    let sa = service_account_kubeconfig(&release_ns, &release);
+    // in the release namespace: the agents' ConfigMap by name (create included: a
+    // server-side apply that creates it is authorized as create of that name), their Pods
+    let agent_cm = format!("configmaps/{AGENT_CONFIGMAP}");
+    for (verb, resource, ns, want) in [
+        ("get", agent_cm.as_str(), release_ns.as_str(), true),
+        ("patch", &agent_cm, &release_ns, true),
+        ("create", &agent_cm, &release_ns, true),
+        ("update", &agent_cm, &release_ns, false),
+        ("delete", &agent_cm, &release_ns, false),
+        ("create", "configmaps", &release_ns, false),
+        ("get", "configmaps/other", &release_ns, false),
+        ("patch", "configmaps/other", &release_ns, false),
+        ("list", "configmaps", &release_ns, false),
+        ("list", "pods", &release_ns, true),
+        ("watch", "pods", &release_ns, true),
+        ("get", "pods", &release_ns, false),
+        ("get", "secrets", &release_ns, false),
+        ("list", "inventories.outrider.dev", &release_ns, false),
+        ("update", "leases.coordination.k8s.io", &release_ns, true),
+        // the watched namespace: the resources, their ConfigMaps (pinned host keys), Jobs
+        ("list", "inventories.outrider.dev", &watched, true),
+        (
+            "patch",
+            "deploymentplans.outrider.dev/status",
+            &watched,
+            true,
+        ),
+        ("create", "configmaps", &watched, true),
+        ("patch", "configmaps/fleet", &watched, true),
+        ("create", "jobs.batch", &watched, true),
+        ("list", "pods", &watched, true),
+        ("get", "secrets", &watched, true),
+        // anywhere else: nothing
+        ("list", "inventories.outrider.dev", &other, false),
+        ("get", &agent_cm, &other, false),
+        ("list", "pods", &other, false),
+        ("list", "nodes", "default", false),
+    ] {
+        assert_eq!(
+            can_i(&sa, verb, resource, ns),
+            want,
+            "the chart's ServiceAccount: can-i {verb} {resource} -n {ns}"
+        );
+    }
+    // and for real, under its token: no other ConfigMap can be made in the release namespace,
+    // neither by a POST nor by a server-side apply
+    let out = kubectl(
+        &sa,
+        &["create", "configmap", "not-the-agents", "-n", &release_ns],
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("forbidden"),
+        "POST create of another ConfigMap: {}",
+        stderr(&out)
+    );
+    let out = kubectl_stdin(
+        &sa,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=outrider",
+            "-f",
+            "-",
+        ],
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: not-the-agents, namespace: {release_ns}}}\n"
+        ),
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("forbidden"),
+        "server-side apply creating another ConfigMap: {}",
+        stderr(&out)
+    );
+
+    controller_works_under_the_chart_rbac(&sa, &watched, &release_ns).await;
+
+    uninstall(&release, &release_ns);
+}
+
+#[test]
+fn chart_renders_a_cluster_role_or_namespaced_roles_for_the_install_mode() {
+    // cluster-wide: one ClusterRole covers every namespace, the release's included
+    let docs = template("outrider", "ops", &[]);
+    let role = find(&docs, "ClusterRole", "outrider").expect("ClusterRole");
+    let rules = core_rules(role);
+    for resource in ["configmaps", "pods", "nodes"] {
+        assert!(
+            rules
+                .iter()
+                .any(|(r, names, _)| r == &[resource] && names.is_empty()),
+            "{resource} in {rules:?}"
+        );
+    }
+    assert!(find(&docs, "ClusterRoleBinding", "outrider").is_some());
+    assert!(find(&docs, "Role", "outrider-agents").is_none());
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "Role").count(),
+        1,
+        "{kinds:?}"
+    );
+
+    // scoped: no cluster-scoped RBAC; the resources' Role in the watched namespace; the
+    // agents' ConfigMap (by name) and Pods in the release namespace; the Lease there too
+    let docs = template("outrider", "ops", &["controller.watchNamespace=apps"]);
+    assert!(find(&docs, "ClusterRole", "outrider").is_none());
+    assert!(find(&docs, "ClusterRoleBinding", "outrider").is_none());
+    let role = find(&docs, "Role", "outrider").expect("watched-namespace Role");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("apps"));
+    let rules = core_rules(role);
+    assert!(
+        rules.contains(&(
+            vec!["configmaps".into()],
+            vec![],
+            vec!["get".into(), "create".into(), "patch".into()]
+        )),
+        "{rules:?}"
+    );
+    assert!(!rules.iter().any(|(r, _, _)| r == &["nodes"]), "{rules:?}");
+    let agents = find(&docs, "Role", "outrider-agents").expect("agents' Role");
+    assert_eq!(agents["metadata"]["namespace"].as_str(), Some("ops"));
+    assert_eq!(
+        core_rules(agents),
+        vec![
+            (
+                vec!["configmaps".into()],
+                vec![AGENT_CONFIGMAP.into()],
+                vec!["get".into(), "create".into(), "patch".into()]
+            ),
+            (
+                vec!["pods".into()],
+                vec![],
+                vec!["list".into(), "watch".into()]
+            ),
+        ]
+    );
+    assert_eq!(
+        agents["rules"].as_sequence().map(Vec::len),
+        Some(2),
+        "only core rules"
+    );
+    let binding = find(&docs, "RoleBinding", "outrider-agents").expect("agents' RoleBinding");
+    assert_eq!(binding["metadata"]["namespace"].as_str(), Some("ops"));
+    assert_eq!(binding["roleRef"]["name"].as_str(), Some("outrider-agents"));
+    assert_eq!(binding["subjects"][0]["name"].as_str(), Some("outrider"));
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
+    let lease = find(&docs, "Role", "outrider-leader-election").expect("Lease Role");
+    assert_eq!(lease["metadata"]["namespace"].as_str(), Some("ops"));
 }
