@@ -34,6 +34,11 @@ cluster-up: deps tools
 cluster-down:
 	e2e/cluster.sh down
 
+## cluster-test: a second cluster up/status/down on saturated cores and with many inherited fds (startup race)
+.PHONY: cluster-test
+cluster-test: deps tools
+	e2e/cluster_test.sh
+
 ## test: everything — unit, integration (tests/) and cluster tests (e2e/) on a real control plane
 test: deps tools
 	$(CARGO) build --locked --all-targets

@@ -26,6 +26,12 @@
 #   kubeconfigs/          per-component kubeconfigs (kcm, scheduler, kwok)
 #   etcd/                 etcd data (--unsafe-no-fsync)
 #   logs/<name>.log       one per process: etcd kube-apiserver kube-controller-manager kube-scheduler kwok
+#   logs/audit.log        kube-apiserver audit log (JSON lines, level Metadata, see audit-policy.yaml);
+#                         rotated at 50 MB into audit-<time>.log, at most 4 kept.
+#                         Summarize it with e2e/bench/api-requests.sh
+#   audit-policy.yaml     what is audited: every request except system components' (kcm and its
+#                         controllers' kube-system ServiceAccounts, scheduler, kwok, the apiserver
+#                         itself), node/lease heartbeats and health probes
 #   pids/<name>.pid
 #   kcm/ scheduler/       self-signed serving certs of their secure ports
 #
@@ -98,25 +104,47 @@ need_bins() {
 
 # ---------------------------------------------------------------- processes
 
-# pid of a component if it is alive AND is the process we started (its command line names our
-# state dir; guards against a recycled pid), else nothing.
+# A component's pid file is written right after the fork, by start_proc, which then waits until
+# the recorded pid has exec'd the component's binary (see start_proc). A pid counts as the
+# component only if it is alive (not a zombie), its argv[0] is that binary (e2e/bin/NAME) and its
+# command line names our state dir: this guards against a recycled pid, and against taking
+# anything else for the component.
+
+# proc_state PID: prints "STATE PPID" from /proc/PID/stat (comm may hold spaces: cut at the last ')')
+proc_state() {
+  local stat state ppid
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  read -r state ppid _ <<<"${stat##*) }"
+  echo "$state $ppid"
+}
+
+# is_component NAME PID: PID is a live process running NAME's binary for this state dir
+is_component() {
+  local name=$1 pid=$2 st argv=()
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  mapfile -d '' -t argv 2>/dev/null < "/proc/$pid/cmdline" || return 1
+  [ ${#argv[@]} -gt 0 ] && [ "${argv[0]##*/}" = "$name" ] || return 1
+  [[ "${argv[*]}" == *"$STATE/"* ]] || return 1
+  st=$(proc_state "$pid") || return 1
+  [ "${st%% *}" != Z ]   # a zombie is not running
+}
+
+# pid of a component if it is alive AND is the process we started, else nothing (status 1)
 pid_of() {
   local f="$PIDS/$1.pid" pid
   [ -f "$f" ] || return 1
   pid=$(cat "$f" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  [ -r "/proc/$pid/cmdline" ] || return 1
-  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$STATE/" || return 1
-  # a zombie is not running
-  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] || return 1
+  is_component "$1" "$pid" || return 1
   echo "$pid"
 }
 
-start_proc() { # start_proc NAME BINARY ARGS...
+start_proc() { # start_proc NAME BINARY ARGS...: returns once the component runs (exec'd), else fail_proc
   local name=$1; shift
-  # setsid: own session, so the process outlives this script and the caller's terminal/job;
-  # non-interactive bash puts `&` jobs in its own process group, so setsid execs in place and $!
-  # is the real pid.
+  local pid st deadline
+  # setsid: own session, so the process outlives this script and the caller's terminal/job.
+  # This script runs without job control, so the `&` subshell stays in our process group and is
+  # never a group leader: setsid then calls setsid(2) and execs in place, nohup execs in place,
+  # and $! ends up being the component's own pid.
   # Inherited descriptors above 2 (our lock, a caller's pipes) are closed so the daemon holds
   # neither the lock nor a pipe someone is reading to EOF.
   (
@@ -126,7 +154,26 @@ start_proc() { # start_proc NAME BINARY ARGS...
     done
     exec setsid nohup "$@" </dev/null >"$LOGS/$name.log" 2>&1
   ) &
-  echo $! > "$PIDS/$name.pid"
+  pid=$!
+  # Recorded at once, so a `down` (even after this script is killed right here) finds the process.
+  echo "$pid" > "$PIDS/$name.pid"
+  # Startup race: until the forked subshell has gone through setsid, nohup and exec'd the
+  # component, /proc/$pid shows our own bash (or setsid/nohup), and pid_of would call a healthy
+  # start "exited". On a saturated machine that window lasts long enough for the first health
+  # check to land in it. So wait here until the exec has happened, telling "not exec'd yet"
+  # (the pid is still our live child) from "gone" (it exited, or exec failed: see its log).
+  deadline=$((SECONDS + TIMEOUT))
+  until is_component "$name" "$pid"; do
+    st=$(proc_state "$pid") || st=
+    if [ -z "$st" ] || [ "${st%% *}" = Z ] || [ "${st#* }" != "$BASHPID" ]; then
+      fail_proc "$name" "$name (pid $pid) exited before or while starting $1"
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      kill -KILL "$pid" 2>/dev/null || true # still our own child (ppid checked just above)
+      fail_proc "$name" "$name (pid $pid) did not exec $1 within ${TIMEOUT}s"
+    fi
+    sleep 0.05
+  done
 }
 
 stop_all() { # TERM everything we started (reverse order), KILL what is left after a grace period
@@ -323,6 +370,37 @@ all_running() {
 
 # ---------------------------------------------------------------- commands
 
+# Audit policy (audit.k8s.io/v1): rules are matched in order, the first match decides the level.
+# Metadata = who, what (verb, resource, namespace, name), when, response code; no bodies.
+# RequestReceived is omitted (every request would be logged twice for nothing); long-running
+# requests (watch) log ResponseStarted when they start and ResponseComplete when they end.
+audit_policy() {
+  cat <<'EOF'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+# system components: kube-controller-manager (its controllers run as kube-system ServiceAccounts,
+# --use-service-account-credentials), kube-scheduler, kwok (the fake kubelets), the apiserver's
+# own loopback client
+- level: None
+  users: [system:kube-controller-manager, system:kube-scheduler, kwok, system:apiserver]
+- level: None
+  userGroups: [system:serviceaccounts:kube-system]
+# node and lease heartbeats, whoever sends them
+- level: None
+  resources: [{group: coordination.k8s.io, resources: [leases]}]
+  namespaces: [kube-node-lease]
+- level: None
+  verbs: [update, patch]
+  resources: [{group: "", resources: [nodes/status]}]
+# health probes (e2e/cluster.sh polls /readyz)
+- level: None
+  nonResourceURLs: [/healthz*, /readyz*, /livez*]
+- level: Metadata
+EOF
+}
+
 node_manifest() {
   local n
   for n in "${NODES[@]}"; do
@@ -388,6 +466,7 @@ EOF
   write_kubeconfig "$KCFG/kube-controller-manager.kubeconfig" kube-controller-manager system:kube-controller-manager
   write_kubeconfig "$KCFG/kube-scheduler.kubeconfig" kube-scheduler system:kube-scheduler
   write_kubeconfig "$KCFG/kwok.kubeconfig" kwok kwok
+  audit_policy > "$STATE/audit-policy.yaml"
 
   log "etcd on 127.0.0.1:$ETCD_PORT"
   start_proc etcd "$BIN/etcd" \
@@ -406,6 +485,11 @@ EOF
   # --endpoint-reconciler-type=none: 1.37 refuses to publish a loopback --advertise-address as the
   # `kubernetes` Service's endpoints ("may not be in the loopback range"), so that Service has none;
   # nothing in this cluster runs for real, so nothing in-cluster could use it anyway.
+  # Audit: --audit-log-mode=batch puts events on a queue that one goroutine writes to the file, so
+  # a request never waits for the write (blocking mode writes on the request's goroutine). The
+  # log backend writes events one by one anyway (batch max size stays 1: batching buys nothing
+  # there, upstream's own default). A full queue drops events and kube-apiserver.log says "Error
+  # in audit plugin 'buffered'"; e2e/bench/api-requests.sh warns when it sees that line.
   start_proc kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 \
@@ -431,7 +515,14 @@ EOF
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" \
     --service-account-signing-key-file="$PKI/sa.key" \
-    --allow-privileged=true
+    --allow-privileged=true \
+    --audit-policy-file="$STATE/audit-policy.yaml" \
+    --audit-log-path="$LOGS/audit.log" \
+    --audit-log-format=json \
+    --audit-log-maxsize=50 \
+    --audit-log-maxbackup=4 \
+    --audit-log-mode=batch \
+    --audit-log-batch-buffer-size=20000
   wait_for kube-apiserver "kube-apiserver /readyz" readyz
 
   log "kube-controller-manager (healthz 127.0.0.1:$KCM_PORT), kube-scheduler (127.0.0.1:$SCHEDULER_PORT), kwok (127.0.0.1:$KWOK_PORT)"

@@ -8,6 +8,7 @@ declare -A need=(
   [curl]=curl
   [setsid]=util-linux
   [python3]=python3
+  [jq]=jq
   [/usr/sbin/sshd]=openssh-server
   [ssh]=openssh-client
   [ssh-keygen]=openssh-client
