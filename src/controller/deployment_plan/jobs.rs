@@ -348,11 +348,21 @@ mod tests {
         assert_eq!(f.reason, plan::FailureReason::NonZeroExit);
         assert_eq!(f.exit_code, Some(3));
         assert_eq!(f.output_tail, "Error: migration failed");
-        assert!(f.message.contains("Job j failed: BackoffLimitExceeded"), "{}", f.message);
+        assert!(
+            f.message.contains("Job j failed: BackoffLimitExceeded"),
+            "{}",
+            f.message
+        );
         let t = job_failure("j", "DeadlineExceeded", "too slow", exit);
         assert_eq!(t.reason, plan::FailureReason::TimedOut);
-        assert_eq!(t.exit_code, None, "a killed pod's exit code is not the script's");
+        assert_eq!(
+            t.exit_code, None,
+            "a killed pod's exit code is not the script's"
+        );
         let unknown = job_failure("j", "BackoffLimitExceeded", "limit", None);
-        assert_eq!((unknown.exit_code, unknown.output_tail.as_str()), (None, ""));
+        assert_eq!(
+            (unknown.exit_code, unknown.output_tail.as_str()),
+            (None, "")
+        );
     }
 }

@@ -132,7 +132,7 @@ fn is_zero(v: &u32) -> bool {
 #[derive(Debug, PartialEq)]
 enum Recorded {
     None,
-    Readable(Progress),
+    Readable(Box<Progress>),
     /// Written in a form this version cannot read: never restarted silently.
     Unreadable(String),
 }
@@ -142,7 +142,7 @@ fn recorded(status: Option<&DeploymentPlanStatus>) -> Recorded {
         return Recorded::None;
     };
     match serde_json::from_value::<Progress>(value.clone()) {
-        Ok(p) if p.v <= PROGRESS_VERSION => Recorded::Readable(p),
+        Ok(p) if p.v <= PROGRESS_VERSION => Recorded::Readable(Box::new(p)),
         Ok(p) => Recorded::Unreadable(format!(
             "status.progress has format version {} but this controller reads up to {PROGRESS_VERSION} (a newer Outrider wrote it)",
             p.v
@@ -435,7 +435,7 @@ fn decide(
             } else if matches!(phase, Some(PlanPhase::Running | PlanPhase::Paused))
                 && fingerprint.is_some_and(|f| f == p.hosts)
             {
-                Start::Resume(p.state)
+                Start::Resume(p.state.clone())
             } else {
                 Start::Fresh
             }
@@ -750,6 +750,6 @@ spec:
         let json = serde_json::to_string(&status).expect("json");
         assert!(json.len() < 200, "{json}");
         let back: DeploymentPlanStatus = serde_json::from_str(&json).expect("parse");
-        assert_eq!(recorded(Some(&back)), Recorded::Readable(p));
+        assert_eq!(recorded(Some(&back)), Recorded::Readable(Box::new(p)));
     }
 }
