@@ -148,16 +148,16 @@ async fn controller_works_under_the_chart_rbac(sa_config: &Path, watched: &str, 
     );
     let controller =
         ControllerProcess::start_with(sa_config, watched, release_ns, "outrider-sa", "sa", &[]);
+    let plan = format!(
+        "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: rollout, namespace: {watched}}}\nspec:\n  targets: {{inventoryRef: {{name: fleet}}}}\n  strategy: {{batchSize: 100%}}\n  stages:\n    - name: migrate\n      runOnce: true\n      timeout: 2m\n      job:\n        template: {{spec: {{containers: [{{name: m, image: example.com/migrate:42}}], restartPolicy: Never}}}}\n    - name: rollout\n      command: [\"true\"]\n      timeout: 60s\n"
+    );
+    let pipeline = format!(
+        "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: shop, namespace: {watched}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]}}\n  outputs:\n    - {{name: out, http: {{url: \"http://127.0.0.1:9/ingest\"}}}}\n"
+    );
     let manifest = format!(
-        "{}---\n{}---\n{}---\n{}",
+        "{}---\n{}---\n{plan}---\n{pipeline}",
         secret_yaml("fleet-ssh", watched),
         inventory_yaml("fleet", watched, "fleet-ssh", 2),
-        format!(
-            "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: rollout, namespace: {watched}}}\nspec:\n  targets: {{inventoryRef: {{name: fleet}}}}\n  strategy: {{batchSize: 100%}}\n  stages:\n    - name: migrate\n      runOnce: true\n      timeout: 2m\n      job:\n        template: {{spec: {{containers: [{{name: m, image: example.com/migrate:42}}], restartPolicy: Never}}}}\n    - name: rollout\n      command: [\"true\"]\n      timeout: 60s\n"
-        ),
-        format!(
-            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: shop, namespace: {watched}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]}}\n  outputs:\n    - {{name: out, http: {{url: \"http://127.0.0.1:9/ingest\"}}}}\n"
-        ),
     );
     apply(&kc, &manifest);
 

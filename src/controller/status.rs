@@ -162,7 +162,11 @@ mod tests {
             let n = seen.fetch_add(1, Ordering::SeqCst);
             let code = script[n.min(script.len() - 1)];
             assert_eq!(req.method(), http::Method::PATCH);
-            assert!(req.uri().path().ends_with("/inventories/inv/status"), "{}", req.uri());
+            assert!(
+                req.uri().path().ends_with("/inventories/inv/status"),
+                "{}",
+                req.uri()
+            );
             let body = if code == 200 {
                 serde_json::json!({
                     "apiVersion": "outrider.dev/v1alpha1", "kind": "Inventory",
@@ -177,7 +181,9 @@ mod tests {
                 http::Response::builder()
                     .status(code)
                     .header("content-type", "application/json")
-                    .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        body.to_string(),
+                    )))
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             }
         });
@@ -192,7 +198,10 @@ mod tests {
             metrics,
             None::<&InventoryStatus>,
         )
-        .with_final_backoff(Backoff::new(Duration::from_millis(1), Duration::from_millis(5)))
+        .with_final_backoff(Backoff::new(
+            Duration::from_millis(1),
+            Duration::from_millis(5),
+        ))
     }
 
     fn status(hosts: u32) -> InventoryStatus {
@@ -206,7 +215,9 @@ mod tests {
     async fn the_final_write_is_retried_until_it_lands() {
         let (client, calls) = scripted(vec![500, 503, 429, 200]);
         let mut w = writer(client);
-        w.write_final(&status(1), 10).await.expect("lands on the 4th try");
+        w.write_final(&status(1), 10)
+            .await
+            .expect("lands on the 4th try");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         // unchanged: nothing more is sent
         assert!(!w.write(&status(1)).await.expect("skip"));
@@ -237,6 +248,10 @@ mod tests {
             w.write_final(&status(1), 5).await,
             Err(WriteError::Gone)
         ));
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "a deleted object is not retried");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "a deleted object is not retried"
+        );
     }
 }

@@ -859,6 +859,9 @@ mod tests {
         );
         eprintln!("worst-case status: {} bytes", json.len());
         let back: DeploymentPlanStatus = serde_json::from_slice(&json).expect("parse");
-        assert_eq!(recorded(Some(&back)), Recorded::Readable(Box::new(progress)));
+        assert_eq!(
+            recorded(Some(&back)),
+            Recorded::Readable(Box::new(progress))
+        );
     }
 }
