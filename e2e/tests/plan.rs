@@ -159,12 +159,6 @@ async fn ssh_plan_runs_to_completion_with_correct_counts() {
     // a finished run does nothing more when reconciled again: an annotation change (not the
     // rerun one) reconciles it — the positive marker — and no status is written
     let url = controller.metrics_url();
-    let counter = |body: &str, name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
     let before = eventually(Duration::from_secs(10), "metrics", || http_get(&url)).await;
     let reconciles = r#"outrider_reconciles_total{kind="DeploymentPlan"}"#;
     let writes = r#"outrider_status_writes_total{kind="DeploymentPlan"}"#;
@@ -188,12 +182,12 @@ async fn ssh_plan_runs_to_completion_with_correct_counts() {
             let before = before.clone();
             async move {
                 let m = http_get(&url).await?;
-                (counter(&m, reconciles) > counter(&before, reconciles)).then_some(m)
+                (metric(&m, reconciles) > metric(&before, reconciles)).then_some(m)
             }
         },
     )
     .await;
-    assert_eq!(counter(&after, writes), counter(&before, writes), "{after}");
+    assert_eq!(metric(&after, writes), metric(&before, writes), "{after}");
     let again = api.get("rollout").await.expect("get");
     assert_eq!(
         again.status, dp.status,

@@ -374,3 +374,12 @@ pub fn service_account_kubeconfig(namespace: &str, sa: &str) -> PathBuf {
     std::fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write kubeconfig");
     path
 }
+
+/// The value of the first sample of `name` (name and labels, as printed) in a Prometheus
+/// text body; 0 when absent.
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
