@@ -482,7 +482,7 @@ impl Drop for KillOnDrop {
 fn act_as_owner_until_killed(keys: &Path) -> ! {
     let server = Sshd::start();
     let public = std::fs::read_to_string(keys.join("owner_key.pub")).expect("read owner_key.pub");
-    server.authorize("root", &public);
+    server.authorize("outrider-nosudo", &public);
     std::fs::write(
         keys.join("known_hosts"),
         server.known_hosts_for(&["127.0.10.80"]),
@@ -566,7 +566,7 @@ fn sshd_dies_when_its_owning_test_process_is_killed() {
         port,
         &key,
         &keys.path().join("known_hosts"),
-        "root@127.0.10.80",
+        "outrider-nosudo@127.0.10.80",
     );
     cmd.arg("echo started; exec sleep 3172");
     let session = cmd
