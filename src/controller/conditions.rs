@@ -44,16 +44,25 @@ impl From<crate::resolve::ResolveError> for NotReady {
     }
 }
 
+/// Which Ready transitions become Events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Events {
+    /// Every change of the Ready reason (Warning when not ready).
+    OnReadyChange,
+    /// Only changes to a not-ready reason: reaching Ready is not news (e.g. a rollout).
+    OnProblem,
+}
+
 /// Writes `new` as `obj`'s status when it differs from `old`, and publishes an Event when
-/// the Ready reason changed from `old_conditions` (Warning when not ready). The one way a
-/// short reconcile reports; long-running tasks use a `StatusWriter` and [`ready_changed`].
+/// the Ready reason changed from `old_conditions` as `events` asks. The one way a short
+/// reconcile reports; long-running tasks use a `StatusWriter` and [`ready_changed`].
 pub async fn report<K, S>(
     ctx: &Context,
     obj: &K,
-    old: Option<&S>,
-    new: &S,
+    (old, new): (Option<&S>, &S),
     old_conditions: &[Condition],
     ready: &Desired,
+    events: Events,
 ) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -70,7 +79,8 @@ where
     {
         ctx.metrics.status_written(&K::kind(&()));
     }
-    if ready_changed(old_conditions, ready) {
+    let wanted = events == Events::OnReadyChange || !ready.status;
+    if wanted && ready_changed(old_conditions, ready) {
         runtime::publish_event(
             ctx,
             obj,

@@ -34,6 +34,30 @@ use super::conditions::{self, Desired};
 use super::{At, Context, Error, Stage, status};
 use crate::api::inventory::Inventory;
 
+/// What the shared machinery needs of a kind: every Outrider kind is a namespaced custom
+/// resource that deserializes and moves between tasks.
+pub trait Kind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Kind for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Requeue interval for objects that are fine: a safety net, watches do the real work.
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles of one kind running at once.
@@ -136,7 +160,7 @@ pub fn controller<K>(
     store: Store<DeserializeGuard<K>>,
 ) -> (Controller<DeserializeGuard<K>>, Arc<QueueDepth>)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Kind,
 {
     let queue = queue_depth(ctx, &K::kind(&()));
     let q = queue.clone();
@@ -233,7 +257,7 @@ pub fn watch<K>(
     Store<DeserializeGuard<K>>,
 )
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Kind,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default().any_semantic())
@@ -273,13 +297,7 @@ pub fn reconciler<K, F, Fut>(
     f: F,
 ) -> impl FnMut(Arc<DeserializeGuard<K>>, Arc<Context>) -> BoxFuture<'static, Result<Action, Error>>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Kind,
     F: Fn(Obj<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
@@ -308,10 +326,7 @@ where
 /// knows): a Warning Event and `Ready=False/InvalidObject` on it, through its metadata only.
 async fn report_unreadable<K>(ctx: &Context, guard: &DeserializeGuard<K>) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug,
+    K: Kind,
 {
     let Err(invalid) = &guard.0 else {
         return Ok(());
@@ -368,13 +383,7 @@ pub async fn drive<K>(
     + Send
     + 'static,
 ) where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Kind,
 {
     controller
         .graceful_shutdown_on(stop.cancelled_owned())

@@ -58,11 +58,6 @@ impl Credentials {
         self.pins = pins;
         self
     }
-
-    /// The pinned host keys these credentials verify against.
-    pub fn pins(&self) -> &Pins {
-        &self.pins
-    }
 }
 
 /// What the host-key check concluded, read back after the handshake.

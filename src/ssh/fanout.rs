@@ -71,10 +71,6 @@ impl Fleet {
         self
     }
 
-    pub fn credentials(&self) -> &Credentials {
-        &self.credentials
-    }
-
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }

@@ -613,7 +613,15 @@ async fn write_not_ready(
             ..old.clone()
         }
     };
-    conditions::report(ctx, dp, dp.status.as_ref(), &new, &old.conditions, &ready).await
+    conditions::report(
+        ctx,
+        dp,
+        (dp.status.as_ref(), &new),
+        &old.conditions,
+        &ready,
+        conditions::Events::OnReadyChange,
+    )
+    .await
 }
 
 mod jobs;

@@ -24,7 +24,6 @@ use super::tasks::Found;
 use super::{At, Context, Error, Stage};
 use crate::api::inventory::{Inventory, InventoryStatus};
 use crate::resolve::inventory as resolve;
-use crate::ssh::Pins;
 
 /// Runs the Inventory controller until `stop` fires.
 pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
@@ -40,19 +39,10 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     runtime::drive(controller, stop, ctx, runtime::reconciler(queue, reconcile)).await;
 }
 
-/// What a probe task needs, resolved and checked once by the reconcile.
-pub struct Resolved {
-    pub secret: Secret,
-    /// Generation, Secret version and uid: a change of any restarts the probe task.
-    pub run_key: String,
-}
-
 /// Resolves an Inventory's Secret and checks that a Fleet can be built from it with its
-/// pinned keys. `Ok(Err(_))` is a user-side problem.
-pub async fn resolve(
-    ctx: &Context,
-    inv: &Inventory,
-) -> Result<Result<(Secret, Pins), NotReady>, Error> {
+/// pinned keys (the probe task builds its own each round, with the pins of that round).
+/// `Ok(Err(_))` is a user-side problem.
+async fn resolve(ctx: &Context, inv: &Inventory) -> Result<Result<Secret, NotReady>, Error> {
     let ns = inv.namespace().ok_or(Error::NoNamespace)?;
     let name = &inv.spec.ssh.secret_ref.name;
     let Some(secret) = ctx
@@ -75,22 +65,22 @@ pub async fn resolve(
         resolve::FleetInput {
             secret_name: name,
             lookup: &|k| runtime::secret_value(&secret, k),
-            pins: pins.clone(),
+            pins,
             selector: None,
             selector_field: "spec.hosts",
             shared_handshakes: None,
         },
     );
     Ok(match built {
-        Ok(_) => Ok((secret, pins)),
+        Ok(_) => Ok(secret),
         Err(e) => Err(e.into()),
     })
 }
 
 async fn reconcile(inv: Obj<Inventory>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = runtime::object_key(&*inv);
-    let resolved = match resolve(&ctx, &inv).await? {
-        Ok((secret, _)) => secret,
+    let secret = match resolve(&ctx, &inv).await? {
+        Ok(secret) => secret,
         Err(problem) => {
             ctx.tasks.stop(&key);
             report_not_ready(&ctx, &inv, &problem).await?;
@@ -101,19 +91,11 @@ async fn reconcile(inv: Obj<Inventory>, ctx: Arc<Context>) -> Result<Action, Err
         "{}/{}/{}",
         inv.uid().unwrap_or_default(),
         inv.metadata.generation.unwrap_or(0),
-        resolved.resource_version().unwrap_or_default()
+        secret.resource_version().unwrap_or_default()
     );
     if ctx.tasks.steer::<CancellationToken>(&key, &run_key, |_| {}) != Found::Running {
         let stop = CancellationToken::new();
-        let task = probe::ProbeTask::new(
-            ctx.clone(),
-            (*inv).clone(),
-            Resolved {
-                secret: resolved,
-                run_key: run_key.clone(),
-            },
-            stop.clone(),
-        );
+        let task = probe::ProbeTask::new(ctx.clone(), (*inv).clone(), secret, stop.clone());
         ctx.tasks.start(&key, run_key, stop, task.run());
     }
     Ok(Action::requeue(runtime::RESYNC))
@@ -137,7 +119,15 @@ async fn report_not_ready(ctx: &Context, inv: &Inventory, problem: &NotReady) ->
             &Time(Timestamp::now()),
         ),
     };
-    conditions::report(ctx, inv, inv.status.as_ref(), &new, &old.conditions, &ready).await
+    conditions::report(
+        ctx,
+        inv,
+        (inv.status.as_ref(), &new),
+        &old.conditions,
+        &ready,
+        conditions::Events::OnReadyChange,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -15,7 +16,7 @@ use super::super::conditions::{self, Desired, NotReady, READY};
 use super::super::runtime;
 use super::super::status::{StatusWriter, WriteError};
 use super::super::{Context, Error};
-use super::{Resolved, read_pins, record_pins};
+use super::{read_pins, record_pins};
 use crate::api::inventory::{
     Inventory, InventoryStatus, PinnedHostKeys, RecentHostKey, UnreachableHost,
 };
@@ -31,7 +32,8 @@ const RETRY: Duration = Duration::from_secs(10);
 pub(super) struct ProbeTask {
     ctx: Arc<Context>,
     inv: Inventory,
-    resolved: Resolved,
+    /// The Inventory's Secret as resolved when the task started (a change restarts it).
+    secret: Secret,
     stop: CancellationToken,
     /// The status as last written (or found), to compute conditions and Events from.
     last: InventoryStatus,
@@ -42,7 +44,7 @@ impl ProbeTask {
     pub(super) fn new(
         ctx: Arc<Context>,
         inv: Inventory,
-        resolved: Resolved,
+        secret: Secret,
         stop: CancellationToken,
     ) -> Self {
         let ns = inv.namespace().unwrap_or_default();
@@ -56,14 +58,14 @@ impl ProbeTask {
             last: inv.status.clone().unwrap_or_default(),
             ctx,
             inv,
-            resolved,
+            secret,
             stop,
             writer,
         }
     }
 
     pub(super) async fn run(mut self) {
-        tracing::debug!(inventory = %self.inv.name_any(), run = %self.resolved.run_key, "probe task started");
+        tracing::debug!(inventory = %self.inv.name_any(), "probe task started");
         if let Err(e) = self.migrate_legacy_pins().await {
             tracing::warn!(inventory = %self.inv.name_any(), error = %e, "moving pinned keys out of status failed; retried next round");
         }
@@ -124,7 +126,7 @@ impl ProbeTask {
                     inv,
                     resolve::FleetInput {
                         secret_name: &inv.spec.ssh.secret_ref.name,
-                        lookup: &|k| runtime::secret_value(&self.resolved.secret, k),
+                        lookup: &|k| runtime::secret_value(&self.secret, k),
                         pins: pins.clone(),
                         selector: None,
                         selector_field: "spec.hosts",

@@ -118,7 +118,7 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     };
 
     let (rendered_tx, rendered) = watch::channel(None);
-    let render_done = tokio_stream_of(rendered.clone());
+    let render_done = changes_of(rendered.clone());
     let state = Arc::new(PipelineState {
         rendered,
         agents,
@@ -150,7 +150,7 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
 }
 
 /// A stream that yields once per change of `rx`.
-fn tokio_stream_of<T: Send + Sync + 'static>(
+fn changes_of<T: Send + Sync + 'static>(
     rx: watch::Receiver<T>,
 ) -> impl futures::Stream<Item = ()> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move {
@@ -444,19 +444,16 @@ async fn reconcile(
             &Time(Timestamp::now()),
         ),
     };
-    // Events only for problems (a rollout reaching every node is not news): a ready
-    // result is reported against itself, so its reason never counts as a change
-    let event_base = if ready.status {
-        conditions::merge(
-            &[],
-            std::slice::from_ref(&ready),
-            None,
-            &Time(Timestamp::now()),
-        )
-    } else {
-        old.conditions.clone()
-    };
-    conditions::report(&ctx, &*lp, lp.status.as_ref(), &new, &event_base, &ready).await?;
+    // Events only for problems (a rollout reaching every node is not news)
+    conditions::report(
+        &ctx,
+        &*lp,
+        (lp.status.as_ref(), &new),
+        &old.conditions,
+        &ready,
+        conditions::Events::OnProblem,
+    )
+    .await?;
     Ok(Action::requeue(RESYNC))
 }
 

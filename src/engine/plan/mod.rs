@@ -184,8 +184,6 @@ impl StageFailure {
     }
 }
 
-pub use crate::text::tail;
-
 /// A successful attempt.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StageOutcome {

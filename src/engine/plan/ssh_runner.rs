@@ -7,8 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::{
-    FailureReason, OUTPUT_TAIL_MAX, StageAction, StageFailure, StageOutcome, StageRunner,
-    StageSpec, tail,
+    FailureReason, OUTPUT_TAIL_MAX, StageAction, StageFailure, StageOutcome, StageRunner, StageSpec,
 };
 use crate::ssh::{self, Command, Endpoint, ExecOutput, Fleet, Session};
 
@@ -67,7 +66,7 @@ pub fn failure(e: ssh::Error) -> StageFailure {
         E::BadKey(_) | E::BadKnownHosts(_) | E::BadCommand(_) => FailureReason::Other,
     };
     let output_tail = match &e {
-        E::TimedOut { output, .. } => tail(output, OUTPUT_TAIL_MAX),
+        E::TimedOut { output, .. } => crate::text::tail(output, OUTPUT_TAIL_MAX),
         _ => String::new(),
     };
     StageFailure {
@@ -88,7 +87,7 @@ fn output_tail(out: &ExecOutput) -> String {
         (true, false) => stderr,
         (false, false) => format!("{}\n{}", stdout.trim_end(), stderr),
     };
-    tail(&both, OUTPUT_TAIL_MAX)
+    crate::text::tail(&both, OUTPUT_TAIL_MAX)
 }
 
 /// The transport command for a stage.
