@@ -47,6 +47,23 @@ pub const AGENT_POD_SELECTOR: &str = "app.kubernetes.io/name=outrider-agent";
 const RESYNC: Duration = Duration::from_secs(60);
 /// Changes arriving within this long of each other are rendered once.
 const RENDER_DEBOUNCE: Duration = Duration::from_millis(200);
+/// A pipeline's rollout progress (node counts, same Ready reason) is written at most this
+/// often: a DaemonSet rollout changes every pipeline's counts on every agent Pod change,
+/// which would otherwise cost pods × pipelines status writes.
+const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long to hold back a status write that only moves progress, if the last write of the
+/// same pipeline was less than `min` ago; `None` writes now. A new Ready reason (or config
+/// hash) is never held back.
+fn hold_back(
+    last_write: Option<std::time::Instant>,
+    now: std::time::Instant,
+    min: Duration,
+    progress_only: bool,
+) -> Option<Duration> {
+    let since = now.saturating_duration_since(last_write?);
+    (progress_only && since < min).then(|| min - since)
+}
 
 /// The last rendered agent configuration.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -59,6 +76,9 @@ struct Rendered {
 /// What the LogPipeline controller keeps besides the shared [`Context`].
 struct PipelineState {
     rendered: watch::Receiver<Option<Rendered>>,
+    /// When each pipeline's status was last written (rollout progress is written at most
+    /// once per [`PROGRESS_WRITE_INTERVAL`]).
+    written: Mutex<HashMap<String, std::time::Instant>>,
     agents: Store<Pod>,
     /// Node labels; absent when the install cannot read Nodes (namespace-scoped).
     nodes: Option<Store<PartialObjectMeta<Node>>>,
@@ -121,6 +141,7 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     let render_done = changes_of(rendered.clone());
     let state = Arc::new(PipelineState {
         rendered,
+        written: Mutex::new(HashMap::new()),
         agents,
         nodes,
     });
@@ -444,6 +465,21 @@ async fn reconcile(
             &Time(Timestamp::now()),
         ),
     };
+    if lp.status.as_ref() != Some(&new) {
+        let progress_only = old.config_hash == new.config_hash
+            && conditions::find(&old.conditions, READY).is_some_and(|c| c.reason == ready.reason);
+        let now = std::time::Instant::now();
+        let mut written = state.written.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(wait) = hold_back(
+            written.get(&me).copied(),
+            now,
+            PROGRESS_WRITE_INTERVAL,
+            progress_only,
+        ) {
+            return Ok(Action::requeue(wait));
+        }
+        written.insert(me.clone(), now);
+    }
     // Events only for problems (a rollout reaching every node is not news)
     conditions::report(
         &ctx,
@@ -461,6 +497,24 @@ async fn reconcile(
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    #[test]
+    fn progress_writes_are_held_back_to_one_per_interval_but_new_reasons_are_not() {
+        let t0 = std::time::Instant::now();
+        let min = Duration::from_secs(1);
+        assert_eq!(
+            hold_back(None, t0, min, true),
+            None,
+            "first write goes at once"
+        );
+        let soon = t0 + Duration::from_millis(300);
+        assert_eq!(
+            hold_back(Some(t0), soon, min, true),
+            Some(Duration::from_millis(700))
+        );
+        assert_eq!(hold_back(Some(t0), soon, min, false), None, "a new reason");
+        assert_eq!(hold_back(Some(t0), t0 + min, min, true), None);
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
