@@ -35,11 +35,84 @@ pub const NON_NEGATIVE_INT_OR_PERCENT_RULE: &str =
 pub struct DurationString(pub String);
 
 impl DurationString {
-    /// Parses with Kubernetes' own `metav1.Duration` rules.
-    pub fn to_std(&self) -> Result<std::time::Duration, kube::core::duration::ParseError> {
-        let d: kube::core::Duration = self.0.parse()?;
-        Ok(d.into())
+    /// Parses a [`DURATION_PATTERN`] duration with checked arithmetic: the schema accepts
+    /// `9999999999999999h`, which must be an error here, never a panic (kube's own parser
+    /// panics on it in `Duration::mul_f64`).
+    pub fn to_std(&self) -> Result<std::time::Duration, DurationError> {
+        parse_duration(&self.0)
     }
+}
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration such as 300ms, 30s, 5m or 1h30m")]
+    Invalid(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
+/// `([0-9]+(.[0-9]+)?(ms|s|m|h))+` to a Duration, exact to the nanosecond, overflow checked.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, DurationError> {
+    let invalid = || DurationError::Invalid(crate::text::head(s, 40).to_string());
+    let too_large = || DurationError::TooLarge(crate::text::head(s, 40).to_string());
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return Err(invalid());
+    }
+    let mut i = 0;
+    let mut total: u128 = 0;
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return Err(invalid());
+        }
+        let whole = &s[start..i];
+        let mut frac = "";
+        if i < b.len() && b[i] == b'.' {
+            i += 1;
+            let f = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i == f {
+                return Err(invalid());
+            }
+            frac = &s[f..i];
+        }
+        let unit_ns: u128 = if s[i..].starts_with("ms") {
+            i += 2;
+            1_000_000
+        } else if s[i..].starts_with('s') {
+            i += 1;
+            1_000_000_000
+        } else if s[i..].starts_with('m') {
+            i += 1;
+            60_000_000_000
+        } else if s[i..].starts_with('h') {
+            i += 1;
+            3_600_000_000_000
+        } else {
+            return Err(invalid());
+        };
+        let whole: u128 = whole.parse().map_err(|_| too_large())?;
+        let mut part = whole.checked_mul(unit_ns).ok_or_else(too_large)?;
+        // fraction digits past nanosecond precision of the unit add nothing
+        let mut scale = unit_ns;
+        for d in frac.bytes().take(20) {
+            scale /= 10;
+            part = part
+                .checked_add(u128::from(d - b'0') * scale)
+                .ok_or_else(too_large)?;
+        }
+        total = total.checked_add(part).ok_or_else(too_large)?;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| too_large())?;
+    let nanos = u32::try_from(total % 1_000_000_000).map_err(|_| too_large())?;
+    Ok(std::time::Duration::new(secs, nanos))
 }
 
 impl From<&str> for DurationString {
@@ -100,4 +173,40 @@ pub fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars:
 /// Fields every status carries.
 pub trait HasConditions {
     fn conditions(&self) -> &[Condition];
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_exactly_and_huge_ones_are_errors_not_panics() {
+        let ok = |s: &str| parse_duration(s).expect(s);
+        assert_eq!(ok("300ms"), Duration::from_millis(300));
+        assert_eq!(ok("1h30m"), Duration::from_secs(5400));
+        assert_eq!(ok("1.5s"), Duration::from_millis(1500));
+        assert_eq!(ok("0.001ms"), Duration::from_nanos(1000));
+        assert_eq!(ok("2m0.5s"), Duration::from_millis(120_500));
+        for bad in ["", "5", "s", "1.s", "1x", "-1s", "1 s", "1d"] {
+            assert!(
+                matches!(parse_duration(bad), Err(DurationError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        for huge in [
+            "9999999999999999h",
+            "99999999999999999999999999999999999999999h",
+            "5124095576030432h",
+        ] {
+            assert!(
+                matches!(parse_duration(huge), Err(DurationError::TooLarge(_))),
+                "{huge}"
+            );
+        }
+        assert!(
+            parse_duration("5124095576030431h").is_ok(),
+            "the most whole hours in u64 seconds"
+        );
+    }
 }
