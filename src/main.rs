@@ -42,6 +42,8 @@ enum Command {
     Exec(cli::exec::ExecArgs),
     /// Work with DeploymentPlan files locally (`plan run`: no cluster needed).
     Plan(cli::plan::PlanArgs),
+    /// Try a HealthCheck file locally (`check run`: no cluster needed).
+    Check(cli::check::CheckArgs),
     /// Run the node log agent: tail, parse, enrich and ship log files (a DaemonSet; or
     /// `--pipeline lp.yaml` to run LogPipeline manifests with no cluster).
     Agent(cli::agent::AgentArgs),
@@ -103,6 +105,16 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(cli::plan::run(args))?;
             std::process::exit(if succeeded { 0 } else { 1 });
+        }
+        Command::Check(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            telemetry::init_tracing(cli.log_format);
+            let healthy = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(cli::check::run(args))?;
+            std::process::exit(if healthy { 0 } else { 2 });
         }
         Command::Agent(args) => {
             cli::agent::limit_malloc_arenas();

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -63,6 +63,22 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Labels of one probe's series, as blackbox_exporter has them: the HealthCheck
+/// (`namespace/name`), the target (host or endpoint) and the probe (check or endpoint name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub check: String,
+    pub target: String,
+    pub probe: String,
+}
+
+/// Labels of the targets-per-state gauge of one HealthCheck.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckStateLabels {
+    pub check: String,
+    pub state: String,
+}
+
 /// The operator's metrics. Cheap to clone: every family is reference-counted.
 #[derive(Clone)]
 pub struct Metrics {
@@ -80,6 +96,20 @@ pub struct Metrics {
     /// Status writes sent to the API server, per kind (writes skipped as unchanged are not
     /// counted): the cost the controller puts on the API server.
     pub status_writes: Family<KindLabel, Counter>,
+    /// 1 when the probe's last result passed, else 0.
+    pub probe_success: Family<ProbeLabels, Gauge>,
+    /// Seconds the probe's last run took.
+    pub probe_duration: Family<ProbeLabels, Gauge<f64, AtomicU64>>,
+    /// The probe's last measured value (percent, load per core, ms, days).
+    pub probe_value: Family<ProbeLabels, Gauge<f64, AtomicU64>>,
+    /// Targets per state, per HealthCheck.
+    pub check_state: Family<CheckStateLabels, Gauge>,
+    /// How late a HealthCheck round started against its schedule.
+    pub health_schedule_lag: Histogram,
+    /// HealthCheck rounds run.
+    pub health_rounds: Counter,
+    /// SSH connections opened by HealthChecks (a steady state opens none).
+    pub health_handshakes: Counter,
 }
 
 impl Metrics {
@@ -101,6 +131,15 @@ impl Metrics {
             ]),
             plan_hosts_in_flight: Gauge::default(),
             status_writes: Family::default(),
+            probe_success: Family::default(),
+            probe_duration: Family::default(),
+            probe_value: Family::default(),
+            check_state: Family::default(),
+            health_schedule_lag: Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            health_rounds: Counter::default(),
+            health_handshakes: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("outrider");
         r.register(
@@ -142,6 +181,41 @@ impl Metrics {
             "status_writes",
             "Status writes sent to the API server, per kind",
             m.status_writes.clone(),
+        );
+        r.register(
+            "probe_success",
+            "1 when the HealthCheck probe's last result passed",
+            m.probe_success.clone(),
+        );
+        r.register(
+            "probe_duration_seconds",
+            "Time the HealthCheck probe's last run took",
+            m.probe_duration.clone(),
+        );
+        r.register(
+            "probe_value",
+            "The HealthCheck probe's last measured value",
+            m.probe_value.clone(),
+        );
+        r.register(
+            "check_state",
+            "HealthCheck targets per state",
+            m.check_state.clone(),
+        );
+        r.register(
+            "health_schedule_lag_seconds",
+            "How late a HealthCheck round started against its schedule",
+            m.health_schedule_lag.clone(),
+        );
+        r.register(
+            "health_rounds",
+            "HealthCheck rounds run",
+            m.health_rounds.clone(),
+        );
+        r.register(
+            "health_ssh_handshakes",
+            "SSH connections opened by HealthChecks",
+            m.health_handshakes.clone(),
         );
         r.register(
             "plan_hosts_in_flight",

@@ -3,6 +3,7 @@
 
 mod api;
 mod chart;
+mod health_check;
 mod inventory;
 mod log_pipeline;
 mod plan;

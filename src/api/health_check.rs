@@ -107,6 +107,33 @@ pub struct HealthCheckSpec {
     /// A DeploymentPlan rerun, for the unhealthy hosts only, when hosts turn Unhealthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remediation: Option<Remediation>,
+    /// Quiet times: probes still run and report, but no state changes and no remediation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<Maintenance>,
+}
+
+/// Maintenance: `suspend` for an open-ended one, or windows with a start and an end.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Maintenance {
+    /// In maintenance until set back to false.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Planned windows (RFC 3339 times); in maintenance while now is in any of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub windows: Vec<MaintenanceWindow>,
+}
+
+/// One planned maintenance window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("timestamp(self.end) > timestamp(self.start)")
+    .message("end must be after start")
+    .field_path(".end"))]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceWindow {
+    pub start: Time,
+    pub end: Time,
 }
 
 fn default_interval() -> DurationString {
@@ -184,13 +211,20 @@ pub struct LoadProbe {
     pub max_per_core: f64,
 }
 
-/// Process presence probe.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Process presence probe: exactly one of `name` or `pidfile`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.name) != has(self.pidfile)")
+    .message("exactly one of name or pidfile must be set"))]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessProbe {
-    /// Exact process name (as `pgrep -x` matches it).
-    #[schemars(length(min = 1, max = 255))]
-    pub name: String,
+    /// Exact process name (as `pgrep -x` matches it: the kernel's 15-character `comm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[^/\x00\n]+$"))]
+    pub name: Option<String>,
+    /// Absolute path of a pidfile; healthy when the process it names is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 4096), regex(pattern = r"^/[^\x00\n]*$"))]
+    pub pidfile: Option<String>,
 }
 
 /// Command probe: exactly one of `command` or `script`.
@@ -211,6 +245,11 @@ pub struct ExecProbe {
     #[serde(default)]
     #[schemars(range(min = 0, max = 255))]
     pub expect_exit_code: i32,
+    /// Regular expression (Rust `regex` syntax) the output (stdout and stderr, the first
+    /// 4 KiB) must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub expect_output: Option<String>,
 }
 
 /// A network endpoint probed from the controller: exactly one of http, tcp or tls.
@@ -254,6 +293,17 @@ pub struct HttpProbe {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub body_contains: Option<String>,
+    /// Regular expression (Rust `regex` syntax) the body (the first 64 KiB) must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub body_regex: Option<String>,
+    /// Secret (same namespace) whose `ca.crt` is trusted in addition to the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<LocalObjectReference>,
+    /// Skips certificate verification (never the default). The probe still fails on a
+    /// broken handshake.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 fn default_expect_status() -> Vec<u16> {
@@ -279,6 +329,13 @@ pub struct TlsProbe {
     /// Unhealthy when the certificate expires sooner than this.
     #[serde(default = "default_min_valid_for")]
     pub min_valid_for: DurationString,
+    /// Name the certificate must be valid for; the address's host when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_name: Option<String>,
+    /// Secret (same namespace) whose `ca.crt` is trusted in addition to the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<LocalObjectReference>,
 }
 
 fn default_min_valid_for() -> DurationString {
@@ -358,6 +415,9 @@ pub struct HealthCheckStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub remediations: Vec<RemediationRecord>,
+    /// True while a maintenance window is open (or `maintenance.suspend`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_maintenance: bool,
     /// Ready (the probes run) and Degraded (some target is Unhealthy).
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
@@ -416,6 +476,9 @@ pub struct CheckResult {
     /// Learned baseline mean, for Anomalous results.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<f64>,
+    /// How long the probe took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
     /// When the target entered this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,

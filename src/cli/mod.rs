@@ -2,5 +2,6 @@
 //! from files instead of the API server.
 
 pub mod agent;
+pub mod check;
 pub mod exec;
 pub mod plan;

@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod conditions;
 pub mod deployment_plan;
+pub mod health_check;
 pub mod inventory;
 pub mod leader;
 pub mod log_pipeline;
@@ -177,6 +178,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         shared.drive(stop.clone()),
         inventory::run(ctx.clone(), &shared, stop.clone()),
         deployment_plan::run(ctx.clone(), &shared, stop.clone()),
+        health_check::run(ctx.clone(), &shared, stop.clone()),
         log_pipeline::run(ctx.clone(), &shared, stop),
     );
     ctx.tasks.shutdown(tasks::SHUTDOWN_GRACE).await;

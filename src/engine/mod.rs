@@ -2,5 +2,6 @@
 //! so the controller, `outrider plan run` and the tests share one implementation.
 //! Nothing here imports `kube`.
 
+pub mod health;
 pub mod inventory;
 pub mod plan;

@@ -81,7 +81,12 @@ pub fn client_config(inv: &Inventory) -> Result<ClientConfig, ResolveError> {
     Ok(config)
 }
 
-/// The inventory's hosts, in spec order, optionally narrowed by a label selector.
+/// A label every Inventory host carries implicitly, its name: selectors can pick hosts by
+/// name (`outrider.dev/host In (web-7)`), which is how remediation scopes a plan.
+pub const HOST_LABEL: &str = "outrider.dev/host";
+
+/// The inventory's hosts, in spec order, optionally narrowed by a label selector (which
+/// also sees [`HOST_LABEL`]).
 pub fn endpoints(
     inv: &Inventory,
     selector: Option<&LabelSelector>,
@@ -97,7 +102,13 @@ pub fn endpoints(
         .spec
         .hosts
         .iter()
-        .filter(|h| selector.as_ref().is_none_or(|s| s.matches(&h.labels)))
+        .filter(|h| {
+            selector.as_ref().is_none_or(|s| {
+                let mut labels = h.labels.clone();
+                labels.insert(HOST_LABEL.to_string(), h.name.clone());
+                s.matches(&labels)
+            })
+        })
         .map(|h| {
             Endpoint::new(
                 h.name.clone(),

@@ -355,6 +355,12 @@ impl Session {
         Ok(Some(Arc::new(session)))
     }
 
+    /// Whether the connection is gone (peer closed, keepalive gave up): a kept-open
+    /// session is reconnected rather than used.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
