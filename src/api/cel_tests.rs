@@ -106,6 +106,8 @@ const CEL_REJECTED: &[&str] = &[
     "36-healthcheck-exec-command-and-script",
     "38-healthcheck-checks-without-targets",
     "42-healthcheck-interval-too-short",
+    "43-healthcheck-maintenance-end-before-start",
+    "44-healthcheck-process-name-and-pidfile",
     "50-securitypolicy-unknown-zone",
     "57-securitypolicy-ports-without-tcp-udp",
     "70-logpipeline-output-two-sinks",

@@ -127,7 +127,7 @@ pub struct Maintenance {
 
 /// One planned maintenance window.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("timestamp(self.end) > timestamp(self.start)")
+#[x_kube(validation = Rule::new("self.end > self.start")
     .message("end must be after start")
     .field_path(".end"))]
 #[serde(rename_all = "camelCase")]

@@ -219,7 +219,13 @@ async fn resolve(
         ) {
             return Ok(Err(e.into()));
         }
-        versions.push(inv.resource_version().unwrap_or_default());
+        // the Inventory's spec (generation), not its resourceVersion: its probe task's
+        // status writes must not restart this task and drop its connections
+        versions.push(format!(
+            "{}@{}",
+            inv.uid().unwrap_or_default(),
+            inv.metadata.generation.unwrap_or(0)
+        ));
         versions.push(secret.resource_version().unwrap_or_default());
         inventory = Some((inv, secret));
     }

@@ -594,3 +594,30 @@ pub fn in_maintenance(m: Option<&Maintenance>, now: SystemTime) -> bool {
     };
     m.windows.iter().any(|w| w.start.0 <= now && now < w.end.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_is_open_inside_a_window_or_while_suspended() {
+        let m: Maintenance = serde_yaml::from_str(
+            "{windows: [{start: '2026-12-24T22:00:00Z', end: '2026-12-25T02:00:00Z'}]}",
+        )
+        .expect("maintenance");
+        let at = |s: &str| SystemTime::from(s.parse::<Timestamp>().expect("time"));
+        assert!(!in_maintenance(Some(&m), at("2026-12-24T21:59:59Z")));
+        assert!(in_maintenance(Some(&m), at("2026-12-24T22:00:00Z")));
+        assert!(in_maintenance(Some(&m), at("2026-12-25T01:59:59Z")));
+        assert!(
+            !in_maintenance(Some(&m), at("2026-12-25T02:00:00Z")),
+            "end is exclusive"
+        );
+        assert!(!in_maintenance(None, at("2026-12-24T23:00:00Z")));
+        let suspended = Maintenance {
+            suspend: true,
+            windows: Vec::new(),
+        };
+        assert!(in_maintenance(Some(&suspended), SystemTime::now()));
+    }
+}
