@@ -11,6 +11,9 @@ use super::capture::{CappedBuffer, Captured};
 use super::client::Session;
 use super::{Error, quote};
 
+/// The longest a remote command may be given (30 days).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Program {
@@ -50,8 +53,10 @@ impl Command {
     pub fn script(script: impl Into<String>) -> Self {
         Self::with(Program::Script(script.into()))
     }
+    /// At most [`MAX_TIMEOUT`]: a schema-valid `timeout: 999999999h` must not overflow
+    /// `Instant + Duration` (a panic) when the deadline is computed.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.min(MAX_TIMEOUT);
         self
     }
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -277,6 +282,14 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_timeout_is_clamped_so_the_deadline_cannot_overflow() {
+        let huge = crate::api::common::parse_duration("5124095576030431h").expect("parses");
+        let cmd = Command::argv(["true"]).timeout(huge);
+        assert_eq!(cmd.timeout, MAX_TIMEOUT);
+        let _deadline = tokio::time::Instant::now() + cmd.timeout;
+    }
 
     #[test]
     fn argv_is_quoted_and_become_wraps_it_with_non_interactive_sudo() {
