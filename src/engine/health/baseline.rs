@@ -21,7 +21,7 @@
 //!   of a level shift are judged against an untouched baseline); a run that ends before
 //!   turning Anomalous was a tail event, and its values are then credited to the variance as
 //!   3 sd each — what winsorizing would have done — so heavy tails are not ignored either
-//!   (ignoring them makes the spread too small and Student-t noise alarm 3x as often).
+//!   (ignoring them makes the spread too small: 4x the false anomalies on Student-t(3) noise).
 //! - During an Anomalous run the mean follows the value, clipped to 3 sd widened 1.2x per
 //!   round, and the variance is left alone: a permanent shift is absorbed without inflating
 //!   the spread. Measured at the default settings (sensitivity 3, warmup 20), median round
@@ -53,8 +53,8 @@ pub const MAX_ENCODED: usize = 8 << 20;
 pub const MAX_KEY: usize = 512;
 
 /// Clip of a value's distance from the mean, in effective sd, when it is learned: 3 keeps
-/// the Gaussian variance estimate within 2% of the truth, while a spike moves it at most as
-/// much as a 3 sd value does.
+/// the learned sd of Gaussian noise within 3% of the truth, while a spike moves it at most
+/// as much as a 3 sd value does.
 const WINSOR: f64 = 3.0;
 /// Relative floor of the effective sd, as a fraction of |mean|.
 const REL_FLOOR: f64 = 0.01;
