@@ -147,7 +147,7 @@ impl Evaluator {
         now: SystemTime,
         maintenance: bool,
         subject: Subject<'_>,
-        obs: Observation,
+        mut obs: Observation,
     ) -> Option<Transition> {
         let Subject {
             target,
@@ -206,9 +206,22 @@ impl Evaluator {
             let healthy = next == State::Healthy && obs.outcome == Outcome::Pass;
             if healthy {
                 let verdict = series.observe(value, &Settings::new(b, unit), true);
-                if let Verdict::Anomalous { baseline, .. } = verdict {
+                if let Verdict::Anomalous {
+                    baseline,
+                    deviations,
+                } = verdict
+                {
                     next = State::Anomalous;
                     t.baseline = Some(baseline);
+                    let side = if deviations >= 0.0 { "above" } else { "below" };
+                    obs.message = crate::text::clip(
+                        format!(
+                            "{}; {:.1}σ {side} the baseline {baseline:.2}",
+                            obs.message,
+                            deviations.abs()
+                        ),
+                        super::MAX_MESSAGE,
+                    );
                 }
             }
         }
@@ -474,6 +487,12 @@ mod tests {
         assert_eq!(obs(&mut e, 61, 70.0, Outcome::Pass), None);
         let t = obs(&mut e, 62, 70.0, Outcome::Pass).expect("third round outside");
         assert_eq!(t.to, State::Anomalous);
+        assert!(t.message.starts_with("70%; "), "{}", t.message);
+        assert!(
+            t.message.contains("σ above the baseline 39.99"),
+            "{}",
+            t.message
+        );
         assert_eq!(e.summary().anomalous, 1);
         // failing values are not learned
         for r in 63..70 {
