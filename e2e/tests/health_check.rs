@@ -320,3 +320,63 @@ async fn a_health_check_with_a_bad_reference_or_an_unresolvable_endpoint_is_repo
     // the controller is alive and serving after both
     assert!(http_get(&controller.metrics_url()).await.is_some());
 }
+
+/// Learned samples per series in the `<name>-baselines` ConfigMap.
+async fn learned(client: &kube::Client, ns: &str, name: &str) -> Option<u64> {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = api.get_opt(&format!("{name}-baselines")).await.ok()??;
+    let text = cm.data?.get("baselines.json")?.clone();
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("host-0/mem")?.get("n")?.as_u64()
+}
+
+#[tokio::test]
+async fn baselines_survive_a_controller_restart() {
+    let kc = kubeconfig();
+    let ns = namespace("hc-base");
+    let mut controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let client = client().await;
+    apply(&kc, &secret_yaml("fleet-ssh", &ns));
+    apply(&kc, &inventory_yaml("fleet", &ns, "fleet-ssh", 1));
+    apply(
+        &kc,
+        &format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: HealthCheck\nmetadata: {{name: learn, namespace: {ns}}}\n\
+             spec:\n  interval: 5s\n  targets: {{inventoryRef: {{name: fleet}}}}\n  \
+             baseline: {{enabled: true, warmup: 50}}\n  \
+             checks: [{{name: mem, memory: {{maxUsedPercent: 100}}}}]\n"
+        ),
+    );
+    let api: Api<HealthCheck> = Api::namespaced(client.clone(), &ns);
+    eventually(Duration::from_secs(60), "a few rounds", || async {
+        let body = http_get(&controller.metrics_url()).await?;
+        (metric(&body, "outrider_health_rounds_total") >= 3.0).then_some(())
+    })
+    .await;
+    assert!(api.get("learn").await.is_ok());
+    // a graceful stop saves what was learned
+    assert!(controller.terminate().success());
+    let first = learned(&client, &ns, "learn")
+        .await
+        .expect("baselines saved on shutdown");
+    assert!(first >= 3, "{first} samples learned");
+
+    let mut controller = ControllerProcess::start(&ns, "outrider", "solo-2", &[]);
+    eventually(
+        Duration::from_secs(60),
+        "rounds after the restart",
+        || async {
+            let body = http_get(&controller.metrics_url()).await?;
+            (metric(&body, "outrider_health_rounds_total") >= 2.0).then_some(())
+        },
+    )
+    .await;
+    assert!(controller.terminate().success());
+    let second = learned(&client, &ns, "learn")
+        .await
+        .expect("baselines saved again");
+    assert!(
+        second >= first + 2,
+        "learning continued from {first} samples instead of starting over: {second}"
+    );
+}
