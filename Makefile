@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KUBECTL := e2e/bin/kubectl --kubeconfig e2e/.cluster/kubeconfig
 CARGO ?= cargo
 
-.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan bench-agent
+.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan bench-health bench-agent
 
 all: build
 
@@ -65,6 +65,14 @@ bench-plan: deps tools
 	e2e/cluster.sh up
 	$(CARGO) build --release --locked
 	$(CARGO) bench --locked --bench plan_rollout
+
+## bench-health: 1,000 loopback hosts x 5 checks + 1,000 HTTP endpoints every 10 s through the controller vs check_by_ssh
+##               (HC_BENCH_HOSTS=1000 HC_BENCH_SECS=300 HC_BENCH_FLAP_SECS=120 shorten it)
+bench-health: deps tools
+	e2e/bench/deps.sh
+	e2e/cluster.sh up
+	$(CARGO) build --release --locked
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); $(CARGO) bench --locked --bench health_checks
 
 ## bench-agent: 1 GiB of log lines shipped on one core: outrider (HTTP, Loki→VictoriaLogs) vs rsyslog
 bench-agent: deps

@@ -147,56 +147,6 @@ fn shared_log(dir: &Path, name: &str) -> PathBuf {
     sub.join("stages.log")
 }
 
-struct Cluster {
-    kubeconfig: PathBuf,
-    kubectl: PathBuf,
-    /// A namespace of this run's own.
-    ns: String,
-}
-
-impl Cluster {
-    fn up(repo: &Path) -> Cluster {
-        let dir = std::env::var("OUTRIDER_CLUSTER_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| repo.join("e2e/.cluster"));
-        let out = Command::new(repo.join("e2e/cluster.sh"))
-            .arg("up")
-            .env("OUTRIDER_CLUSTER_DIR", &dir)
-            .output()
-            .expect("running e2e/cluster.sh");
-        assert!(
-            out.status.success(),
-            "e2e/cluster.sh up failed (build the tools with `make tools`):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Cluster {
-            kubeconfig: dir.join("kubeconfig"),
-            kubectl: repo.join("e2e/bin/kubectl"),
-            ns: format!("bench-plan-{}", std::process::id()),
-        }
-    }
-
-    fn kubectl(&self) -> Command {
-        let mut cmd = Command::new(&self.kubectl);
-        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let out = self
-            .kubectl()
-            .args(args)
-            .output()
-            .expect("running e2e/bin/kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
 /// `kubectl get -w` on the plan: every resourceVersion it goes through, when, and its phase.
 struct PlanWatch {
     child: Child,
@@ -303,7 +253,7 @@ fn main() {
         "[bench] {hosts} hosts, maxParallel {max_parallel}, ansible forks {forks}, {cores} cores; sshd port {}",
         fleet.port()
     );
-    let cluster = Cluster::up(&repo);
+    let cluster = Cluster::up(&repo, "bench-plan");
 
     // Floor: the same stages, low contention, the local runner (no cluster).
     let calib_hosts = CALIBRATION_HOSTS.min(hosts);
@@ -364,17 +314,7 @@ fn main() {
         &outrider,
     );
     println!("{report}");
-    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { repo.join(p) })
-        .unwrap_or_else(|| repo.join("target"))
-        .join("bench");
-    fs::create_dir_all(&out_dir).expect("create target/bench");
-    fs::write(out_dir.join("plan_rollout.md"), &report).expect("write the report");
-    eprintln!(
-        "[bench] report written to {}",
-        out_dir.join("plan_rollout.md").display()
-    );
+    write_report(&repo, "plan_rollout.md", &report);
     assert_eq!(
         outrider_run.complete_hosts, hosts,
         "outrider ran every stage on every host once"
@@ -441,21 +381,7 @@ fn run_outrider(
         .stderr(log_file)
         .spawn()
         .expect("start outrider controller");
-    let ready = Instant::now();
-    while Command::new("curl")
-        .args(["-sf", &format!("http://127.0.0.1:{metrics_port}/readyz")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_or(true, |s| !s.success())
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(60),
-            "the controller did not become ready; see {}",
-            work.join("controller.log").display()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_ready(metrics_port, &work.join("controller.log"));
     // the Inventory's first probe (one connection per host) is done before the clock starts
     let probing = Instant::now();
     loop {

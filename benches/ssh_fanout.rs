@@ -438,23 +438,7 @@ fn calibrate(fleet: &Fleet) -> Calibration {
                         break;
                     }
                     let out = Command::new("ssh")
-                        .arg("-i")
-                        .arg(&fleet.key)
-                        .arg("-o")
-                        .arg(format!(
-                            "UserKnownHostsFile={}",
-                            fleet.known_hosts.display()
-                        ))
-                        .args([
-                            "-o",
-                            "GlobalKnownHostsFile=/dev/null",
-                            "-o",
-                            "StrictHostKeyChecking=yes",
-                            "-o",
-                            "BatchMode=yes",
-                            "-o",
-                        ])
-                        .arg(format!("ConnectTimeout={CONNECT_TIMEOUT_SECS}"))
+                        .args(fleet.ssh_options(CONNECT_TIMEOUT_SECS))
                         .arg("-p")
                         .arg(fleet.port().to_string())
                         .args(["-l", BENCH_USER, &fleet.addrs[i], "uptime"])

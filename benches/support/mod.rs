@@ -75,6 +75,26 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// OpenSSH client options that trust exactly this fleet's host keys, non-interactively:
+    /// `-i KEY -o UserKnownHostsFile=… -o GlobalKnownHostsFile=/dev/null
+    /// -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=SECS`.
+    pub fn ssh_options(&self, connect_timeout_secs: u32) -> Vec<String> {
+        vec![
+            "-i".into(),
+            self.key.display().to_string(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o".into(),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            format!("ConnectTimeout={connect_timeout_secs}"),
+        ]
+    }
+
     pub fn start(hosts: usize) -> Fleet {
         let server = sshd::Sshd::start();
         let work = tempfile::Builder::new()
@@ -280,6 +300,16 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
 
 /// CPU seconds (user + system, /proc/<pid>/stat fields 14 and 15) a running process used.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, 11..13)
+}
+
+/// [`cpu_seconds`] plus that of its reaped children (fields 16 and 17).
+pub fn cpu_seconds_with_children(pid: u32) -> f64 {
+    stat_seconds(pid, 11..15)
+}
+
+/// The sum of /proc/<pid>/stat clock-tick fields `range` (counted after the command name).
+fn stat_seconds(pid: u32, range: std::ops::Range<usize>) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -289,7 +319,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields
-        .get(11..13)
+        .get(range)
         .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
         .unwrap_or(0);
     // USER_HZ is 100 on every Linux this runs on.
@@ -349,4 +379,90 @@ pub fn cpu_model() -> String {
                 .map(|(_, model)| model.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The test control plane of `e2e/cluster.sh` (started if it is not up) and a namespace of
+/// this run's own.
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    pub ns: String,
+}
+
+impl Cluster {
+    /// Brings the cluster up; the namespace is `<prefix>-<pid>`.
+    pub fn up(repo: &Path, prefix: &str) -> Cluster {
+        let dir = std::env::var("OUTRIDER_CLUSTER_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo.join("e2e/.cluster"));
+        let out = Command::new(repo.join("e2e/cluster.sh"))
+            .arg("up")
+            .env("OUTRIDER_CLUSTER_DIR", &dir)
+            .output()
+            .expect("running e2e/cluster.sh");
+        assert!(
+            out.status.success(),
+            "e2e/cluster.sh up failed (build the tools with `make tools`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cluster {
+            kubeconfig: dir.join("kubeconfig"),
+            kubectl: repo.join("e2e/bin/kubectl"),
+            ns: format!("{prefix}-{}", std::process::id()),
+        }
+    }
+
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs kubectl and returns its stdout; a failure fails the bench.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self
+            .kubectl()
+            .args(args)
+            .output()
+            .expect("running e2e/bin/kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Writes `report` to `target/bench/<file>` (or under `CARGO_TARGET_DIR`) and says where.
+pub fn write_report(repo: &Path, file: &str, report: &str) {
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { repo.join(p) })
+        .unwrap_or_else(|| repo.join("target"))
+        .join("bench");
+    fs::create_dir_all(&out_dir).expect("create target/bench");
+    fs::write(out_dir.join(file), report).expect("write the report");
+    eprintln!("[bench] report written to {}", out_dir.join(file).display());
+}
+
+/// Waits up to a minute for the controller's `/readyz` on `metrics_port`; `log` is named
+/// when it does not come up.
+pub fn wait_ready(metrics_port: u16, log: &Path) {
+    let started = Instant::now();
+    while Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{metrics_port}/readyz")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the controller did not become ready; see {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the peers `make bench-ssh` measures against, only when something is missing:
 # parallel-ssh (pssh), ansible (ansible-core), GNU time (time), which measures every client, and
-# rsyslog, the peer of `make bench-agent`.
+# rsyslog, the peer of `make bench-agent`, and Nagios' check_by_ssh (monitoring-plugins-basic),
+# the peer of `make bench-health`.
 set -euo pipefail
 # command -> package
 declare -A need=(
@@ -9,6 +10,7 @@ declare -A need=(
   [ansible]=ansible-core
   [/usr/bin/time]=time
   [rsyslogd]=rsyslog
+  [/usr/lib/nagios/plugins/check_by_ssh]=monitoring-plugins-basic
 )
 missing=()
 for cmd in "${!need[@]}"; do
