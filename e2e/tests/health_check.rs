@@ -318,7 +318,21 @@ async fn a_health_check_with_a_bad_reference_or_an_unresolvable_endpoint_is_repo
     let r = &hc.status.expect("status").results[0];
     assert!(r.message.contains("refused"), "{}", r.message);
     // the controller is alive and serving after both
-    assert!(http_get(&controller.metrics_url()).await.is_some());
+    let series = format!(r#"check="{ns}/closed""#);
+    let body = http_get(&controller.metrics_url()).await.expect("metrics");
+    assert!(body.contains(&series), "{body}");
+    // a deleted HealthCheck stops probing: its series go away with its task
+    let out = kubectl(&kc, &["delete", "healthcheck", "closed", "-n", &ns]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually(
+        Duration::from_secs(30),
+        "the deleted check's series gone",
+        || async {
+            let body = http_get(&controller.metrics_url()).await?;
+            (!body.contains(&series)).then_some(())
+        },
+    )
+    .await;
 }
 
 /// Learned samples per series in the `<name>-baselines` ConfigMap.

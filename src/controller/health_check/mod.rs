@@ -37,6 +37,8 @@ pub const MAX_CONCURRENT_ROUNDS: usize = 64;
 /// What the HealthCheck controller keeps besides the shared [`Context`].
 pub(super) struct HealthState {
     inventories: Store<DeserializeGuard<Inventory>>,
+    /// The controller's own cache of HealthChecks: a task ends when its object is gone.
+    checks: Store<DeserializeGuard<HealthCheck>>,
     rounds: Arc<Semaphore>,
 }
 
@@ -67,6 +69,7 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
         });
     let state = Arc::new(HealthState {
         inventories,
+        checks: store.clone(),
         rounds: Arc::new(Semaphore::new(MAX_CONCURRENT_ROUNDS)),
     });
     let reconcile = move |hc: Obj<HealthCheck>, ctx: Arc<Context>| {
@@ -269,6 +272,7 @@ async fn reconcile(
             (*hc).clone(),
             resolved,
             state.rounds.clone(),
+            state.checks.clone(),
             stop.clone(),
         );
         ctx.tasks.start(&key, run_key, stop, t.run());

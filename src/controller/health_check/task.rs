@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use rand::Rng;
 use tokio::sync::Semaphore;
@@ -57,6 +59,8 @@ pub(super) struct HealthTask {
     hc: HealthCheck,
     resolved: Option<Resolved>,
     rounds: Arc<Semaphore>,
+    /// The controller's cache of HealthChecks, to notice that this one was deleted.
+    checks: Store<DeserializeGuard<HealthCheck>>,
     stop: CancellationToken,
     writer: StatusWriter<HealthCheck>,
     last: HealthCheckStatus,
@@ -74,6 +78,7 @@ impl HealthTask {
         hc: HealthCheck,
         resolved: Resolved,
         rounds: Arc<Semaphore>,
+        checks: Store<DeserializeGuard<HealthCheck>>,
         stop: CancellationToken,
     ) -> Self {
         let ns = hc.namespace().unwrap_or_default();
@@ -89,12 +94,22 @@ impl HealthTask {
             hc,
             resolved: Some(resolved),
             rounds,
+            checks,
             stop,
             writer,
             remediated: BTreeSet::new(),
             series: BTreeSet::new(),
             inventory: None,
         }
+    }
+
+    /// Whether this HealthCheck (this uid) is still in the controller's cache.
+    fn exists(&self) -> bool {
+        let key = ObjectRef::new(&self.hc.name_any())
+            .within(self.hc.namespace().as_deref().unwrap_or_default());
+        self.checks
+            .get(&key)
+            .is_some_and(|g| g.0.as_ref().is_ok_and(|hc| hc.uid() == self.hc.uid()))
     }
 
     fn id(&self) -> String {
@@ -122,10 +137,16 @@ impl HealthTask {
         let mut last_write = Instant::now();
         let mut last_save = Instant::now();
         let mut digest = None;
+        let mut gone = false;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {}
+            }
+            // deleted objects are not reconciled: the task notices it from the cache
+            if !self.exists() {
+                gone = true;
+                break;
             }
             let permit = tokio::select! {
                 () = self.stop.cancelled() => break,
@@ -169,7 +190,10 @@ impl HealthTask {
                         digest = Some(d);
                         last_write = Instant::now();
                     }
-                    Err(WriteError::Gone) => break,
+                    Err(WriteError::Gone) => {
+                        gone = true;
+                        break;
+                    }
                     Err(WriteError::Failed(e)) => {
                         tracing::warn!(check = %self.id(), error = %e, "status write failed; retried next round");
                     }
@@ -186,7 +210,7 @@ impl HealthTask {
                 next += interval;
             }
         }
-        if !checker.evaluator.baselines().is_empty() {
+        if !gone && !checker.evaluator.baselines().is_empty() {
             self.save_baselines(checker.evaluator.baselines()).await;
         }
         checker.close().await;
