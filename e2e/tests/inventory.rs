@@ -473,9 +473,11 @@ async fn one_leader_at_a_time_and_a_standby_takes_over_after_kill_9() {
 
 /// Probing is the Inventory's task, not its reconcile: rounds go on every interval while
 /// the reconcile count stays put, because the controller's own status writes do not
-/// trigger reconciles (before, every status change started a second full SSH probe).
+/// trigger reconciles (before, every status change started a second full SSH probe); and
+/// they stop when the Inventory is deleted.
 #[tokio::test]
-async fn probe_rounds_run_on_their_interval_without_reconciles_or_repeated_status_writes() {
+async fn probe_rounds_run_on_their_interval_without_reconciles_or_repeated_status_writes_and_stop_on_delete()
+ {
     let kc = kubeconfig();
     let ns = namespace("inv-rounds");
     let controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
@@ -524,4 +526,17 @@ apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: fleet, nam
         "an unchanged status is not written again"
     );
     assert!(metric(&before, writes) >= 1.0, "{before}");
+
+    // deleted: the probe task ends (deletes are not reconciled, and an unchanged status is
+    // never written, so the task itself must notice) — no more logins after a grace round
+    let out = kubectl(&kc, &["delete", "inventory", "fleet", "-n", &ns]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled = logins();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        logins(),
+        settled,
+        "a deleted Inventory's hosts are still probed every second"
+    );
 }

@@ -15,7 +15,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, NotReady};
@@ -28,6 +30,7 @@ use crate::resolve::inventory as resolve;
 /// Runs the Inventory controller until `stop` fires.
 pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     let store = shared.inventories.store.clone();
+    let cache = store.clone();
     let (controller, queue) =
         runtime::controller::<Inventory>(&ctx, shared.inventories.subscribe(), store.clone());
     let controller = controller.watches_shared_stream(shared.secrets.subscribe(), move |secret| {
@@ -36,6 +39,10 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
             inv.spec.ssh.secret_ref.name == name
         })
     });
+    let reconcile = move |inv: Obj<Inventory>, ctx: Arc<Context>| {
+        let cache = cache.clone();
+        async move { reconcile(inv, ctx, cache).await }
+    };
     runtime::drive(controller, stop, ctx, runtime::reconciler(queue, reconcile)).await;
 }
 
@@ -77,7 +84,11 @@ async fn resolve(ctx: &Context, inv: &Inventory) -> Result<Result<Secret, NotRea
     })
 }
 
-async fn reconcile(inv: Obj<Inventory>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    inv: Obj<Inventory>,
+    ctx: Arc<Context>,
+    cache: Store<DeserializeGuard<Inventory>>,
+) -> Result<Action, Error> {
     let key = runtime::object_key(&*inv);
     let secret = match resolve(&ctx, &inv).await? {
         Ok(secret) => secret,
@@ -95,7 +106,7 @@ async fn reconcile(inv: Obj<Inventory>, ctx: Arc<Context>) -> Result<Action, Err
     );
     if ctx.tasks.steer::<CancellationToken>(&key, &run_key, |_| {}) != Found::Running {
         let stop = CancellationToken::new();
-        let task = probe::ProbeTask::new(ctx.clone(), (*inv).clone(), secret, stop.clone());
+        let task = probe::ProbeTask::new(ctx.clone(), (*inv).clone(), secret, stop.clone(), cache);
         ctx.tasks.start(&key, run_key, stop, task.run());
     }
     Ok(Action::requeue(runtime::RESYNC))

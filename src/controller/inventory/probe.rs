@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
 use tokio_util::sync::CancellationToken;
 
 use super::super::conditions::{self, Desired, NotReady, READY};
@@ -35,6 +37,9 @@ pub(super) struct ProbeTask {
     /// The Inventory's Secret as resolved when the task started (a change restarts it).
     secret: Secret,
     stop: CancellationToken,
+    /// The shared Inventory cache: deleted objects are not reconciled, so the task checks
+    /// it before each round and ends when its Inventory is gone.
+    inventories: Store<DeserializeGuard<Inventory>>,
     /// The status as last written (or found), to compute conditions and Events from.
     last: InventoryStatus,
     writer: StatusWriter<Inventory>,
@@ -46,6 +51,7 @@ impl ProbeTask {
         inv: Inventory,
         secret: Secret,
         stop: CancellationToken,
+        inventories: Store<DeserializeGuard<Inventory>>,
     ) -> Self {
         let ns = inv.namespace().unwrap_or_default();
         let writer = StatusWriter::new(
@@ -60,6 +66,7 @@ impl ProbeTask {
             inv,
             secret,
             stop,
+            inventories,
             writer,
         }
     }
@@ -77,6 +84,10 @@ impl ProbeTask {
             .to_std()
             .unwrap_or(runtime::RESYNC);
         loop {
+            if !self.exists() {
+                tracing::debug!(inventory = %self.inv.name_any(), "inventory deleted; probe task ends");
+                return;
+            }
             let wait = match self.round().await {
                 Ok(()) => interval,
                 Err(RoundEnd::Gone) => return,
@@ -90,6 +101,15 @@ impl ProbeTask {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Whether this Inventory (this uid) is still in the shared cache.
+    fn exists(&self) -> bool {
+        let key = ObjectRef::new(&self.inv.name_any())
+            .within(self.inv.namespace().as_deref().unwrap_or_default());
+        self.inventories
+            .get(&key)
+            .is_some_and(|g| g.0.as_ref().is_ok_and(|inv| inv.uid() == self.inv.uid()))
     }
 
     /// Moves Outrider 0.1's pinned keys (in status) into the pins ConfigMap.
