@@ -73,7 +73,8 @@ const RESERVED_WORDS: &[&str] = &[
 /// handling), so this is exact for every string without NUL. NUL cannot be represented;
 /// use [`command_line`] to have it rejected.
 pub fn shell_quote(s: &str) -> Cow<'_, str> {
-    if !s.is_empty() && s.bytes().all(is_safe_byte) {
+    // a leading `=` is zsh's `=cmd` expansion (the path of cmd): quoted
+    if !s.is_empty() && !s.starts_with('=') && s.bytes().all(is_safe_byte) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 2);
@@ -91,8 +92,10 @@ pub fn shell_quote(s: &str) -> Cow<'_, str> {
 
 /// Joins an argv into one command string that a POSIX shell splits back into exactly `argv`.
 ///
-/// The program name (first word) is also quoted when it is a shell reserved word or contains
-/// `=`, so it can never be read as a keyword or a variable assignment. NUL bytes cannot
+/// The program name (first word) is also quoted when it is a shell reserved word, contains
+/// `=` or starts with `-`, so it can never be read as a keyword, a variable assignment or
+/// (first in the `sh -c LINE` sshd runs) the shell's own options. A leading `=` is quoted in
+/// every word (zsh's `=cmd` expansion). NUL bytes cannot
 /// survive (sshd rejects them, and the word they are in is always left inside an open quote,
 /// so the remote shell fails with a syntax error rather than running something else); prefer
 /// [`command_line`], which reports them.
@@ -103,12 +106,22 @@ pub fn shell_join(argv: &[impl AsRef<str>]) -> String {
         if i > 0 {
             out.push(' ');
         }
-        if i == 0 && !word.is_empty() && (word.contains('=') || RESERVED_WORDS.contains(&word)) {
-            out.push('\'');
-            out.push_str(word);
-            out.push('\'');
-        } else {
-            out.push_str(&shell_quote(word));
+        match shell_quote(word) {
+            // a bare program name that would read as an assignment or a keyword, or, first
+            // in `sh -c LINE` as sshd runs it, as the shell's own options: quoted whole
+            // (only safe bytes here, so plain quotes are exact)
+            Cow::Borrowed(w)
+                if i == 0
+                    && !w.is_empty()
+                    && (w.contains('=') || w.starts_with('-') || RESERVED_WORDS.contains(&w)) =>
+            {
+                out.push('\'');
+                out.push_str(w);
+                out.push('\'');
+            }
+            // anything else that needed quoting is already quoted exactly, `'` included
+            // (`x=';id;'` used to be wrapped in bare quotes here and ran `id`)
+            q => out.push_str(&q),
         }
     }
     out
@@ -397,6 +410,73 @@ mod tests {
         }
         fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Runs `shell_join(argv)` as a command in `shell`, with PATH holding one program named
+    /// `argv[0]` that prints its name and arguments: what the shell actually ran.
+    fn run_as_program(shell: &str, argv: &[&str]) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prog = dir.path().join(argv[0]);
+        std::fs::write(&prog, "#!/bin/sh\nprintf '%s\\0' \"${0##*/}\" \"$@\"\n").expect("program");
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let out = Command::new(shell)
+            .arg("-c")
+            .arg(shell_join(argv))
+            .env("PATH", dir.path())
+            .env("HOME", "/nonexistent-home")
+            .output()
+            .expect("spawn shell");
+        let mut words: Vec<String> = out
+            .stdout
+            .split(|b| *b == 0)
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect();
+        words.pop();
+        words
+    }
+
+    #[test]
+    fn hostile_program_names_run_that_program_and_nothing_else() {
+        let names = [
+            "x=';id;'", "x=$(id)", "a=b", "=ls", "~root", "if", "!", "it's", "x='", "a b", "*",
+            "-n",
+        ];
+        for shell in shells() {
+            for name in names {
+                assert_eq!(
+                    run_as_program(shell, &[name, "arg;id", "'"]),
+                    [name, "arg;id", "'"],
+                    "{shell}: {name:?} as the program: {}",
+                    shell_join(&[name])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn random_program_names_from_the_hostile_alphabet_run_exactly_that_program() {
+        let alphabet: Vec<char> = (1u8..=127)
+            .map(char::from)
+            .filter(|c| *c != '/')
+            .chain(['é', '日'])
+            .collect();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for shell in shells() {
+            for _ in 0..40 {
+                let name: String = (0..1 + rng.below(10))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect();
+                if name == "." || name == ".." {
+                    continue;
+                }
+                assert_eq!(
+                    run_as_program(shell, &[&name, "x"]),
+                    [name.as_str(), "x"],
+                    "{shell}: {name:?}"
+                );
+            }
         }
     }
 
