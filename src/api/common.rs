@@ -138,11 +138,16 @@ impl JsonSchema for DurationString {
     }
 }
 
+/// DNS-1123 subdomain: what every object name must look like. Names in references are
+/// pasted into API paths (kube does not encode them), so `..` or `a/b` must never pass.
+pub const DNS1123_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
 /// A reference to an object of a known kind in the same namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct LocalObjectReference {
-    /// Name of the object, in the namespace of the referring resource.
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the object, in the namespace of the referring resource (a DNS-1123 subdomain).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN))]
     pub name: String,
 }
 
