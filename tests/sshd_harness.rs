@@ -583,6 +583,11 @@ fn sshd_dies_when_its_owning_test_process_is_killed() {
         let _ = session.0.stderr.as_mut().unwrap().read_to_string(&mut err);
         panic!("the session did not start ({started:?}, {first:?}); ssh stderr: {err}");
     }
+    // "started" is printed before the shell execs sleep: wait for the exec, not just the echo
+    let exec_deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sleeper_with_arg_running("3172") && std::time::Instant::now() < exec_deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let tree = sshd::descendants(sshd_pid);
     assert!(
         sleeper_with_arg_running("3172") && tree.len() >= 2,
