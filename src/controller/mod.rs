@@ -142,6 +142,10 @@ pub enum Error {
     NoNamespace,
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// A bug met by this object: the reconcile panicked. The process goes on; the object
+    /// is retried with backoff like any failure.
+    #[error("reconcile panicked: {0}")]
+    Panicked(String),
 }
 
 impl Error {
@@ -150,6 +154,7 @@ impl Error {
         match self {
             Error::Kube { stage, .. } => stage.as_str(),
             Error::NoNamespace => "invalid_object",
+            Error::Panicked(_) => "panic",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),

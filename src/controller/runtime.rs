@@ -314,11 +314,30 @@ where
                 report_unreadable(&ctx, guard.as_ref()).await?;
                 return Ok(Action::await_change());
             }
-            let action = f(Obj(guard), ctx.clone()).await?;
+            let action = isolate(f(Obj(guard), ctx.clone())).await?;
             ctx.backoff.reset(&key);
             Ok(action)
         }
         .boxed()
+    }
+}
+
+/// Runs one reconcile so that a panic in it is that object's error, not the process's
+/// end: one tenant's object that meets a bug must not crash-loop the controller for all.
+pub async fn isolate<Fut>(reconcile: Fut) -> Result<Action, Error>
+where
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(Error::Panicked(crate::text::clip(message, 512)))
+        }
     }
 }
 
@@ -499,5 +518,25 @@ spec:
             .push("outrider.dev/cleanup".into());
         assert!(changed.check(&finalized));
         assert!(!changed.check(&finalized));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_is_that_objects_error_and_the_next_one_runs() {
+        let boom = isolate(async {
+            let v: Vec<u8> = Vec::new();
+            #[allow(clippy::indexing_slicing)]
+            let x = v[3];
+            Ok(Action::requeue(std::time::Duration::from_secs(u64::from(
+                x,
+            ))))
+        })
+        .await;
+        match boom {
+            Err(Error::Panicked(msg)) => assert!(msg.contains("index out of bounds"), "{msg}"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        assert_eq!(Error::Panicked(String::new()).category(), "panic");
+        let fine = isolate(async { Ok(Action::await_change()) }).await;
+        assert!(fine.is_ok());
     }
 }
