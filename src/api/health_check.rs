@@ -275,6 +275,27 @@ pub struct Endpoint {
     pub timeout: DurationString,
 }
 
+impl Endpoint {
+    /// The Secret whose `ca.crt` this endpoint trusts, if any (http and tls only).
+    pub fn ca_secret_ref(&self) -> Option<&LocalObjectReference> {
+        self.http
+            .as_ref()
+            .and_then(|h| h.ca_secret_ref.as_ref())
+            .or_else(|| self.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()))
+    }
+}
+
+impl Maintenance {
+    /// Whether maintenance holds at `now`: suspended, or inside a window (end exclusive).
+    pub fn is_open(&self, now: k8s_openapi::jiff::Timestamp) -> bool {
+        self.suspend
+            || self
+                .windows
+                .iter()
+                .any(|w| w.start.0 <= now && now < w.end.0)
+    }
+}
+
 /// HTTP probe.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

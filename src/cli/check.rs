@@ -4,7 +4,9 @@
 //! SSH connections stay open between rounds as they do in the controller.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use super::read_yaml;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -61,12 +63,6 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
     }
 }
 
-fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> anyhow::Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("{} is not a {kind}", path.display()))
-}
-
 async fn run_checks(args: RunArgs) -> anyhow::Result<bool> {
     let hc: HealthCheck = read_yaml(&args.file, "HealthCheck")?;
     let spec = &hc.spec;
@@ -74,11 +70,7 @@ async fn run_checks(args: RunArgs) -> anyhow::Result<bool> {
         .with_context(|| format!("{} is not a valid HealthCheck", args.file.display()))?;
     let mut endpoints = Vec::new();
     for e in &spec.endpoints {
-        let ca_ref = e
-            .http
-            .as_ref()
-            .and_then(|h| h.ca_secret_ref.as_ref())
-            .or_else(|| e.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()));
+        let ca_ref = e.ca_secret_ref();
         let ca = match ca_ref {
             None => None,
             Some(r) => {
@@ -150,11 +142,9 @@ async fn run_checks(args: RunArgs) -> anyhow::Result<bool> {
     for round in 1..=args.rounds.max(1) {
         tokio::time::sleep_until(next).await;
         next += interval;
-        let maintenance = maintenance_spec.as_ref().is_some_and(|m| {
-            m.suspend
-                || k8s_openapi::jiff::Timestamp::try_from(std::time::SystemTime::now())
-                    .is_ok_and(|now| m.windows.iter().any(|w| w.start.0 <= now && now < w.end.0))
-        });
+        let maintenance = maintenance_spec
+            .as_ref()
+            .is_some_and(|m| m.is_open(k8s_openapi::jiff::Timestamp::now()));
         let report = checker.round(interval, maintenance).await;
         print_round(round, &report, maintenance);
         all_healthy = report

@@ -5,3 +5,14 @@ pub mod agent;
 pub mod check;
 pub mod exec;
 pub mod plan;
+
+use std::path::Path;
+
+use anyhow::Context;
+
+/// A manifest file of `kind`, with the path in every error.
+pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("{} is not a {kind}", path.display()))
+}

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+
+use super::read_yaml;
 use clap::{Args, Subcommand};
 use outrider::api::deployment_plan::DeploymentPlan;
 use outrider::api::inventory::Inventory;
@@ -56,12 +58,6 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<bool> {
     match args.command {
         PlanCommand::Run(args) => run_plan(args).await,
     }
-}
-
-fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> anyhow::Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("{} is not a {kind}", path.display()))
 }
 
 async fn run_plan(args: RunArgs) -> anyhow::Result<bool> {

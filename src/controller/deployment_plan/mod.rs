@@ -21,14 +21,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -247,44 +245,12 @@ async fn resolve(
         Err(e) => return Ok(Err(e.into())),
     };
     let inv_name = &dp.spec.targets.inventory_ref.name;
-    let cached = state
-        .inventories
-        .get(&ObjectRef::new(inv_name).within(ns))
-        .and_then(|g| g.0.as_ref().ok().cloned());
-    let inv = match cached {
-        Some(inv) => inv,
-        // not cached (yet): ask once, the Inventory watch wakes the plan when it appears
-        None => match ctx
-            .api_in::<Inventory>(ns)
-            .get_opt(inv_name)
-            .await
-            .at(Stage::Resolve)?
-        {
-            Some(inv) => inv,
-            None => {
-                return Ok(Err(NotReady::new(
-                    "InventoryNotFound",
-                    format!(
-                        "Inventory {inv_name:?} (spec.targets.inventoryRef) does not exist in this namespace"
-                    ),
-                )));
-            }
-        },
-    };
+    let (inv, secret) =
+        match super::inventory::targeted(ctx, &state.inventories, ns, inv_name).await? {
+            Ok(found) => found,
+            Err(problem) => return Ok(Err(problem)),
+        };
     let secret_name = &inv.spec.ssh.secret_ref.name;
-    let Some(secret) = ctx
-        .api_in::<Secret>(ns)
-        .get_opt(secret_name)
-        .await
-        .at(Stage::Resolve)?
-    else {
-        return Ok(Err(NotReady::new(
-            "SecretNotFound",
-            format!(
-                "Secret {secret_name:?} (spec.ssh.secretRef of Inventory {inv_name:?}) does not exist in this namespace"
-            ),
-        )));
-    };
     let pins = match super::inventory::read_pins(ctx, &inv).await? {
         Ok(p) => p,
         Err(e) => return Ok(Err(e.into())),

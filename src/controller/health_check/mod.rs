@@ -85,13 +85,7 @@ fn secret_names(hc: &HealthCheck, inventories: &Store<DeserializeGuard<Inventory
         .spec
         .endpoints
         .iter()
-        .filter_map(|e| {
-            e.http
-                .as_ref()
-                .and_then(|h| h.ca_secret_ref.as_ref())
-                .or_else(|| e.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()))
-                .map(|r| r.name.clone())
-        })
+        .filter_map(|e| e.ca_secret_ref().map(|r| r.name.clone()))
         .collect();
     if let Some(t) = &hc.spec.targets
         && let Some(inv) = inventories.get(
@@ -130,11 +124,7 @@ async fn resolve(
     let secrets = ctx.api_in::<Secret>(&ns);
     let mut endpoints = Vec::with_capacity(hc.spec.endpoints.len());
     for e in &hc.spec.endpoints {
-        let ca_ref = e
-            .http
-            .as_ref()
-            .and_then(|h| h.ca_secret_ref.as_ref())
-            .or_else(|| e.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()));
+        let ca_ref = e.ca_secret_ref();
         let ca = match ca_ref {
             None => None,
             Some(r) => {
@@ -172,38 +162,13 @@ async fn resolve(
         && let Some(targets) = &hc.spec.targets
     {
         let name = &targets.inventory_ref.name;
-        let cached = state
-            .inventories
-            .get(&ObjectRef::new(name).within(&ns))
-            .and_then(|g| g.0.as_ref().ok().cloned());
-        let inv = match cached {
-            Some(inv) => inv,
-            None => match ctx
-                .api_in::<Inventory>(&ns)
-                .get_opt(name)
-                .await
-                .at(Stage::Resolve)?
+        let (inv, secret) =
+            match crate::controller::inventory::targeted(ctx, &state.inventories, &ns, name).await?
             {
-                Some(inv) => inv,
-                None => {
-                    return Ok(Err(NotReady::new(
-                        "InventoryNotFound",
-                        format!(
-                            "Inventory {name:?} (spec.targets.inventoryRef) does not exist in this namespace"
-                        ),
-                    )));
-                }
-            },
-        };
+                Ok(found) => found,
+                Err(problem) => return Ok(Err(problem)),
+            };
         let secret_name = &inv.spec.ssh.secret_ref.name;
-        let Some(secret) = secrets.get_opt(secret_name).await.at(Stage::Resolve)? else {
-            return Ok(Err(NotReady::new(
-                "SecretNotFound",
-                format!(
-                    "Secret {secret_name:?} (spec.ssh.secretRef of Inventory {name:?}) does not exist in this namespace"
-                ),
-            )));
-        };
         // the Fleet must build (key, known_hosts, selector) before a task starts
         let pins = match crate::controller::inventory::read_pins(ctx, &inv).await? {
             Ok(p) => p,

@@ -607,16 +607,10 @@ impl HealthTask {
 
 /// Whether `now` falls in a maintenance window (or maintenance is suspended).
 pub fn in_maintenance(m: Option<&Maintenance>, now: SystemTime) -> bool {
-    let Some(m) = m else {
-        return false;
-    };
-    if m.suspend {
-        return true;
-    }
     let Ok(now) = Timestamp::try_from(now) else {
         return false;
     };
-    m.windows.iter().any(|w| w.start.0 <= now && now < w.end.0)
+    m.is_some_and(|m| m.is_open(now))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, NotReady};
@@ -82,6 +82,55 @@ async fn resolve(ctx: &Context, inv: &Inventory) -> Result<Result<Secret, NotRea
         Ok(_) => Ok(secret),
         Err(e) => Err(e.into()),
     })
+}
+
+/// The Inventory a resource targets (from the shared cache, or one GET when it is not
+/// cached yet) and its SSH Secret, for every kind that reaches hosts. `Ok(Err(_))` names
+/// what is missing.
+pub async fn targeted(
+    ctx: &Context,
+    cache: &Store<DeserializeGuard<Inventory>>,
+    ns: &str,
+    name: &str,
+) -> Result<Result<(Inventory, Secret), NotReady>, Error> {
+    let cached = cache
+        .get(&ObjectRef::new(name).within(ns))
+        .and_then(|g| g.0.as_ref().ok().cloned());
+    let inv = match cached {
+        Some(inv) => inv,
+        // not cached (yet): ask once, the Inventory watch wakes the referrer when it appears
+        None => match ctx
+            .api_in::<Inventory>(ns)
+            .get_opt(name)
+            .await
+            .at(Stage::Resolve)?
+        {
+            Some(inv) => inv,
+            None => {
+                return Ok(Err(NotReady::new(
+                    "InventoryNotFound",
+                    format!(
+                        "Inventory {name:?} (spec.targets.inventoryRef) does not exist in this namespace"
+                    ),
+                )));
+            }
+        },
+    };
+    let secret_name = &inv.spec.ssh.secret_ref.name;
+    let Some(secret) = ctx
+        .api_in::<Secret>(ns)
+        .get_opt(secret_name)
+        .await
+        .at(Stage::Resolve)?
+    else {
+        return Ok(Err(NotReady::new(
+            "SecretNotFound",
+            format!(
+                "Secret {secret_name:?} (spec.ssh.secretRef of Inventory {name:?}) does not exist in this namespace"
+            ),
+        )));
+    };
+    Ok(Ok((inv, secret)))
 }
 
 async fn reconcile(
