@@ -13,6 +13,10 @@ declare -A need=(
   [ssh]=openssh-client
   [ssh-keygen]=openssh-client
   [sudo]=sudo
+  [nft]=nftables
+  [iptables-restore]=iptables
+  [ip6tables-restore]=iptables
+  [nsenter]=util-linux
 )
 missing=()
 for cmd in "${!need[@]}"; do

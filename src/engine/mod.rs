@@ -2,6 +2,7 @@
 //! so the controller, `outrider plan run` and the tests share one implementation.
 //! Nothing here imports `kube`.
 
+pub mod firewall;
 pub mod health;
 pub mod inventory;
 pub mod plan;
