@@ -44,6 +44,8 @@ enum Command {
     Plan(cli::plan::PlanArgs),
     /// Try a HealthCheck file locally (`check run`: no cluster needed).
     Check(cli::check::CheckArgs),
+    /// Render or push a SecurityPolicy file (`policy render`, `policy apply`: no cluster needed).
+    Policy(cli::policy::PolicyArgs),
     /// Run the node log agent: tail, parse, enrich and ship log files (a DaemonSet; or
     /// `--pipeline lp.yaml` to run LogPipeline manifests with no cluster).
     Agent(cli::agent::AgentArgs),
@@ -115,6 +117,15 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(cli::check::run(args))?;
             std::process::exit(if healthy { 0 } else { 2 });
+        }
+        Command::Policy(args) => {
+            telemetry::init_tracing(cli.log_format);
+            let ok = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(cli::policy::run(args))?;
+            std::process::exit(if ok { 0 } else { 2 });
         }
         Command::Agent(args) => {
             cli::agent::limit_malloc_arenas();

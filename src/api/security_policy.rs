@@ -224,7 +224,8 @@ pub struct ApplySettings {
     /// confirms within this time (protects against locking Outrider out).
     #[serde(default = "default_confirm_timeout")]
     pub confirm_timeout: DurationString,
-    /// Hosts per batch: an integer >= 1 or a percentage ('10%'). The first batch is the canary.
+    /// Hosts per batch after the canary (one host, always first): an integer >= 1 or a
+    /// percentage ('10%').
     #[serde(default = "default_batch_size")]
     #[schemars(extend("maxLength" = 4, "nullable" = false))]
     #[x_kube(validation = Rule::new(POSITIVE_INT_OR_PERCENT_RULE)
@@ -293,6 +294,10 @@ pub struct SecurityPolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub failures: Vec<ApplyFailure>,
+    /// Static-check findings about the rules (shadowed, overlapping, ...), at most 50.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub findings: Vec<PolicyFinding>,
     /// Ready (every host runs the rendered ruleset), Progressing (a rollout is running)
     /// and Degraded (hosts drifted or failed).
     #[serde(default)]
@@ -313,9 +318,34 @@ pub struct PolicyHostCounts {
     /// Hosts whose live ruleset differs from the rendered one.
     #[serde(default)]
     pub drifted: u32,
-    /// Hosts where the last apply failed.
+    /// Hosts where the last apply failed (rolled back ones included).
     #[serde(default)]
     pub failed: u32,
+    /// Hosts that restored their previous ruleset because the apply was not confirmed.
+    #[serde(default)]
+    pub rolled_back: u32,
+    /// Hosts not yet applied (the rollout is running, stopped, or has not reached them).
+    #[serde(default)]
+    pub pending: u32,
+}
+
+/// One static-check finding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyFinding {
+    /// Error (nothing is pushed) or Warning.
+    #[schemars(length(max = 16))]
+    pub severity: String,
+    /// CamelCase kind: Shadowed, Overlap, FailsafeCovered, UnusedZone, ...
+    #[schemars(length(max = 64))]
+    pub code: String,
+    /// The rule it is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub rule: Option<String>,
+    /// What is wrong.
+    #[schemars(length(max = 1024))]
+    pub message: String,
 }
 
 /// Drift found on one host.

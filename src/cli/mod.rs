@@ -5,6 +5,7 @@ pub mod agent;
 pub mod check;
 pub mod exec;
 pub mod plan;
+pub mod policy;
 
 use std::path::Path;
 

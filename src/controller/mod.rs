@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod leader;
 pub mod log_pipeline;
 pub mod runtime;
+pub mod security_policy;
 pub mod status;
 pub mod tasks;
 
@@ -184,6 +185,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         inventory::run(ctx.clone(), &shared, stop.clone()),
         deployment_plan::run(ctx.clone(), &shared, stop.clone()),
         health_check::run(ctx.clone(), &shared, stop.clone()),
+        security_policy::run(ctx.clone(), &shared, stop.clone()),
         log_pipeline::run(ctx.clone(), &shared, stop),
     );
     ctx.tasks.shutdown(tasks::SHUTDOWN_GRACE).await;

@@ -91,7 +91,7 @@ pub fn fnv(bytes: &[u8]) -> String {
 }
 
 /// An int-or-percent field: `3`, `"3"` or `"25%"`.
-fn amount(field: &'static str, v: &IntOrString) -> Result<Amount, ResolveError> {
+pub(crate) fn amount(field: &'static str, v: &IntOrString) -> Result<Amount, ResolveError> {
     let bad = |message: String| ResolveError::InvalidField { field, message };
     match v {
         IntOrString::Int(n) => u32::try_from(*n)

@@ -5,6 +5,7 @@
 
 pub mod deployment_plan;
 pub mod inventory;
+pub mod security_policy;
 
 /// Why an object cannot be turned into engine or transport values. Each variant maps to a
 /// `Ready=False` reason (see [`ResolveError::reason`]); messages name fields and keys,

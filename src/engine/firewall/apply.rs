@@ -151,7 +151,7 @@ echo OUTRIDER-LIVE-END
 pub fn prepare_script(compiled: &Compiled, policy: &str, confirm: Duration, nonce: &str) -> String {
     let secs = confirm_window(confirm).as_secs().max(1);
     let mut s = prelude(compiled.backend);
-    let owner_prefix = format!("outrider {} g", crate::text::head(policy, 90));
+    let owner_prefix = format!("outrider {} g", super::owner_name(policy));
     s.push_str(&format!("nonce={nonce}\nsecs={secs}\n"));
     // an unconfirmed apply still pending: its backup is the last good ruleset
     s.push_str(

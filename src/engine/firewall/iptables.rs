@@ -28,23 +28,11 @@ pub fn file(body: &str, tag: &str) -> String {
     let _ = writeln!(
         out,
         "-A {IPT_CHAIN} -m comment --comment \"{}\"",
-        sanitize(tag)
+        super::comment_text(tag)
     );
     out.push_str(body);
     out.push_str("COMMIT\n");
     out
-}
-
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || " ./:_-@".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn family(policy: &Policy, fam: u8) -> String {
@@ -130,7 +118,7 @@ fn rule(out: &mut String, rule: &Rule, nets: &Nets, fam: u8) {
             let _ = writeln!(
                 out,
                 "-A {IPT_CHAIN}{src}{proto}{p} -m comment --comment \"{}\" -j {target}",
-                sanitize(&rule.name)
+                super::comment_text(&rule.name)
             );
         }
     }

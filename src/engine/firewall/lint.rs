@@ -108,7 +108,11 @@ pub fn check(policy: &Policy) -> Vec<Finding> {
                 );
                 break;
             }
-            if a.allow != b.allow && !reported_overlap {
+            // an exception followed by the general rule (allow these, deny the rest) is
+            // the idiom, not a mistake: only a later rule narrower somewhere is reported
+            let b_covers_a =
+                b.proto.covers(a.proto) && ports_cover(&b.ports, &a.ports) && covers[zb * n + za];
+            if a.allow != b.allow && !reported_overlap && !b_covers_a {
                 let net = all_nets[za]
                     .common(all_nets[zb])
                     .map(|n| n.to_string())

@@ -13,6 +13,7 @@ pub mod iptables;
 pub mod lint;
 pub mod model;
 pub mod nft;
+pub mod rollout;
 
 use sha2::{Digest, Sha256};
 
@@ -118,12 +119,24 @@ pub fn short_hash(hash: &str) -> &str {
     crate::text::head(hex, 32)
 }
 
+/// Characters of `<namespace>/<name>` kept in the ownership tag: fixed, so every generation
+/// of a policy writes (and recognises) the same name.
+pub const OWNER_NAME_MAX: usize = 56;
+
+/// The policy name as the ownership tag carries it.
+pub fn owner_name(policy: &str) -> &str {
+    crate::text::head(policy, OWNER_NAME_MAX)
+}
+
 /// The ownership tag written on hosts: `outrider <ns>/<name> g<generation> <hash32>`,
 /// at most 120 bytes (nftables comments hold 128).
 pub fn owner_tag(meta: &Meta, hash: &str) -> String {
-    let suffix = format!(" g{} {}", meta.generation, short_hash(hash));
-    let room = 120usize.saturating_sub("outrider ".len() + suffix.len());
-    format!("outrider {}{suffix}", crate::text::head(&meta.policy, room))
+    format!(
+        "outrider {} g{} {}",
+        owner_name(&meta.policy),
+        meta.generation,
+        short_hash(hash)
+    )
 }
 
 /// The parts of an owner tag read back from a host.
@@ -211,6 +224,19 @@ pub fn compile_for(
         hash,
         findings,
     })
+}
+
+/// Text for a firewall comment: only characters both tools take inside quotes as they are.
+fn comment_text(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " ./:_-@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `sha256:<hex>`.

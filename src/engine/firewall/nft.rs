@@ -46,25 +46,12 @@ impl Body {
         let _ = writeln!(out, "table inet {NFT_TABLE} {{}}");
         let _ = writeln!(out, "delete table inet {NFT_TABLE}");
         let _ = writeln!(out, "table inet {NFT_TABLE} {{");
-        let _ = writeln!(out, "\tcomment \"{}\"", sanitize(tag));
+        let _ = writeln!(out, "\tcomment \"{}\"", super::comment_text(tag));
         out.push_str(&self.sets);
         out.push_str(&self.chain);
         out.push_str("}\n");
         out
     }
-}
-
-/// Comments keep to characters nft's quoted strings take as they are.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || " ./:_-@".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 #[derive(Default)]
@@ -221,7 +208,7 @@ impl Renderer {
             let _ = writeln!(
                 self.chain,
                 "\t\t{src}{m}{verdict} comment \"{}\"",
-                sanitize(&rule.name)
+                super::comment_text(&rule.name)
             );
         }
     }
