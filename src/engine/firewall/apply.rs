@@ -122,7 +122,6 @@ fail() {{ echo "OUTRIDER-ERR $1"; shift; printf '%s\n' "$*"; exit 3; }}
 [ "$(id -u)" = 0 ] || fail PrivilegeRequired "changing the firewall needs root: set spec.ssh.become on the Inventory or log in as root"
 for t in {tools}; do command -v "$t" >/dev/null 2>&1 || fail NoFirewallTool "$t not found on the host"; done
 dir={STATE_DIR}
-mkdir -p "$dir" || fail StateDir "cannot create $dir"
 "#
     )
 }
@@ -153,18 +152,21 @@ pub fn prepare_script(compiled: &Compiled, policy: &str, confirm: Duration, nonc
     let mut s = prelude(compiled.backend);
     let owner_prefix = format!("outrider {} g", super::owner_name(policy));
     s.push_str(&format!("nonce={nonce}\nsecs={secs}\n"));
+    s.push_str("mkdir -p \"$dir\" || fail StateDir \"cannot create $dir\"\n");
     // an unconfirmed apply still pending: its backup is the last good ruleset
     s.push_str(
         r#"if [ -f "$dir/armed" ]; then
   prev=$(cat "$dir/armed")
   if [ ! -d "$dir/decided-$prev" ]; then
     alive=
-    if [ -f "$dir/rollback.pid" ] && kill -0 "$(cat "$dir/rollback.pid")" 2>/dev/null; then alive=1; fi
+    # the waiter itself: not a zombie (an init that does not reap), not a reused pid
+    p=$(cat "$dir/rollback.pid" 2>/dev/null)
+    if [ -n "$p" ] && [ -r "/proc/$p/cmdline" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$p/status" 2>/dev/null \
+       && tr '\0' ' ' < "/proc/$p/cmdline" | grep -q "$prev"; then alive=1; fi
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "outrider-fw-rollback-$prev.timer" 2>/dev/null; then alive=1; fi
     [ -n "$alive" ] && fail RollbackPending "an earlier apply ($prev) is unconfirmed; the host restores its previous ruleset when its timer fires"
   fi
 fi
-rm -rf "$dir"/decided-*
 "#,
     );
     match &compiled.output {
@@ -228,7 +230,8 @@ OUTRIDER_ROLLBACK
     }
     // arm, then apply; a failed apply changed nothing (one transaction), so it disarms
     s.push_str(
-        r#"echo "$nonce" > "$dir/armed"
+        r#"rm -rf "$dir"/decided-*
+echo "$nonce" > "$dir/armed"
 rm -f "$dir/rollback.pid" "$dir/rollback.unit"
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1 \
    && systemd-run --quiet --unit="outrider-fw-rollback-$nonce" --on-active="${secs}s" --timer-property=AccuracySec=1s /bin/sh "$dir/rollback.sh" "$nonce" >/dev/null 2>&1; then
