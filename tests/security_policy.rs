@@ -536,15 +536,15 @@ async fn the_canary_goes_first_and_a_failed_canary_stops_the_rollout() {
     let keys = tempfile::tempdir().unwrap();
     let fleet = fleet(&refs, keys.path());
     let hosts = endpoints(&refs);
-    let policy = spec(&format!(
+    let policy = spec(
         r#"
-targets: {{inventoryRef: {{name: fleet}}}}
+targets: {inventoryRef: {name: fleet}}
 defaultInput: drop
 rules:
-  - {{name: allow_web, action: allow, protocol: tcp, ports: [80]}}
-failsafe: {{ports: [22], sources: ["198.18.0.0/15"]}}
-"#
-    ));
+  - {name: allow_web, action: allow, protocol: tcp, ports: [80]}
+failsafe: {ports: [22], sources: ["198.18.0.0/15"]}
+"#,
+    );
     let c = compiled(&policy, 1);
     // the canary's state directory is read-only: its apply fails before anything changes
     let ro = hs[0].exec(&["mount", "-o", "remount,ro", "/var/lib/outrider"]);

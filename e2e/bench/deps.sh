@@ -2,7 +2,8 @@
 # Installs the peers `make bench-ssh` measures against, only when something is missing:
 # parallel-ssh (pssh), ansible (ansible-core), GNU time (time), which measures every client, and
 # rsyslog, the peer of `make bench-agent`, and Nagios' check_by_ssh (monitoring-plugins-basic),
-# the peer of `make bench-health`.
+# the peer of `make bench-health`, and python3-venv, for the venv e2e/bench/aerleon_install.sh makes
+# for Aerleon, the peer of the firewall-compiler bench.
 set -euo pipefail
 # command -> package
 declare -A need=(
@@ -18,6 +19,10 @@ for cmd in "${!need[@]}"; do
     case " ${missing[*]} " in *" ${need[$cmd]} "*) ;; *) missing+=("${need[$cmd]}") ;; esac
   fi
 done
+# `python3 -m venv` needs ensurepip, which Debian ships in python3-venv (not a command of its own).
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing packages: ${missing[*]} — install them with: sudo apt-get install -y ${missing[*]}" >&2

@@ -6,7 +6,10 @@ mod chart;
 mod health_check;
 mod inventory;
 mod log_pipeline;
+#[path = "../../tests/support/netns.rs"]
+mod netns;
 mod plan;
+mod security_policy;
 #[path = "../../tests/support/sshd.rs"]
 mod sshd;
 mod support;

@@ -416,12 +416,28 @@ pub async fn publish_event<K>(ctx: &Context, obj: &K, type_: EventType, reason: 
 where
     K: Resource<DynamicType = ()>,
 {
+    publish_event_related(ctx, obj, type_, reason, note, None).await;
+}
+
+/// [`publish_event`] with a related object. The recorder folds Events with the same object,
+/// reason and related object into one series (keeping the first note): per-host Events
+/// name the host as the related Inventory's `spec.hosts{<name>}` so each stays its own.
+pub async fn publish_event_related<K>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+) where
+    K: Resource<DynamicType = ()>,
+{
     let event = Event {
         type_,
         reason: reason.to_string(),
         note: Some(crate::text::clip(note, 1000)),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         tracing::warn!(error = %e, reason, "could not publish Event");

@@ -30,6 +30,10 @@
 //! The generated config accepts logins from loopback addresses only (a `Match` block denies every
 //! user from any other source), although it listens on 0.0.0.0.
 //!
+//! [`Sshd::start_in_netns`] runs sshd on port 22 inside a network namespace instead (the firewall
+//! test hosts of `tests/support/netns.rs`), with a tmpfs of its own at `/var/lib/outrider`; that
+//! one also lets in sources in 198.18.0.0/15 (the veth links to the namespaces).
+//!
 //! An sshd never outlives the test process that started it, even one killed with SIGKILL: next to
 //! each sshd runs a reaper (`sh`, in a process group of its own) that blocks reading a pipe whose
 //! only write end the test process holds. When that process dies, however it dies, the kernel
@@ -41,7 +45,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -55,6 +59,25 @@ const SSH_KEYGEN: &str = "ssh-keygen";
 const INSTALL_HINT: &str = "install openssh-server (run e2e/deps.sh)";
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const HOST_KEY_KINDS: [&str; 3] = ["ed25519", "ecdsa", "rsa"];
+/// Sources the `Match` block lets in: loopback, plus (namespace hosts only) the benchmarking range
+/// 198.18.0.0/15 the veth links of `tests/support/netns.rs` use.
+const LOOPBACK_SOURCES: &[&str] = &["127.0.0.0/8"];
+const NETNS_SOURCES: &[&str] = &["127.0.0.0/8", "198.18.0.0/15"];
+/// Run by `ip netns exec` (which gives it a mount namespace of its own, `/` made rslave): a tmpfs
+/// at /var/lib/outrider that only this sshd and its sessions see, then sshd itself ($1: config).
+const NETNS_SSHD_SCRIPT: &str = "mkdir -p /var/lib/outrider \
+    && mount -t tmpfs -o mode=0755 tmpfs /var/lib/outrider \
+    && exec /usr/sbin/sshd -D -e -f \"$1\"";
+
+/// Where an sshd runs.
+#[derive(Clone, Copy)]
+enum Placement<'a> {
+    /// The test's own network namespace on 0.0.0.0:`port` (a free one when `None`).
+    Loopback { port: Option<u16> },
+    /// Port 22 inside the network namespace `netns`, ready once `addr`:22 (reachable from the
+    /// test's namespace) answers.
+    Netns { netns: &'a str, addr: Ipv4Addr },
+}
 
 /// One running sshd. Dropping it kills sshd, its connections and their sessions.
 pub struct Sshd {
@@ -79,17 +102,30 @@ impl Sshd {
     /// the config (they override the defaults of this harness, e.g. `MaxStartups 10:30:100`) and
     /// the `Match` blocks go to the end.
     pub fn start_with(extra_config: &str) -> Sshd {
-        Sshd::start_inner(extra_config, None)
+        Sshd::start_inner(extra_config, Placement::Loopback { port: None })
+    }
+
+    /// Starts sshd on port 22 inside the existing network namespace `netns` (through `ip netns
+    /// exec`, with a tmpfs at `/var/lib/outrider` private to this sshd and its sessions) and waits
+    /// until `addr`:22 answers from the caller's namespace, so `addr` must already be routed there.
+    /// Logins are accepted from 127.0.0.0/8 and 198.18.0.0/15. `extra_config` as in
+    /// [`Sshd::start_with`].
+    pub fn start_in_netns(netns: &str, addr: Ipv4Addr, extra_config: &str) -> Sshd {
+        assert!(
+            !netns.is_empty() && !netns.contains('/') && !netns.starts_with('-'),
+            "bad network namespace name {netns:?}"
+        );
+        Sshd::start_inner(extra_config, Placement::Netns { netns, addr })
     }
 
     /// Like [`Sshd::start`], on `port` (e.g. the port of an sshd just stopped: the same
     /// host and port answering with new host keys).
     #[allow(dead_code)]
     pub fn start_on_port(port: u16) -> Sshd {
-        Sshd::start_inner("", Some(port))
+        Sshd::start_inner("", Placement::Loopback { port: Some(port) })
     }
 
-    fn start_inner(extra_config: &str, fixed_port: Option<u16>) -> Sshd {
+    fn start_inner(extra_config: &str, placement: Placement) -> Sshd {
         preflight();
         let dir = tempfile::Builder::new()
             .prefix("outrider-sshd-")
@@ -142,10 +178,15 @@ impl Sshd {
         let (head, tail) = split_extra_config(extra_config);
         let log_path = dir.path().join("sshd.log");
         let mut last_failure = String::new();
+        let (fixed_port, ready_addr, sources) = match placement {
+            Placement::Loopback { port } => (port, Ipv4Addr::LOCALHOST, LOOPBACK_SOURCES),
+            // A namespace of its own: port 22 is free.
+            Placement::Netns { addr, .. } => (Some(22), addr, NETNS_SOURCES),
+        };
         // A free port can be taken between probing it and sshd binding it: try a few.
         for _attempt in 0..5 {
             let port = fixed_port.unwrap_or_else(free_port);
-            let config = render_config(dir.path(), port, &host_key_paths, head, tail);
+            let config = render_config(dir.path(), port, &host_key_paths, head, tail, sources);
             let config_path = dir.path().join("sshd_config");
             fs::write(&config_path, config).expect("write sshd_config");
             let log = fs::OpenOptions::new()
@@ -154,19 +195,29 @@ impl Sshd {
                 .open(&log_path)
                 .expect("open sshd.log");
             let log_start = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
-            let mut child = Command::new(SSHD)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(&config_path)
+            let mut cmd = match placement {
+                Placement::Loopback { .. } => {
+                    let mut cmd = Command::new(SSHD);
+                    cmd.args(["-D", "-e", "-f"]).arg(&config_path);
+                    cmd
+                }
+                Placement::Netns { netns, .. } => {
+                    let mut cmd = Command::new("ip");
+                    cmd.args(["netns", "exec", netns, "sh", "-c", NETNS_SSHD_SCRIPT])
+                        .arg("outrider-sshd-netns")
+                        .arg(&config_path);
+                    cmd
+                }
+            };
+            let mut child = cmd
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("dup sshd.log"))
                 .stderr(log)
                 // Its own process group (Drop kills it, and the connections below it).
                 .process_group(0)
                 .spawn()
-                .unwrap_or_else(|e| panic!("start {SSHD}: {e}: {INSTALL_HINT}"));
-            match wait_ready(&mut child, port, &log_path, log_start) {
+                .unwrap_or_else(|e| panic!("start {cmd:?}: {e}: {INSTALL_HINT}"));
+            match wait_ready(&mut child, ready_addr, port, &log_path, log_start) {
                 Ok(()) => {
                     return Sshd {
                         port,
@@ -211,12 +262,18 @@ impl Sshd {
         set_mode(&path, 0o644);
     }
 
-    /// known_hosts lines `[addr]:port <type> <base64>` for every address and host key type.
+    /// known_hosts lines `[addr]:port <type> <base64>` for every address and host key type
+    /// (`addr <type> <base64>` on port 22: OpenSSH looks a port-22 host up by its bare name).
     pub fn known_hosts_for(&self, addrs: &[&str]) -> String {
         let mut out = String::new();
         for addr in addrs {
+            let name = if self.port == 22 {
+                addr.to_string()
+            } else {
+                format!("[{addr}]:{}", self.port)
+            };
             for key in &self.host_public_keys {
-                out.push_str(&format!("[{addr}]:{} {key}\n", self.port));
+                out.push_str(&format!("{name} {key}\n"));
             }
         }
         out
@@ -428,9 +485,10 @@ fn log_tail(path: &Path, from: usize) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// Ready = sshd logged that it listens on our port, and the port answers with an SSH banner.
+/// Ready = sshd logged that it listens on our port, and `addr`:port answers with an SSH banner.
 fn wait_ready(
     child: &mut Child,
+    addr: Ipv4Addr,
     port: u16,
     log_path: &Path,
     log_start: usize,
@@ -445,12 +503,12 @@ fn wait_ready(
             ));
         }
         let log = read_log(log_path);
-        if log.get(log_start..).unwrap_or("").contains(&listening) && banner_ok(port) {
+        if log.get(log_start..).unwrap_or("").contains(&listening) && banner_ok(addr, port) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "sshd not accepting connections on port {port} after {START_TIMEOUT:?}; log:\n{}",
+                "sshd not accepting connections on {addr}:{port} after {START_TIMEOUT:?}; log:\n{}",
                 log_tail(log_path, log_start)
             ));
         }
@@ -557,7 +615,14 @@ fn sshd_version() -> (u32, u32) {
     })
 }
 
-fn render_config(dir: &Path, port: u16, host_keys: &[PathBuf], head: &str, tail: &str) -> String {
+fn render_config(
+    dir: &Path,
+    port: u16,
+    host_keys: &[PathBuf],
+    head: &str,
+    tail: &str,
+    sources: &[&str],
+) -> String {
     let dir = dir.display();
     let mut c = String::from("# Generated by tests/support/sshd.rs\n");
     if !head.trim().is_empty() {
@@ -614,7 +679,8 @@ Subsystem sftp internal-sftp
     }
     // Last, so that it closes any Match block above: listening on 0.0.0.0 must not let the
     // network in.
-    c.push_str("Match Address *,!127.0.0.0/8\n    DenyUsers *\n");
+    let allowed: String = sources.iter().map(|s| format!(",!{s}")).collect();
+    c.push_str(&format!("Match Address *{allowed}\n    DenyUsers *\n"));
     c
 }
 
@@ -638,8 +704,8 @@ fn free_port() -> u16 {
         .expect("find a free port")
 }
 
-fn banner_ok(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+fn banner_ok(addr: Ipv4Addr, port: u16) -> bool {
+    let addr = SocketAddr::from((addr, port));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
     };

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams};
@@ -54,6 +54,15 @@ pub(super) struct Inputs {
     pub resolved: Resolved,
     pub inventory: Inventory,
     pub secret: Secret,
+}
+
+/// Event bookkeeping of one pass.
+#[derive(Default)]
+struct PassEvents {
+    sent: usize,
+    suppressed: usize,
+    /// Host → batch index (0 is the canary).
+    batch_of: BTreeMap<String, usize>,
 }
 
 pub(super) struct PolicyTask {
@@ -211,71 +220,24 @@ impl PolicyTask {
         let recorded = self.recorded.clone();
         let run = rollout::run(fleet, hosts, compiled, &recorded, &settings, &send);
         tokio::pin!(run);
-        let mut events = 0usize;
-        let mut suppressed = 0usize;
-        let mut batch_of: BTreeMap<String, usize> = BTreeMap::new();
+        let mut ev = PassEvents::default();
         let report = loop {
             tokio::select! {
                 report = &mut run => break report,
                 Some(p) = rx.recv() => {
-                    match p {
-                        Progress::Planned { pending } if !pending.is_empty() => {
-                            let status = self.progressing(hosts.len(), &pending, compiled);
-                            if let Err(WriteError::Gone) = self.writer.write(&status).await {
-                                return None;
-                            }
-                            self.last = status;
-                            self.event(EventType::Normal, "RolloutStarted", format!(
-                                "pushing ruleset {} to {} of {} hosts: canary {} first",
-                                compiled.short_hash(), pending.len(), hosts.len(), pending[0]
-                            )).await;
-                        }
-                        Progress::Batch { index, hosts } => {
-                            for h in hosts {
-                                batch_of.insert(h, index);
-                            }
-                        }
-                        Progress::Done { host, result } => {
-                            if events >= MAX_EVENTS {
-                                suppressed += 1;
-                                continue;
-                            }
-                            events += 1;
-                            let phase = match batch_of.get(&host) {
-                                Some(0) => "canary".to_string(),
-                                Some(i) => format!("batch {i}"),
-                                None => String::new(),
-                            };
-                            match result {
-                                HostResult::Applied { .. } => self.event(EventType::Normal, "Applied", format!(
-                                    "{host} ({phase}): ruleset {} applied and confirmed over a new connection",
-                                    compiled.short_hash()
-                                )).await,
-                                HostResult::Failed { reason, message, rolled_back } => {
-                                    let what = if rolled_back { "RolledBack" } else { "ApplyFailed" };
-                                    self.event(EventType::Warning, what, format!("{host} ({phase}): {reason}: {message}")).await
-                                }
-                                _ => {}
-                            }
-                        }
-                        Progress::Halted { failed, budget } => {
-                            self.event(EventType::Warning, "RolloutHalted", format!(
-                                "{failed} hosts failed or rolled back, more than maxUnavailable ({budget}); the other hosts keep their ruleset"
-                            )).await;
-                        }
-                        _ => {}
+                    if !self.on_progress(p, hosts.len(), compiled, &mut ev).await {
+                        return None;
                     }
                 }
             }
         };
         // progress sent after the last poll
         while let Ok(p) = rx.try_recv() {
-            if let Progress::Halted { failed, budget } = p {
-                self.event(EventType::Warning, "RolloutHalted", format!(
-                    "{failed} hosts failed or rolled back, more than maxUnavailable ({budget}); the other hosts keep their ruleset"
-                )).await;
+            if !self.on_progress(p, hosts.len(), compiled, &mut ev).await {
+                return None;
             }
         }
+        let suppressed = ev.suppressed;
         if suppressed > 0 {
             self.event(
                 EventType::Normal,
@@ -295,8 +257,106 @@ impl PolicyTask {
         Some(report)
     }
 
+    /// Status and Events for one step of a pass, as it happens; `false` when the object is
+    /// gone.
+    async fn on_progress(
+        &mut self,
+        p: Progress,
+        total: usize,
+        compiled: &Compiled,
+        ev: &mut PassEvents,
+    ) -> bool {
+        match p {
+            Progress::Planned { pending } if !pending.is_empty() => {
+                let status = self.progressing(total, &pending, compiled);
+                if let Err(WriteError::Gone) = self.writer.write(&status).await {
+                    return false;
+                }
+                self.last = status;
+                self.event(
+                    EventType::Normal,
+                    "RolloutStarted",
+                    format!(
+                        "pushing ruleset {} to {} of {total} hosts: canary {} first",
+                        compiled.short_hash(),
+                        pending.len(),
+                        pending[0]
+                    ),
+                )
+                .await;
+            }
+            Progress::Batch { index, hosts } => {
+                for h in hosts {
+                    ev.batch_of.insert(h, index);
+                }
+            }
+            Progress::Done { host, result } => {
+                if ev.sent >= MAX_EVENTS {
+                    ev.suppressed += 1;
+                    return true;
+                }
+                ev.sent += 1;
+                let phase = match ev.batch_of.get(&host) {
+                    Some(0) => "canary".to_string(),
+                    Some(i) => format!("batch {i}"),
+                    None => String::new(),
+                };
+                match result {
+                    HostResult::Applied { .. } => {
+                        let note = format!(
+                            "{host} ({phase}): ruleset {} applied and confirmed over a new connection",
+                            compiled.short_hash()
+                        );
+                        self.host_event(&host, EventType::Normal, "Applied", note)
+                            .await
+                    }
+                    HostResult::Failed {
+                        reason,
+                        message,
+                        rolled_back,
+                    } => {
+                        let what = if rolled_back {
+                            "RolledBack"
+                        } else {
+                            "ApplyFailed"
+                        };
+                        let note = format!("{host} ({phase}): {reason}: {message}");
+                        self.host_event(&host, EventType::Warning, what, note).await
+                    }
+                    _ => {}
+                }
+            }
+            Progress::Halted { failed, budget } => {
+                self.event(
+                    EventType::Warning,
+                    "RolloutHalted",
+                    format!(
+                        "{failed} hosts failed or rolled back, more than maxUnavailable ({budget}); the other hosts keep their ruleset"
+                    ),
+                )
+                .await;
+            }
+            Progress::Planned { .. } | Progress::Step { .. } => {}
+        }
+        true
+    }
+
     async fn event(&self, type_: EventType, reason: &str, note: String) {
         runtime::publish_event(&self.ctx, &self.sp, type_, reason, note).await;
+    }
+
+    /// An Event about one host (its own series: see [`runtime::publish_event_related`]).
+    async fn host_event(&self, host: &str, type_: EventType, reason: &str, note: String) {
+        let related = ObjectReference {
+            api_version: Some("outrider.dev/v1alpha1".into()),
+            kind: Some("Inventory".into()),
+            name: Some(self.sp.spec.targets.inventory_ref.name.clone()),
+            namespace: self.sp.namespace(),
+            field_path: Some(format!("spec.hosts{{{host}}}")),
+            ..Default::default()
+        };
+        runtime::publish_event_related(&self.ctx, &self.sp, type_, reason, note, Some(related))
+            .await;
     }
 
     fn progressing(
@@ -423,7 +483,8 @@ impl PolicyTask {
             } else {
                 format!("{host}: {message}")
             };
-            self.event(EventType::Warning, "Drifted", note).await;
+            self.host_event(host, EventType::Warning, "Drifted", note)
+                .await;
         }
         let listed = |v: Vec<String>| {
             let n = v.len();
