@@ -79,6 +79,13 @@ pub struct CheckStateLabels {
     pub state: String,
 }
 
+/// Labels of the hosts-per-state gauge of one SecurityPolicy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyStateLabels {
+    pub policy: String,
+    pub state: String,
+}
+
 /// The operator's metrics. Cheap to clone: every family is reference-counted.
 #[derive(Clone)]
 pub struct Metrics {
@@ -110,6 +117,12 @@ pub struct Metrics {
     pub health_rounds: Counter,
     /// SSH connections opened by HealthChecks (a steady state opens none).
     pub health_handshakes: Counter,
+    /// Hosts per state (applied, drifted, failed, rolled_back, pending), per SecurityPolicy.
+    pub policy_hosts: Family<PolicyStateLabels, Gauge>,
+    /// Ruleset pushes to one host, per result (applied, failed, rolled_back).
+    pub policy_applies: Family<ResultLabel, Counter>,
+    /// SecurityPolicy passes (read every host, push where needed).
+    pub policy_passes: Counter,
 }
 
 impl Metrics {
@@ -140,6 +153,9 @@ impl Metrics {
             ]),
             health_rounds: Counter::default(),
             health_handshakes: Counter::default(),
+            policy_hosts: Family::default(),
+            policy_applies: Family::default(),
+            policy_passes: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("outrider");
         r.register(
@@ -216,6 +232,21 @@ impl Metrics {
             "health_ssh_handshakes",
             "SSH connections opened by HealthChecks",
             m.health_handshakes.clone(),
+        );
+        r.register(
+            "policy_hosts",
+            "SecurityPolicy target hosts per state",
+            m.policy_hosts.clone(),
+        );
+        r.register(
+            "policy_applies",
+            "SecurityPolicy ruleset pushes to one host, per result",
+            m.policy_applies.clone(),
+        );
+        r.register(
+            "policy_passes",
+            "SecurityPolicy passes (every host read, pushed where needed)",
+            m.policy_passes.clone(),
         );
         r.register(
             "plan_hosts_in_flight",

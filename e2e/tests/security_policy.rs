@@ -102,7 +102,7 @@ async fn security_policy_rolls_out_canary_first_and_reports_then_repairs_drift()
         h.sshd.authorize(USER, &public_key);
         assert!(h.tcp_open(h.other, 8080, PROBE), "open before any policy");
     }
-    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
     let client = client().await;
     apply(&kc, &manifests(&ns, &hosts, &private_key));
     let api: Api<SecurityPolicy> = Api::namespaced(client.clone(), &ns);
@@ -128,6 +128,19 @@ async fn security_policy_rolls_out_canary_first_and_reports_then_repairs_drift()
         (counts.total, counts.drifted, counts.failed, counts.pending),
         (3, 0, 0, 0)
     );
+
+    let body = http_get(&controller.metrics_url())
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        metric(
+            &body,
+            &format!(r#"outrider_policy_hosts{{policy="{ns}/fw",state="applied"}}"#)
+        ),
+        3.0,
+        "{body}"
+    );
+    assert!(metric(&body, r#"outrider_policy_applies_total{result="applied"}"#) >= 3.0);
 
     // Events: the rollout named its canary, and host-0 was applied before the others
     let started = events(&client, &ns, "RolloutStarted").await;

@@ -38,6 +38,7 @@ use crate::engine::firewall::rollout::{self, HostResult, Progress, Report, Setti
 use crate::resolve::inventory as resolve_inv;
 use crate::resolve::security_policy::{Resolved, policy_id};
 use crate::ssh::{Endpoint, Fleet};
+use crate::telemetry::{PolicyStateLabels, ResultLabel};
 
 /// Hosts listed in status.drift and status.failures (the schema's limit).
 const MAX_LISTED: usize = 100;
@@ -148,6 +149,7 @@ impl PolicyTask {
                 () = tokio::time::sleep(interval) => {}
             }
         }
+        self.forget_gauges();
     }
 
     async fn fleet(&self, inputs: &Inputs) -> Option<(Fleet, Vec<Endpoint>)> {
@@ -247,6 +249,8 @@ impl PolicyTask {
             .await;
         }
         let status = self.status(hosts.len(), &report, compiled).await;
+        self.ctx.metrics.policy_passes.inc();
+        self.gauges(status.hosts.unwrap_or_default());
         match self.writer.write(&status).await {
             Ok(_) => self.last = status,
             Err(WriteError::Gone) => return None,
@@ -291,6 +295,20 @@ impl PolicyTask {
                 }
             }
             Progress::Done { host, result } => {
+                let label = match &result {
+                    HostResult::Applied { .. } => "applied",
+                    HostResult::Failed {
+                        rolled_back: true, ..
+                    } => "rolled_back",
+                    _ => "failed",
+                };
+                self.ctx
+                    .metrics
+                    .policy_applies
+                    .get_or_create(&ResultLabel {
+                        result: label.into(),
+                    })
+                    .inc();
                 if ev.sent >= MAX_EVENTS {
                     ev.suppressed += 1;
                     return true;
@@ -339,6 +357,35 @@ impl PolicyTask {
             Progress::Planned { .. } | Progress::Step { .. } => {}
         }
         true
+    }
+
+    fn gauges(&self, counts: PolicyHostCounts) {
+        for (state, n) in [
+            ("applied", counts.applied),
+            ("drifted", counts.drifted),
+            ("failed", counts.failed),
+            ("rolled_back", counts.rolled_back),
+            ("pending", counts.pending),
+        ] {
+            self.ctx
+                .metrics
+                .policy_hosts
+                .get_or_create(&PolicyStateLabels {
+                    policy: self.id(),
+                    state: state.into(),
+                })
+                .set(i64::from(n));
+        }
+    }
+
+    /// Removes this policy's series (the task ends: deleted, or restarted with new inputs).
+    fn forget_gauges(&self) {
+        for state in ["applied", "drifted", "failed", "rolled_back", "pending"] {
+            self.ctx.metrics.policy_hosts.remove(&PolicyStateLabels {
+                policy: self.id(),
+                state: state.into(),
+            });
+        }
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
