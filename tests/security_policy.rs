@@ -589,3 +589,70 @@ failsafe: {ports: [22], sources: ["198.18.0.0/15"]}
         assert!(h.tcp_open(h.other, 80, PROBE));
     }
 }
+
+#[tokio::test]
+async fn outrider_policy_render_is_deterministic_and_apply_shows_each_step() {
+    let h = NetnsHost::start(&[80, 8080]);
+    let dir = tempfile::tempdir().unwrap();
+    let (private_key, public_key) = sshd::user_key(dir.path(), "ed25519", None, "openssh");
+    h.sshd.authorize(USER, &public_key);
+    let secrets = dir.path().join("ssh");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("ssh-privatekey"), &private_key).unwrap();
+    std::fs::write(secrets.join("known_hosts"), h.known_hosts()).unwrap();
+    let inventory = dir.path().join("inv.yaml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: Inventory\nmetadata: {{name: fleet}}\nspec:\n  ssh: {{user: {USER}, port: 22, secretRef: {{name: ssh}}, become: {{method: sudo, user: root}}}}\n  hosts:\n    - {{name: web-1, address: \"{}\"}}\n",
+            h.addr
+        ),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let spec_yaml = serde_yaml::to_string(&web_policy(&h, "nftables")).unwrap();
+    let indented: String = spec_yaml.lines().map(|l| format!("  {l}\n")).collect();
+    std::fs::write(
+        &policy,
+        format!("apiVersion: outrider.dev/v1alpha1\nkind: SecurityPolicy\nmetadata: {{name: fw, namespace: prod}}\nspec:\n{indented}"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_outrider");
+    let render = || {
+        std::process::Command::new(bin)
+            .args(["policy", "render", "-f"])
+            .arg(&policy)
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (render(), render());
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+    let text = String::from_utf8_lossy(&a.stdout);
+    assert!(text.contains("comment \"outrider prod/fw g0 "), "{text}");
+    assert!(String::from_utf8_lossy(&a.stderr).contains("ruleset hash: sha256:"));
+
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin)
+            .args(["policy", "apply", "-f"])
+            .arg(&policy)
+            .arg("--inventory")
+            .arg(&inventory)
+            .arg("--secret-dir")
+            .arg(&secrets)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("canary 0: web-1"), "{stderr}");
+    assert!(
+        stderr.contains("web-1: confirming over a new connection"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("web-1\tapplied and confirmed"), "{stdout}");
+    assert!(!h.tcp_open(h.other, 8080, PROBE) && h.tcp_open(h.operator, 8080, PROBE));
+}

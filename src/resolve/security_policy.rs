@@ -81,3 +81,40 @@ pub fn resolve(sp: &SecurityPolicy) -> Result<Resolved, PolicyError> {
         drift_interval,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(extra: &str) -> SecurityPolicy {
+        serde_yaml::from_str(&format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: SecurityPolicy\nmetadata: {{name: fw, namespace: prod}}\nspec:\n  targets: {{inventoryRef: {{name: x}}}}\n  defaultInput: drop\n  failsafe: {{ports: [22]}}\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn schema_valid_huge_durations_are_errors_or_clamped_never_a_panic() {
+        let e = resolve(&policy("  apply: {confirmTimeout: 9999999999999999h}\n")).unwrap_err();
+        assert!(e.to_string().contains("spec.apply.confirmTimeout"), "{e}");
+        let r = resolve(&policy(
+            "  apply: {confirmTimeout: 99999h}\n  driftCheckInterval: 99999h\n",
+        ))
+        .unwrap();
+        assert_eq!(r.confirm, firewall::apply::MAX_CONFIRM);
+        assert_eq!(r.drift_interval, MAX_DRIFT_INTERVAL);
+        let r = resolve(&policy(
+            "  apply: {confirmTimeout: 1ms}\n  driftCheckInterval: 1ms\n",
+        ))
+        .unwrap();
+        assert_eq!(r.confirm, firewall::apply::MIN_CONFIRM);
+        assert_eq!(r.drift_interval, MIN_DRIFT_INTERVAL);
+    }
+
+    #[test]
+    fn the_owner_is_namespace_and_name() {
+        let r = resolve(&policy("")).unwrap();
+        assert_eq!(policy_id(&policy("")), "prod/fw");
+        assert!(r.compiled.text().contains("outrider prod/fw g0 "));
+    }
+}
