@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod controller;
+pub mod deadline;
 pub mod engine;
 pub mod resolve;
 pub mod ssh;

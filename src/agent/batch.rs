@@ -70,7 +70,8 @@ impl Batch {
 
     /// When the batch must go even if it is not full.
     pub fn deadline(&self) -> Option<Instant> {
-        self.started.map(|s| s + self.limits.max_wait)
+        self.started
+            .map(|s| crate::deadline::after(s, self.limits.max_wait))
     }
 
     /// Records in the batch (checkpoint-only items excluded).
@@ -129,6 +130,20 @@ mod tests {
             max_bytes,
             max_wait: Duration::from_millis(500),
         }
+    }
+
+    #[test]
+    fn a_schema_valid_huge_max_wait_gives_a_far_deadline_not_a_panic() {
+        let mut b = Batch::new(BatchConfig {
+            max_wait: Duration::MAX,
+            ..limits(3, 1 << 20)
+        });
+        let now = Instant::now();
+        b.push(rec(10), || now);
+        assert!(
+            b.deadline()
+                .is_some_and(|d| d > now + Duration::from_secs(86400))
+        );
     }
 
     #[test]

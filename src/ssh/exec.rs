@@ -168,7 +168,7 @@ impl Session {
         let become_user = self.config.become_user.as_deref();
         let line = cmd.command_line(become_user)?;
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + cmd.timeout;
+        let deadline = crate::deadline::from_now(cmd.timeout);
         let mut stdout = CappedBuffer::new(cmd.capture_head, cmd.capture_tail);
         let mut stderr = CappedBuffer::new(cmd.capture_head, cmd.capture_tail);
         let mut exit_status = None;
@@ -288,7 +288,7 @@ mod tests {
         let huge = crate::api::common::parse_duration("5124095576030431h").expect("parses");
         let cmd = Command::argv(["true"]).timeout(huge);
         assert_eq!(cmd.timeout, MAX_TIMEOUT);
-        let _deadline = tokio::time::Instant::now() + cmd.timeout;
+        let _deadline = crate::deadline::from_now(cmd.timeout);
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl Fleet {
         Fut: Future<Output = Result<T, Error>> + Send + 'static,
     {
         let fleet = self.clone();
-        let until = tokio::time::Instant::now() + deadline;
+        let until = crate::deadline::from_now(deadline);
         let limit = if self.config.jump_host.is_some() {
             self.concurrency.min(self.per_jump_host)
         } else {
