@@ -35,10 +35,48 @@ where
 }
 
 /// Applies `status` unconditionally (server-side apply, forced: status is ours alone).
+///
+/// A status the API server rejects as invalid (422: a host's string longer than the schema
+/// allows, say) is written again once without the fields the rejection names, with a
+/// warning: the rest of the status (conditions above all) still lands, and the write is not
+/// retried as an error forever.
 pub async fn apply<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize,
+{
+    let value = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
+    match patch::<K>(api, name, &value).await {
+        Err(kube::Error::Api(e)) if e.code == 422 => {
+            let fields = rejected_fields(&e.message);
+            let mut reduced = value.clone();
+            let mut dropped = Vec::new();
+            if let Some(map) = reduced.as_object_mut() {
+                for f in &fields {
+                    if map.remove(f.as_str()).is_some() {
+                        dropped.push(f.clone());
+                    }
+                }
+            }
+            if dropped.is_empty() {
+                return Err(kube::Error::Api(e));
+            }
+            tracing::warn!(
+                kind = %K::kind(&()),
+                name,
+                dropped = ?dropped,
+                message = %crate::text::head(&e.message, 500),
+                "the API server rejected the status; written without the rejected fields"
+            );
+            patch::<K>(api, name, &reduced).await
+        }
+        other => other,
+    }
+}
+
+async fn patch<K>(api: &Api<K>, name: &str, status: &serde_json::Value) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
@@ -52,6 +90,31 @@ where
     )
     .await?;
     Ok(())
+}
+
+/// The top-level status fields a 422 message names (`status.drift[0].message: Too long`
+/// names `drift`). Conditions are never dropped: they are what says the object's state.
+fn rejected_fields(message: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, _) in message.match_indices("status.") {
+        // "status." as a path start, not the tail of another word
+        if i > 0
+            && message[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '.')
+        {
+            continue;
+        }
+        let field: String = message[i + "status.".len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        if !field.is_empty() && field != "conditions" && !out.contains(&field) {
+            out.push(field);
+        }
+    }
+    out
 }
 
 /// Why a [`StatusWriter`] write did not land.
@@ -188,6 +251,83 @@ mod tests {
             }
         });
         (kube::Client::new(service, "ns"), calls)
+    }
+
+    #[test]
+    fn a_422_names_the_status_fields_to_drop_but_never_conditions() {
+        let m = r#"SecurityPolicy.outrider.dev "fw" is invalid: [status.drift[0].message: Too long: may not be more than 1024 bytes, status.failures[3].host: Too long, status.conditions[0].message: Too long, status.drift[1].message: Too long]"#;
+        assert_eq!(rejected_fields(m), vec!["drift", "failures"]);
+        assert!(
+            rejected_fields("Inventory.outrider.dev \"x\" is invalid: spec.hosts: Required")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_status_is_written_again_without_the_rejected_field() {
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+        let seen = bodies.clone();
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let seen = seen.clone();
+            async move {
+                use http_body_util::BodyExt;
+                let bytes = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
+                    .to_bytes();
+                let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let n = {
+                    let mut b = seen.lock().unwrap();
+                    b.push(body);
+                    b.len()
+                };
+                let (code, body) = if n == 1 {
+                    (
+                        422,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": "Inventory.outrider.dev \"inv\" is invalid: status.reachable: Invalid value: 1: must be less than or equal to 0",
+                        "reason": "Invalid", "code": 422}),
+                    )
+                } else {
+                    (
+                        200,
+                        serde_json::json!({
+                            "apiVersion": "outrider.dev/v1alpha1", "kind": "Inventory",
+                            "metadata": {"name": "inv", "namespace": "ns"},
+                            "spec": {"ssh": {"user": "u", "secretRef": {"name": "s"}}, "hosts": []}
+                        }),
+                    )
+                };
+                http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        body.to_string(),
+                    )))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        let client = kube::Client::new(service, "ns");
+        let api: Api<Inventory> = Api::namespaced(client, "ns");
+        let status = InventoryStatus {
+            hosts: 3,
+            reachable: Some(1),
+            ..Default::default()
+        };
+        apply(&api, "inv", &status)
+            .await
+            .expect("second write lands");
+        let bodies = bodies.lock().unwrap();
+        assert_eq!(
+            bodies.len(),
+            2,
+            "one rejected write, one reduced write, no more"
+        );
+        assert_eq!(bodies[0]["status"]["reachable"], 1);
+        assert!(bodies[1]["status"].get("reachable").is_none());
+        assert_eq!(bodies[1]["status"]["hosts"], 3);
     }
 
     fn writer(client: kube::Client) -> StatusWriter<Inventory> {
