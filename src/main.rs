@@ -129,6 +129,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(args) => {
             cli::agent::limit_malloc_arenas();
+            // it holds sink credentials: no core file, no ptrace by its uid
+            if let Err(e) = outrider::process::no_core_dumps() {
+                eprintln!("could not disable core dumps: {e}");
+            }
             // reqwest uses rustls with ring, like kube: install that one provider first.
             let _ = rustls::crypto::ring::default_provider().install_default();
             telemetry::init_tracing(cli.log_format);
@@ -147,6 +151,10 @@ fn main() -> anyhow::Result<()> {
             // the first TLS connection, or a second provider pulled in later would panic.
             let _ = rustls::crypto::ring::default_provider().install_default();
             telemetry::init_tracing(cli.log_format);
+            // it holds every tenant's SSH keys: no core file, no ptrace by its uid
+            if let Err(e) = outrider::process::no_core_dumps() {
+                tracing::warn!(error = %e, "could not disable core dumps");
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

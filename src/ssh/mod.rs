@@ -6,6 +6,7 @@ pub mod client;
 pub mod error;
 pub mod exec;
 pub mod fanout;
+pub mod keys;
 pub mod known_hosts;
 pub mod pins;
 pub mod quote;
