@@ -608,3 +608,56 @@ async fn dropping_a_fan_out_closes_every_connection() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A root-owned script for sshd's AuthorizedKeysCommand (sshd refuses one under /tmp) that
+/// never answers in time: the server finishes the key exchange, then stalls authentication.
+fn stalling_keys_command() -> std::path::PathBuf {
+    let dir = std::path::Path::new("/run/outrider-test");
+    std::fs::create_dir_all(dir).expect("create /run/outrider-test (tests run as root)");
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = dir.join("stall-auth");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+#[tokio::test]
+async fn a_host_that_stalls_after_the_key_exchange_fails_within_the_connect_timeout() {
+    let script = stalling_keys_command();
+    let server = sshd::Sshd::start_with(&format!(
+        "AuthorizedKeysCommand {} %u\nAuthorizedKeysCommandUser nobody",
+        script.display()
+    ));
+    let keys = tempfile::tempdir().expect("tempdir");
+    // the key is in no authorized_keys file: sshd asks the (stalling) command
+    let (private_key, _) = sshd::user_key(keys.path(), "ed25519", None, "openssh");
+    let addr = "127.0.10.40";
+    let credentials =
+        Arc::new(Credentials::new(&private_key, None, &server.known_hosts_for(&[addr])).unwrap());
+    let mut config = ClientConfig::new("outrider-nosudo");
+    config.connect_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let result = Session::connect(
+        Arc::new(config),
+        credentials,
+        &Endpoint::new("stall", addr, server.port),
+        None,
+    )
+    .await;
+    let took = started.elapsed();
+    match result {
+        Err(Error::Unreachable { reason, .. }) => {
+            assert!(reason.contains("did not finish authentication"), "{reason}")
+        }
+        Err(other) => panic!("expected an authentication deadline, got {other}"),
+        Ok(_) => panic!("a stalled authentication cannot succeed"),
+    }
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}, sshd's LoginGraceTime is 120 s"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "returned before the deadline: {took:?}"
+    );
+}

@@ -285,7 +285,10 @@ impl Session {
             };
             stream.map(Ok)
         };
-        let result = tokio::time::timeout(config.connect_timeout, handshake).await;
+        // one deadline for TCP connect, key exchange and authentication: a host that stalls
+        // after the key exchange must not hold a slot until its LoginGraceTime
+        let deadline = crate::deadline::from_now(config.connect_timeout);
+        let result = tokio::time::timeout_at(deadline, handshake).await;
         let verdict = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut handle = match result {
             Err(_) => {
@@ -321,9 +324,21 @@ impl Session {
             Some(Verdict::AcceptedNew { fingerprint, line }) => Some((fingerprint, line)),
             _ => None,
         };
-        authenticate(&mut handle, config, credentials, &host)
-            .await
-            .map_err(|e| (e, false))?;
+        match tokio::time::timeout_at(
+            deadline,
+            authenticate(&mut handle, config, credentials, &host),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| (e, false))?,
+            Err(_) => {
+                let reason = format!(
+                    "{}:{} did not finish authentication within {:?} (connect, key exchange and authentication share connectTimeout)",
+                    endpoint.address, endpoint.port, config.connect_timeout
+                );
+                return Err((unreachable(reason), false));
+            }
+        }
         Ok(Session {
             handle,
             endpoint: endpoint.clone(),
