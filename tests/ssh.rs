@@ -661,3 +661,100 @@ async fn a_host_that_stalls_after_the_key_exchange_fails_within_the_connect_time
         "returned before the deadline: {took:?}"
     );
 }
+
+#[tokio::test]
+async fn a_failed_jump_host_is_retried_after_its_backoff_and_a_dead_one_is_reopened() {
+    let target = setup("root", &["127.0.10.41"]);
+    let jump = sshd::Sshd::start();
+    let public = std::fs::read_to_string(
+        std::fs::read_dir(target._keys.path())
+            .expect("keys")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "pub"))
+            .expect("public key"),
+    )
+    .expect("read pub");
+    let known = format!(
+        "{}{}",
+        target.known_hosts,
+        jump.known_hosts_for(&["127.0.0.5"])
+    );
+    let creds = Credentials::new(&target.private_key, None, &known).expect("creds");
+    let mut config = ClientConfig::new("root");
+    config.connect_timeout = Duration::from_secs(3);
+    config.jump_host = Some(JumpHost {
+        address: "127.0.0.5".into(),
+        port: jump.port,
+        user: "outrider-nosudo".into(),
+    });
+    let fleet = Fleet::new(config, creds);
+    let endpoint = target.endpoint("127.0.10.41");
+
+    // the jump host does not know the key yet: refused, and within the backoff the same
+    // failure comes back without dialling again
+    let first = fleet.connect(&endpoint).await.expect_err("jump refuses");
+    assert!(first.to_string().contains("jump host"), "{first}");
+    let dials = jump.log().matches("Connection from").count();
+    assert!(dials >= 1, "the jump sshd logs each connection: {}", jump.log());
+    let again = fleet
+        .connect(&endpoint)
+        .await
+        .expect_err("still in backoff");
+    assert_eq!(again.to_string(), first.to_string());
+    assert_eq!(
+        jump.log().matches("Connection from").count(),
+        dials,
+        "no new dial in backoff"
+    );
+
+    // fixed on the jump host: after the backoff the fleet dials again and gets through
+    jump.authorize("outrider-nosudo", public.trim());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let session = loop {
+        match fleet.connect(&endpoint).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "never retried the jump host: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        session
+            .exec(&Command::argv(["true"]))
+            .await
+            .unwrap()
+            .success()
+    );
+    drop(session);
+
+    // the jump session dies (its sshd session processes killed): the next connect reopens it
+    for pid in sshd::descendants(jump.pid()) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let session = loop {
+        match fleet.connect(&endpoint).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "dead jump session not reopened: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        session
+            .exec(&Command::argv(["true"]))
+            .await
+            .unwrap()
+            .success()
+    );
+}

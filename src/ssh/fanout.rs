@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{Mutex, Semaphore};
 
 use super::client::{Credentials, Session};
 use super::{ClientConfig, Endpoint, Error};
@@ -37,7 +37,21 @@ pub struct Fleet {
     shared_handshakes: Option<Arc<Semaphore>>,
     /// Hosts in flight at once through one jump host.
     pub per_jump_host: usize,
-    jump: Arc<OnceCell<Result<Option<Arc<Session>>, Error>>>,
+    jump: Arc<Mutex<JumpState>>,
+}
+
+/// Retry timing of a jump host that failed: 1 s doubling to 60 s.
+pub const JUMP_RETRY: crate::backoff::Backoff =
+    crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// The fleet's jump host connection: kept while it lives, reopened when it died; after a
+/// failure, callers within the backoff get that failure instead of each dialling again.
+#[derive(Default)]
+struct JumpState {
+    session: Option<Arc<Session>>,
+    failures: u32,
+    /// The last failure and when the next dial may be tried.
+    last_error: Option<(tokio::time::Instant, Error)>,
 }
 
 impl Fleet {
@@ -50,7 +64,7 @@ impl Fleet {
             handshake_permits: Arc::new(Semaphore::new(16)),
             shared_handshakes: None,
             per_jump_host: 32,
-            jump: Arc::new(OnceCell::new()),
+            jump: Arc::new(Mutex::new(JumpState::default())),
         }
     }
 
@@ -75,12 +89,39 @@ impl Fleet {
         &self.config
     }
 
-    /// The shared jump host connection, made once per fleet on first use.
+    /// The shared jump host connection. Single-flight: one caller dials while the others
+    /// wait on the lock and then share its result. Only a live session is kept; a failure
+    /// is answered from memory until its backoff (see [`JUMP_RETRY`]) has passed.
     async fn jump(&self) -> Result<Option<Arc<Session>>, Error> {
-        self.jump
-            .get_or_init(|| Session::connect_jump(self.config.clone(), self.credentials.clone()))
-            .await
-            .clone()
+        if self.config.jump_host.is_none() {
+            return Ok(None);
+        }
+        let mut state = self.jump.lock().await;
+        if let Some(s) = &state.session
+            && !s.is_closed()
+        {
+            return Ok(Some(s.clone()));
+        }
+        state.session = None;
+        if let Some((retry_at, e)) = &state.last_error
+            && tokio::time::Instant::now() < *retry_at
+        {
+            return Err(e.clone());
+        }
+        match Session::connect_jump(self.config.clone(), self.credentials.clone()).await {
+            Ok(session) => {
+                state.session = session.clone();
+                state.failures = 0;
+                state.last_error = None;
+                Ok(session)
+            }
+            Err(e) => {
+                let retry_at = crate::deadline::from_now(JUMP_RETRY.delay(state.failures));
+                state.failures = state.failures.saturating_add(1);
+                state.last_error = Some((retry_at, e.clone()));
+                Err(e)
+            }
+        }
     }
 
     /// Connects to one host (through the jump host if configured), holding a handshake
