@@ -695,7 +695,11 @@ async fn a_failed_jump_host_is_retried_after_its_backoff_and_a_dead_one_is_reope
     let first = fleet.connect(&endpoint).await.expect_err("jump refuses");
     assert!(first.to_string().contains("jump host"), "{first}");
     let dials = jump.log().matches("Connection from").count();
-    assert!(dials >= 1, "the jump sshd logs each connection: {}", jump.log());
+    assert!(
+        dials >= 1,
+        "the jump sshd logs each connection: {}",
+        jump.log()
+    );
     let again = fleet
         .connect(&endpoint)
         .await
@@ -757,4 +761,48 @@ async fn a_failed_jump_host_is_retried_after_its_backoff_and_a_dead_one_is_reope
             .unwrap()
             .success()
     );
+}
+
+/// Every process's command line on this machine (the test sshd's sessions run here).
+fn all_command_lines() -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) {
+            out.push_str(&String::from_utf8_lossy(&bytes).replace('\0', " "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn env_values_reach_the_program_over_stdin_and_never_appear_in_ps() {
+    let s = setup("outrider-nosudo", &["127.0.10.42"]);
+    let session = Arc::new(
+        s.session("outrider-nosudo", "127.0.10.42")
+            .await
+            .expect("connect"),
+    );
+    let secret = "hunter2-$(id)'x";
+    let cmd = Command::argv(["sh", "-c", "sleep 2; printf '%s' \"$OUTRIDER_SECRET\""])
+        .env("OUTRIDER_SECRET", secret);
+    let running = {
+        let session = session.clone();
+        tokio::spawn(async move { session.exec(&cmd).await })
+    };
+    // look while the remote command runs
+    let mut seen_running = false;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let lines = all_command_lines();
+        assert!(
+            !lines.contains("hunter2"),
+            "the value is visible in ps:\n{lines}"
+        );
+        seen_running |= lines.contains("sleep 2; printf");
+    }
+    assert!(seen_running, "the remote command was not observed running");
+    let out = running.await.unwrap().expect("exec");
+    assert!(out.success(), "{}", out.status_text());
+    assert_eq!(out.stdout.to_string_lossy(), secret);
 }

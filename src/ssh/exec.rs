@@ -73,7 +73,8 @@ impl Command {
         self
     }
 
-    /// The command line sshd hands to the login shell, built only from quoted words.
+    /// The command line sshd hands to the login shell, built only from quoted words. It
+    /// never carries `env` values (see [`Command::input`]).
     pub fn command_line(&self, become_user: Option<&str>) -> Result<String, Error> {
         let mut line = String::new();
         if let Some(user) = become_user {
@@ -82,9 +83,23 @@ impl Command {
             line.push(' ');
         }
         let bad = |e: quote::QuoteError| Error::BadCommand(e.to_string());
+        // names and values checked before anything is sent
+        quote::env_exports(&self.env).map_err(bad)?;
+        let none = BTreeMap::new();
         match &self.program {
+            Program::Argv(argv) if self.env.is_empty() => {
+                line.push_str(&quote::command_line(&none, argv).map_err(bad)?)
+            }
             Program::Argv(argv) => {
-                line.push_str(&quote::command_line(&self.env, argv).map_err(bad)?)
+                if self.stdin.is_some() {
+                    return Err(Error::BadCommand(
+                        "environment values travel on stdin; a command with env cannot take stdin too"
+                            .into(),
+                    ));
+                }
+                // checked (empty argv, NUL) even though it is sent in the script
+                quote::command_line(&none, argv).map_err(bad)?;
+                line.push_str("sh -s");
             }
             Program::Script(_) => {
                 if self.stdin.is_some() {
@@ -92,10 +107,24 @@ impl Command {
                         "a script reads itself from stdin; it cannot take stdin too".into(),
                     ));
                 }
-                line.push_str(&quote::command_line(&self.env, &["sh", "-s"]).map_err(bad)?);
+                line.push_str("sh -s");
             }
         }
         Ok(line)
+    }
+
+    /// What the remote side reads on stdin: the script (after the `env` exports), an argv
+    /// with `env` as `exports; exec argv`, or the caller's stdin.
+    pub fn input(&self) -> Result<Option<Vec<u8>>, Error> {
+        let bad = |e: quote::QuoteError| Error::BadCommand(e.to_string());
+        let exports = quote::env_exports(&self.env).map_err(bad)?;
+        Ok(match &self.program {
+            Program::Script(script) => Some(format!("{exports}{script}").into_bytes()),
+            Program::Argv(argv) if !self.env.is_empty() => {
+                Some(format!("{exports}exec {}\n", quote::shell_join(argv)).into_bytes())
+            }
+            Program::Argv(_) => self.stdin.clone(),
+        })
     }
 }
 
@@ -167,6 +196,7 @@ impl Session {
         let host = self.endpoint.name.as_str();
         let become_user = self.config.become_user.as_deref();
         let line = cmd.command_line(become_user)?;
+        let input = cmd.input()?;
         let started = Instant::now();
         let deadline = crate::deadline::from_now(cmd.timeout);
         let mut stdout = CappedBuffer::new(cmd.capture_head, cmd.capture_tail);
@@ -184,13 +214,9 @@ impl Session {
                 .exec(true, line.as_bytes())
                 .await
                 .map_err(|e| protocol(host, "exec request", e))?;
-            let input: Option<&[u8]> = match &cmd.program {
-                Program::Script(script) => Some(script.as_bytes()),
-                Program::Argv(_) => cmd.stdin.as_deref(),
-            };
-            if let Some(input) = input {
+            if let Some(input) = &input {
                 channel
-                    .data(input)
+                    .data(input.as_slice())
                     .await
                     .map_err(|e| protocol(host, "sending stdin", e))?;
             }
@@ -296,8 +322,15 @@ mod tests {
         let cmd = Command::argv(["echo", "$(rm -rf /)", "it's"]).env("RELEASE", "42");
         assert_eq!(
             cmd.command_line(Some("root")).unwrap(),
-            "sudo -n -u root -- env RELEASE=42 echo '$(rm -rf /)' 'it'\\''s'"
+            "sudo -n -u root -- sh -s"
         );
+        assert_eq!(
+            String::from_utf8(cmd.input().unwrap().unwrap()).unwrap(),
+            "RELEASE=42\nexport RELEASE\nexec echo '$(rm -rf /)' 'it'\\''s'\n"
+        );
+        let plain = Command::argv(["echo", "hi"]);
+        assert_eq!(plain.command_line(None).unwrap(), "echo hi");
+        assert_eq!(plain.input().unwrap(), None);
         assert_eq!(
             Command::script("echo hi").command_line(None).unwrap(),
             "sh -s"

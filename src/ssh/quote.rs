@@ -139,20 +139,44 @@ pub fn env_assignments(env: &BTreeMap<String, String>) -> Result<String, QuoteEr
     }
     let mut out = String::from("env ");
     for (name, value) in env {
-        if !is_env_name(name) {
-            return Err(QuoteError::BadEnvName { name: name.clone() });
-        }
-        if value.contains('\0') {
-            return Err(QuoteError::Nul {
-                what: format!("the value of environment variable {name}"),
-            });
-        }
+        check_env(name, value)?;
         out.push_str(name);
         out.push('=');
         out.push_str(&shell_quote(value));
         out.push(' ');
     }
     Ok(out)
+}
+
+/// Shell lines that set and export `env` (`NAME='value'` then `export NAME`), for a script
+/// read from stdin: values travel in the session's data, never on a command line that
+/// every local user of the host can read in `ps`.
+pub fn env_exports(env: &BTreeMap<String, String>) -> Result<String, QuoteError> {
+    let mut out = String::new();
+    for (name, value) in env {
+        check_env(name, value)?;
+        out.push_str(name);
+        out.push('=');
+        out.push_str(&shell_quote(value));
+        out.push_str("\nexport ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn check_env(name: &str, value: &str) -> Result<(), QuoteError> {
+    if !is_env_name(name) {
+        return Err(QuoteError::BadEnvName {
+            name: name.to_owned(),
+        });
+    }
+    if value.contains('\0') {
+        return Err(QuoteError::Nul {
+            what: format!("the value of environment variable {name}"),
+        });
+    }
+    Ok(())
 }
 
 /// The checked entry point: environment prefix plus quoted argv, rejecting an empty argv,
@@ -528,6 +552,20 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn env_exports_set_and_export_quoted_values() {
+        let env = BTreeMap::from([
+            ("B".to_owned(), "two words".to_owned()),
+            ("_C".to_owned(), "$(id)'x".to_owned()),
+        ]);
+        assert_eq!(
+            env_exports(&env).unwrap(),
+            "B='two words'\nexport B\n_C='$(id)'\\''x'\nexport _C\n"
+        );
+        let bad = BTreeMap::from([("A;B".to_owned(), "v".to_owned())]);
+        assert!(env_exports(&bad).is_err());
     }
 
     #[test]
