@@ -183,6 +183,18 @@ fn sudo_refusal(stderr: &str) -> bool {
         .any(|m| stderr.contains(m))
 }
 
+/// Longest signal name kept: the server chooses it (`Custom("...")`), status holds it.
+pub const SIGNAL_NAME_MAX: usize = 32;
+
+/// A signal name from the server, as status may hold it: printable ASCII only, clipped.
+fn signal_text(raw: &str) -> String {
+    let clean: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect();
+    crate::text::head(&clean, SIGNAL_NAME_MAX).to_string()
+}
+
 fn protocol(host: &str, what: &str, e: russh::Error) -> Error {
     Error::Protocol {
         host: host.to_string(),
@@ -231,7 +243,7 @@ impl Session {
                     ChannelMsg::ExtendedData { data, ext: 1 } => stderr.push(&data),
                     ChannelMsg::ExitStatus { exit_status: code } => exit_status = Some(code),
                     ChannelMsg::ExitSignal { signal_name, .. } => {
-                        exit_signal = Some(format!("{signal_name:?}"))
+                        exit_signal = Some(signal_text(&format!("{signal_name:?}")))
                     }
                     ChannelMsg::Failure => {
                         return Err(Error::Protocol {
@@ -335,6 +347,18 @@ mod tests {
             Command::script("echo hi").command_line(None).unwrap(),
             "sh -s"
         );
+    }
+
+    #[test]
+    fn a_hostile_signal_name_is_clipped_and_made_printable() {
+        let raw = format!(
+            "{:?}",
+            Sig::Custom(format!("EVIL\n\u{1b}[2J{}", "X".repeat(5000)))
+        );
+        let s = signal_text(&raw);
+        assert!(s.len() <= SIGNAL_NAME_MAX, "{s}");
+        assert!(s.chars().all(|c| c.is_ascii_graphic()), "{s:?}");
+        assert_eq!(signal_text(&format!("{:?}", Sig::KILL)), "KILL");
     }
 
     #[test]
