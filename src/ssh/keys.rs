@@ -19,6 +19,10 @@
 //! width (exactly as `ssh-key` itself writes it), re-pad the private section and decode again.
 //! An encrypted key is decrypted here first, with `ssh-key`'s own KDF and ciphers, and the
 //! repaired key comes back decrypted, in memory only, as russh's own decoding returns it.
+//!
+//! PEM keys need none of this: SEC1 and PKCS#8 store the scalar at full width (OpenSSL pads it)
+//! and russh reads a short one too. A passphrase-protected PEM EC key is another matter (russh
+//! cannot read any), and gets an error that says how to convert it.
 
 use base64::Engine;
 use base64::alphabet;
@@ -51,6 +55,15 @@ pub fn decode_private_key(text: &str, passphrase: Option<&str>) -> Result<Privat
             "it is encrypted and no passphrase was given".to_string(),
         ));
     }
+    if is_encrypted_sec1_pem(text) {
+        return Err(Error::BadKey(
+            "it is a passphrase-protected PEM EC key (BEGIN EC PRIVATE KEY, Proc-Type: \
+             4,ENCRYPTED), which the SSH library cannot decrypt (it decrypts only RSA keys in this \
+             legacy format); convert it to the OpenSSH format, keeping the passphrase, with \
+             `ssh-keygen -p -f KEY`, or remove the passphrase with `ssh-keygen -p -N '' -m PEM -f KEY`"
+                .to_string(),
+        ));
+    }
     match repair_short_ecdsa_scalar(text, passphrase) {
         Repair::NotApplicable => Err(Error::BadKey(first.to_string())),
         Repair::Repaired { key, curve } => {
@@ -58,7 +71,7 @@ pub fn decode_private_key(text: &str, passphrase: Option<&str>) -> Result<Privat
                 curve = curve.label,
                 "read an OpenSSH ECDSA key whose private scalar ssh-keygen stored shortened"
             );
-            Ok(key)
+            Ok(*key)
         }
         Repair::StillUnreadable { curve, reason } => Err(Error::BadKey(format!(
             "this {} key's private scalar starts with a zero byte, which ssh-keygen stores \
@@ -70,13 +83,25 @@ pub fn decode_private_key(text: &str, passphrase: Option<&str>) -> Result<Privat
     }
 }
 
+/// A legacy OpenSSL-encrypted SEC1 key (`ssh-keygen -t ecdsa -m PEM -N …`). russh decrypts this
+/// format but then parses the plaintext as an RSA (PKCS#1) key, so every such EC key fails with
+/// an ASN.1 error that does not say what is wrong; the scalar width plays no part in it.
+/// Decrypting it here would take MD5 (OpenSSL's `EVP_BytesToKey`), which no dependency offers.
+fn is_encrypted_sec1_pem(text: &str) -> bool {
+    let mut lines = text.lines().map(str::trim);
+    lines.any(|l| l == "-----BEGIN EC PRIVATE KEY-----")
+        && lines
+            .take_while(|l| !l.starts_with("-----END "))
+            .any(|l| l.starts_with("Proc-Type:") && l.contains("ENCRYPTED"))
+}
+
 /// What [`repair_short_ecdsa_scalar`] made of a key russh refused.
 enum Repair {
     /// Not an OpenSSH ECDSA key with a shortened scalar (or it cannot be decrypted with the
     /// passphrase given): russh's error stands.
     NotApplicable,
     Repaired {
-        key: PrivateKey,
+        key: Box<PrivateKey>,
         curve: Curve,
     },
     /// It has a shortened scalar, and `ssh-key` refuses it even written at full width.
@@ -93,6 +118,14 @@ fn repair_short_ecdsa_scalar(text: &str, passphrase: Option<&str>) -> Repair {
     let Some(container) = Container::parse(&blob) else {
         return Repair::NotApplicable;
     };
+    // before decrypting: a wrong passphrase for any other key must not cost a second KDF run
+    if Reader(container.public_key)
+        .string()
+        .and_then(Curve::of_key_type)
+        .is_none()
+    {
+        return Repair::NotApplicable;
+    }
     let plain = if container.cipher == b"none" {
         Secret(container.private.to_vec())
     } else {
@@ -111,7 +144,10 @@ fn repair_short_ecdsa_scalar(text: &str, passphrase: Option<&str>) -> Repair {
         return Repair::NotApplicable;
     };
     match PrivateKey::from_bytes(&repaired.0) {
-        Ok(key) => Repair::Repaired { key, curve },
+        Ok(key) => Repair::Repaired {
+            key: Box::new(key),
+            curve,
+        },
         Err(e) => Repair::StillUnreadable {
             curve,
             reason: e.to_string(),
@@ -139,7 +175,8 @@ fn openssh_blob(text: &str) -> Option<Secret> {
         if line == OPENSSH_END {
             let engine = GeneralPurpose::new(
                 &alphabet::STANDARD,
-                GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+                GeneralPurposeConfig::new()
+                    .with_decode_padding_mode(DecodePaddingMode::Indifferent),
             );
             return engine.decode(&base64_text.0).ok().map(Secret);
         }
@@ -199,10 +236,7 @@ fn decrypt_private_section(
         return None;
     }
     let cipher = encrypted.cipher();
-    let (key, iv) = encrypted
-        .kdf()
-        .derive_key_and_iv(cipher, passphrase)
-        .ok()?;
+    let (key, iv) = encrypted.kdf().derive_key_and_iv(cipher, passphrase).ok()?;
     let tag = if cipher.has_tag() {
         Some(Tag::try_from(container.trailer).ok()?)
     } else {
@@ -339,8 +373,8 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use russh::keys::ssh_key::{Cipher, Kdf};
     use russh::keys::HashAlg;
+    use russh::keys::ssh_key::{Cipher, Kdf};
 
     /// The generator of each curve (uncompressed SEC1): the public key of private scalar 1,
     /// whose mpint is a single byte, as short as a scalar gets.
@@ -540,7 +574,10 @@ mod tests {
             let container = Container::parse(&container_blob).expect("container");
             let (curve, section) =
                 widen_scalar_in_private_section(container.private).expect("widened");
-            assert_eq!(curve, Curve::of_key_type(k.key_type.as_bytes()).expect("curve"));
+            assert_eq!(
+                curve,
+                Curve::of_key_type(k.key_type.as_bytes()).expect("curve")
+            );
             assert_eq!(section.0.len() % NONE_BLOCK_SIZE, 0);
             let repaired =
                 encode_unencrypted_container(container.public_key, &section.0).expect("encode");
@@ -568,7 +605,11 @@ mod tests {
 
     #[test]
     fn encrypted_keys_with_a_short_scalar_decrypt_and_decode() {
-        for cipher in [Cipher::Aes256Ctr, Cipher::ChaCha20Poly1305, Cipher::Aes256Gcm] {
+        for cipher in [
+            Cipher::Aes256Ctr,
+            Cipher::ChaCha20Poly1305,
+            Cipher::Aes256Gcm,
+        ] {
             for k in curves() {
                 let text = armour(&encrypted_blob(&k, &[1], cipher, "secret"));
                 assert!(russh::keys::decode_secret_key(&text, Some("secret")).is_err());
@@ -589,7 +630,10 @@ mod tests {
                 .expect_err("wrong passphrase")
                 .to_string();
             let err = decode_private_key(&text, Some("wrong")).expect_err("wrong passphrase");
-            assert_eq!(err.to_string(), format!("the private key cannot be used: {expected}"));
+            assert_eq!(
+                err.to_string(),
+                format!("the private key cannot be used: {expected}")
+            );
         }
     }
 
@@ -614,8 +658,47 @@ mod tests {
                 .expect_err("not a key")
                 .to_string();
             let err = decode_private_key(&text, None).expect_err("not a key");
-            assert_eq!(err.to_string(), format!("the private key cannot be used: {expected}"));
+            assert_eq!(
+                err.to_string(),
+                format!("the private key cannot be used: {expected}")
+            );
         }
+    }
+
+    #[test]
+    fn a_short_scalar_key_that_still_cannot_be_read_says_what_to_do() {
+        // a short scalar, but a public point ssh-key refuses: widening is not enough
+        let k = TestKey {
+            key_type: "ecdsa-sha2-nistp256",
+            curve_name: "nistp256",
+            point: vec![0x04; 7],
+        };
+        let text = armour(&unencrypted_blob(&k, &[1], ""));
+        let err = decode_private_key(&text, None).expect_err("unreadable");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("P-256 key's private scalar starts with a zero byte"),
+            "{msg}"
+        );
+        assert!(msg.contains("ssh-keygen -p -m PEM -f KEY"), "{msg}");
+        assert_eq!(err.reason(), "SecretInvalid");
+    }
+
+    #[test]
+    fn a_passphrase_protected_pem_ec_key_says_how_to_convert_it() {
+        let text = "-----BEGIN EC PRIVATE KEY-----\n\
+                    Proc-Type: 4,ENCRYPTED\n\
+                    DEK-Info: AES-128-CBC,E1B6B1C25C4DE38B758385996A245FBD\n\
+                    \n\
+                    AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n\
+                    -----END EC PRIVATE KEY-----\n";
+        let err = decode_private_key(text, Some("passphrase")).expect_err("cannot decrypt");
+        assert!(err.to_string().contains("`ssh-keygen -p -f KEY`"), "{err}");
+        let err = decode_private_key(text, None).expect_err("no passphrase");
+        assert!(
+            err.to_string().ends_with("no passphrase was given"),
+            "{err}"
+        );
     }
 
     #[test]
