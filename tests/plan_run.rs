@@ -387,6 +387,7 @@ async fn ssh_stages_keep_unreachable_timed_out_and_non_zero_exit_apart_and_retry
         name: "rollout".into(),
         action: plan::StageAction::Script(OUTCOMES.into()),
         env: BTreeMap::from([("DIR".into(), work.path().display().to_string())]),
+        secret_env: Vec::new(),
         // generous: a loaded machine (root's shell runs pyenv init per command here) must not
         // turn the hosts that answer into timeouts; the sleeping host still times out
         timeout: std::time::Duration::from_secs(5),

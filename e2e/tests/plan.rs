@@ -829,3 +829,90 @@ async fn a_failed_job_stage_fails_the_run_with_the_pods_exit_code_and_later_stag
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
     assert!(failed, "the Job failed: {:?}", list.items[0].status);
 }
+
+#[tokio::test]
+async fn secret_env_values_reach_ssh_stages_and_jobs_but_never_status_or_events() {
+    use k8s_openapi::api::batch::v1::Job;
+    let kc = kubeconfig();
+    let ns = namespace("dp-secenv");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let client = client().await;
+    let api: Api<DeploymentPlan> = Api::namespaced(client.clone(), &ns);
+    setup(&ns, 2);
+    let dir = out_dir();
+    let secret_value = "s3cr3t-$(id)-'quoted'";
+    let stages = format!(
+        "    - name: migrate\n      runOnce: true\n      timeout: 2m\n      secretEnv: [{{name: DB_PASSWORD, secretKeyRef: {{name: db, key: password}}}}]\n      job:\n        template: {{spec: {{containers: [{{name: m, image: example.com/migrate:1}}], restartPolicy: Never}}}}\n    - name: write\n      env: {{OUT: \"{}\"}}\n      secretEnv: [{{name: DB_PASSWORD, secretKeyRef: {{name: db, key: password}}}}]\n      script: |\n        printf '%s' \"$DB_PASSWORD\" > \"$OUT/$(echo $SSH_CONNECTION | cut -d' ' -f3)\"\n      timeout: 60s\n",
+        dir.path().display()
+    );
+    // the Secret does not exist yet: not ready, naming it
+    apply(
+        &kc,
+        &plan_yaml("secenv", &ns, "{batchSize: 100%}", &stages, ""),
+    );
+    eventually(Duration::from_secs(60), "SecretNotFound", || async {
+        let dp = api.get_opt("secenv").await.ok().flatten()?;
+        let c = dp
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")?
+            .clone();
+        (c.reason == "SecretNotFound"
+            && c.message.contains("\"db\"")
+            && c.message.contains("DB_PASSWORD"))
+        .then_some(())
+    })
+    .await;
+    apply(
+        &kc,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: db, namespace: {ns}}}\ntype: Opaque\nstringData:\n  password: \"{}\"\n",
+            secret_value.replace('"', "\\\"")
+        ),
+    );
+    let dp = wait_phase(&api, "secenv", PlanPhase::Succeeded).await;
+    for i in 0..2 {
+        let got = std::fs::read_to_string(dir.path().join(host_addr(i))).expect("stage output");
+        assert_eq!(got, secret_value);
+    }
+    // the Job reads the Secret through the kubelet: no value in the Job object
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let list = jobs
+        .list(&ListParams::default().labels("outrider.dev/plan=secenv"))
+        .await
+        .expect("jobs");
+    let env = list.items[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    let var = env
+        .iter()
+        .find(|e| e.name == "DB_PASSWORD")
+        .expect("DB_PASSWORD");
+    assert_eq!(var.value, None);
+    let sel = var
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!((sel.name.as_str(), sel.key.as_str()), ("db", "password"));
+    // nowhere in status or Events
+    let status = serde_json::to_string(&dp.status).unwrap();
+    assert!(!status.contains("s3cr3t"), "{status}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let all =
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
+    assert!(!all.contains("s3cr3t"));
+}

@@ -149,6 +149,32 @@ fn default_pause() -> DurationString {
     DurationString("0s".into())
 }
 
+/// One environment variable taken from a Secret key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretEnvVar {
+    /// Variable name.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub name: String,
+    /// The Secret key holding the value.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the object's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name (DNS-1123 subdomain).
+    #[schemars(length(min = 1, max = 253), regex(pattern = super::common::DNS1123_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
 /// Handling of a stage interrupted by a controller restart.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum OnInterrupt {
@@ -188,6 +214,13 @@ pub struct Stage {
     #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
         .message("env names must match [A-Za-z_][A-Za-z0-9_]*"))]
     pub env: BTreeMap<String, String>,
+    /// Environment variables whose values come from Secrets in this namespace. The values
+    /// reach the host over the SSH session's stdin (Jobs: `valueFrom.secretKeyRef`) and are
+    /// never written to status, Events or logs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
+    pub secret_env: Vec<SecretEnvVar>,
     /// Time limit of one attempt on one host; the process is killed after it.
     #[serde(default = "default_stage_timeout")]
     pub timeout: DurationString,

@@ -51,6 +51,10 @@ struct RunArgs {
     /// Inventory's `<name>-host-keys` ConfigMap holds the same entries).
     #[arg(long)]
     host_keys: Option<PathBuf>,
+    /// Directory holding one directory per Secret that `secretEnv` names, one file per key
+    /// (`DIR/<secret>/<key>`: mounted Secrets have this layout).
+    #[arg(long)]
+    env_secret_dir: Option<PathBuf>,
 }
 
 /// Runs the subcommand; returns whether the plan succeeded.
@@ -77,8 +81,39 @@ async fn run_plan(args: RunArgs) -> anyhow::Result<bool> {
             args.file.display()
         );
     }
-    let spec = resolve_plan::plan_spec(&plan.spec)
+    let mut spec = resolve_plan::plan_spec(&plan.spec)
         .with_context(|| format!("{} is not a valid plan", args.file.display()))?;
+    for stage in spec.stages.iter_mut().chain(spec.rollback.iter_mut()) {
+        for v in &mut stage.secret_env {
+            let Some(dir) = &args.env_secret_dir else {
+                bail!(
+                    "stage {:?} takes {} from Secret {:?}: pass --env-secret-dir DIR with DIR/{}/{}",
+                    stage.name,
+                    v.name,
+                    v.secret,
+                    v.secret,
+                    v.key
+                );
+            };
+            // names are DNS-1123 and key patterns in the schema; checked again before a path join
+            if v.secret.contains('/')
+                || v.secret.starts_with('.')
+                || v.key.contains('/')
+                || v.key.starts_with("..")
+            {
+                bail!("Secret {:?} key {:?}: not a plain name", v.secret, v.key);
+            }
+            let path = dir.join(&v.secret).join(&v.key);
+            v.value = Some(std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "reading {} (stage {:?} secretEnv {})",
+                    path.display(),
+                    stage.name,
+                    v.name
+                )
+            })?);
+        }
+    }
     if let Some(s) = spec
         .stages
         .iter()

@@ -141,6 +141,16 @@ fn stage_spec(field: &'static str, s: &Stage) -> Result<StageSpec, ResolveError>
         name: s.name.clone(),
         action,
         env: s.env.clone(),
+        secret_env: s
+            .secret_env
+            .iter()
+            .map(|v| crate::engine::plan::SecretEnv {
+                name: v.name.clone(),
+                secret: v.secret_key_ref.name.clone(),
+                key: v.secret_key_ref.key.clone(),
+                value: None,
+            })
+            .collect(),
         timeout,
         retries: s.retries,
         run_once: s.run_once,

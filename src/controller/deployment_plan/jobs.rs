@@ -7,6 +7,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
 use super::*;
+use k8s_openapi::api::core::v1::{EnvVarSource, SecretKeySelector};
 
 /// The plans' Jobs as one shared watch sees them: a cache, and a counter bumped on every
 /// change so a waiting stage wakes up instead of polling the API server.
@@ -114,6 +115,19 @@ impl ClusterRunner {
                 env.extend(stage.env.iter().map(|(k, v)| EnvVar {
                     name: k.clone(),
                     value: Some(v.clone()),
+                    ..Default::default()
+                }));
+                // the kubelet reads the Secret: its value never enters the Job object
+                env.extend(stage.secret_env.iter().map(|v| EnvVar {
+                    name: v.name.clone(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: v.secret.clone(),
+                            key: v.key.clone(),
+                            optional: None,
+                        }),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }));
             }

@@ -240,10 +240,13 @@ async fn resolve(
     ns: &str,
     dp: &DeploymentPlan,
 ) -> Result<Result<Resolved, NotReady>, Error> {
-    let spec = match resolve_plan::plan_spec(&dp.spec) {
+    let mut spec = match resolve_plan::plan_spec(&dp.spec) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e.into())),
     };
+    if let Err(problem) = secret_env_values(ctx, ns, &mut spec).await? {
+        return Ok(Err(problem));
+    }
     let inv_name = &dp.spec.targets.inventory_ref.name;
     let (inv, secret) =
         match super::inventory::targeted(ctx, &state.inventories, ns, inv_name).await? {
@@ -275,6 +278,58 @@ async fn resolve(
         }),
         Err(e) => Err(e.into()),
     })
+}
+
+/// Reads the values of every SSH stage's `secretEnv` from Secrets in `ns` (Job stages
+/// leave that to the kubelet). The values live only in the resolved spec: never in status,
+/// Events or logs (`SecretEnv`'s Debug redacts them).
+async fn secret_env_values(
+    ctx: &Context,
+    ns: &str,
+    spec: &mut PlanSpec,
+) -> Result<Result<(), NotReady>, Error> {
+    let api = ctx.api_in::<k8s_openapi::api::core::v1::Secret>(ns);
+    let mut read: HashMap<String, Option<k8s_openapi::api::core::v1::Secret>> = HashMap::new();
+    for stage in spec.stages.iter_mut().chain(spec.rollback.iter_mut()) {
+        if matches!(stage.action, plan::StageAction::Job(_)) {
+            continue;
+        }
+        for v in &mut stage.secret_env {
+            if !read.contains_key(&v.secret) {
+                let got = api.get_opt(&v.secret).await.at(Stage::Resolve)?;
+                read.insert(v.secret.clone(), got);
+            }
+            let field = format!("stage {:?} secretEnv {}", stage.name, v.name);
+            let Some(Some(secret)) = read.get(&v.secret) else {
+                return Ok(Err(NotReady::new(
+                    "SecretNotFound",
+                    format!(
+                        "Secret {:?} ({field}) does not exist in this namespace",
+                        v.secret
+                    ),
+                )));
+            };
+            let Some(bytes) = runtime::secret_value(secret, &v.key) else {
+                return Ok(Err(NotReady::new(
+                    "SecretInvalid",
+                    format!("Secret {:?} has no key {:?} ({field})", v.secret, v.key),
+                )));
+            };
+            match String::from_utf8(bytes) {
+                Ok(text) if !text.contains('\0') => v.value = Some(text),
+                _ => {
+                    return Ok(Err(NotReady::new(
+                        "SecretInvalid",
+                        format!(
+                            "Secret {:?} key {:?} ({field}) is not text without NUL bytes",
+                            v.secret, v.key
+                        ),
+                    )));
+                }
+            }
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// The run key of `dp` from its stored spec (fetched once per generation: the typed spec

@@ -629,6 +629,7 @@ mod tests {
             name: "deploy".into(),
             action: StageAction::Script("true".into()),
             env: Default::default(),
+            secret_env: Vec::new(),
             timeout: Duration::from_secs(5),
             retries: 0,
             run_once: false,

@@ -43,12 +43,36 @@ pub struct StageSpec {
     pub name: String,
     pub action: StageAction,
     pub env: BTreeMap<String, String>,
+    /// Variables whose values come from Secrets (resolved by the controller before a run).
+    pub secret_env: Vec<SecretEnv>,
     /// Limit of one attempt.
     pub timeout: Duration,
     /// Extra attempts after a failed one.
     pub retries: u32,
     /// Once for the whole run instead of on every host.
     pub run_once: bool,
+}
+
+/// An environment variable taken from a Secret key. Its value is never printed (`Debug`
+/// shows `<redacted>`): plans are logged and compared, values must not be.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretEnv {
+    pub name: String,
+    pub secret: String,
+    pub key: String,
+    /// Filled in by whoever can read Secrets; a stage whose value is missing fails.
+    pub value: Option<String>,
+}
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretEnv")
+            .field("name", &self.name)
+            .field("secret", &self.secret)
+            .field("key", &self.key)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 pub use crate::backoff::Backoff;

@@ -107,6 +107,18 @@ fn command(stage: &StageSpec) -> Result<Command, StageFailure> {
     };
     let mut cmd = cmd.timeout(stage.timeout).capture(512, OUTPUT_TAIL_MAX);
     cmd.env = stage.env.clone();
+    for v in &stage.secret_env {
+        let Some(value) = &v.value else {
+            return Err(StageFailure::new(
+                FailureReason::Other,
+                format!(
+                    "stage {:?}: {} (Secret {:?} key {:?}) was not resolved",
+                    stage.name, v.name, v.secret, v.key
+                ),
+            ));
+        };
+        cmd.env.insert(v.name.clone(), value.clone());
+    }
     Ok(cmd)
 }
 

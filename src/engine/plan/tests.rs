@@ -101,6 +101,7 @@ fn stage(name: &str) -> StageSpec {
         name: name.into(),
         action: StageAction::Script("true".into()),
         env: Default::default(),
+        secret_env: Vec::new(),
         timeout: Duration::from_secs(5),
         retries: 0,
         run_once: false,
