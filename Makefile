@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KUBECTL := e2e/bin/kubectl --kubeconfig e2e/.cluster/kubeconfig
 CARGO ?= cargo
 
-.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan bench-health bench-agent
+.PHONY: all deps tools build crds lint test unit e2e cluster-up cluster-down demo demo-down clean-cluster bench-ssh bench-plan bench-health bench-agent bench-policy
 
 all: build
 
@@ -80,3 +80,11 @@ bench-agent: deps
 	e2e/tools.sh victorialogs
 	$(CARGO) build --release --locked
 	$(CARGO) bench --locked --bench agent_throughput
+
+## bench-policy: SecurityPolicy compile of 10,000 rules / 200 zones vs Aerleon, nft -f load in network
+##               namespaces (1k-20k rules), commit-confirmed apply to 20 netns hosts (root; ~15 min)
+bench-policy: deps
+	e2e/bench/deps.sh
+	e2e/bench/aerleon_install.sh >/dev/null
+	$(CARGO) build --release --locked
+	$(CARGO) bench --locked --bench policy

@@ -19,7 +19,7 @@ use outrider::engine::firewall::apply::{self, Live};
 use outrider::engine::firewall::rollout::{self, HostResult, Progress, Report, Settings};
 use outrider::engine::firewall::{Compiled, Meta, Output, compile, compile_for, parse_owner};
 use outrider::engine::plan::Amount;
-use outrider::ssh::{ClientConfig, Credentials, Endpoint, Fleet};
+use outrider::ssh::{Endpoint, Fleet};
 
 /// Has passwordless sudo: nft needs root.
 const USER: &str = "outrider-sudo";
@@ -27,25 +27,11 @@ const POLICY: &str = "test/fw";
 const PROBE: Duration = Duration::from_millis(700);
 
 fn fleet(hosts: &[&NetnsHost], keys: &Path) -> Fleet {
-    let (private_key, public_key) = sshd::user_key(keys, "ed25519", None, "openssh");
-    let mut known = String::new();
-    for h in hosts {
-        h.sshd.authorize(USER, &public_key);
-        known.push_str(&h.known_hosts());
-    }
-    let credentials = Credentials::new(&private_key, None, &known).expect("credentials");
-    let mut config = ClientConfig::new(USER);
-    config.become_user = Some("root".into());
-    config.connect_timeout = Duration::from_secs(2);
-    Fleet::new(config, credentials)
+    netns::sudo_fleet(hosts, keys)
 }
 
 fn endpoints(hosts: &[&NetnsHost]) -> Vec<Endpoint> {
-    hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| Endpoint::new(format!("host-{i}"), h.addr.to_string(), 22))
-        .collect()
+    netns::endpoints(hosts)
 }
 
 fn spec(yaml: &str) -> SecurityPolicySpec {

@@ -543,3 +543,29 @@ fn effective_uid() -> Option<u32> {
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
 }
+
+/// A Fleet that logs in to `hosts` as `outrider-sudo` (passwordless sudo) with a fresh key
+/// made in `keys`, escalating to root (nft and iptables need it), pinning every host's keys.
+pub fn sudo_fleet(hosts: &[&NetnsHost], keys: &Path) -> outrider::ssh::Fleet {
+    let (private_key, public_key) = sshd::user_key(keys, "ed25519", None, "openssh");
+    let mut known = String::new();
+    for h in hosts {
+        h.sshd.authorize("outrider-sudo", &public_key);
+        known.push_str(&h.known_hosts());
+    }
+    let credentials =
+        outrider::ssh::Credentials::new(&private_key, None, &known).expect("credentials");
+    let mut config = outrider::ssh::ClientConfig::new("outrider-sudo");
+    config.become_user = Some("root".into());
+    config.connect_timeout = Duration::from_secs(2);
+    outrider::ssh::Fleet::new(config, credentials)
+}
+
+/// Endpoints `host-<i>` for `hosts`, port 22.
+pub fn endpoints(hosts: &[&NetnsHost]) -> Vec<outrider::ssh::Endpoint> {
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| outrider::ssh::Endpoint::new(format!("host-{i}"), h.addr.to_string(), 22))
+        .collect()
+}

@@ -76,28 +76,33 @@ impl Nets {
         self.v4.is_empty() && self.v6.is_empty()
     }
 
-    /// Every address of `other` is in `self`. Aggregation makes "inside one of self's
-    /// networks" exact: a network covered by a union of aggregated blocks is inside one.
-    pub fn covers(&self, other: &Nets) -> bool {
-        other
-            .v4
-            .iter()
-            .all(|n| self.v4.iter().any(|m| m.contains(n)))
-            && other
-                .v6
-                .iter()
-                .all(|n| self.v6.iter().any(|m| m.contains(n)))
+    /// [`Nets::parse`] for tests of other modules.
+    #[cfg(test)]
+    pub fn parse_for_test(items: &[String], findings: &mut Vec<Finding>) -> Self {
+        Self::parse(items, "test", None, findings)
     }
 
-    /// Some address is in both (two CIDR blocks either nest or are disjoint).
+    /// Every address of `other` is in `self`. Aggregation makes "inside one of self's
+    /// networks" exact: a network covered by a union of aggregated blocks is inside one.
+    /// Both lists are sorted and disjoint, so one merge walk decides it.
+    pub fn covers(&self, other: &Nets) -> bool {
+        ranges_cover(&v4_ranges(&self.v4), &v4_ranges(&other.v4))
+            && ranges_cover(&v6_ranges(&self.v6), &v6_ranges(&other.v6))
+    }
+
+    /// The networks as sorted, disjoint inclusive address ranges (IPv4, IPv6), for callers
+    /// that compare one zone with many.
+    pub fn ranges(&self) -> Ranges {
+        Ranges {
+            v4: v4_ranges(&self.v4),
+            v6: v6_ranges(&self.v6),
+        }
+    }
+
+    /// Some address is in both (a merge walk over the sorted, disjoint lists).
     pub fn intersects(&self, other: &Nets) -> bool {
-        self.v4
-            .iter()
-            .any(|m| other.v4.iter().any(|n| m.contains(n) || n.contains(m)))
-            || self
-                .v6
-                .iter()
-                .any(|m| other.v6.iter().any(|n| m.contains(n) || n.contains(m)))
+        ranges_meet(&v4_ranges(&self.v4), &v4_ranges(&other.v4))
+            || ranges_meet(&v6_ranges(&self.v6), &v6_ranges(&other.v6))
     }
 
     /// A network both contain, for messages.
@@ -124,6 +129,72 @@ impl Nets {
         }
         None
     }
+}
+
+/// [`Nets`] as address ranges; see [`Nets::ranges`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ranges {
+    v4: Vec<(u128, u128)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl Ranges {
+    /// As [`Nets::covers`].
+    pub fn covers(&self, other: &Ranges) -> bool {
+        ranges_cover(&self.v4, &other.v4) && ranges_cover(&self.v6, &other.v6)
+    }
+
+    /// As [`Nets::intersects`].
+    pub fn intersects(&self, other: &Ranges) -> bool {
+        ranges_meet(&self.v4, &other.v4) || ranges_meet(&self.v6, &other.v6)
+    }
+}
+
+fn v4_ranges(nets: &[Ipv4Net]) -> Vec<(u128, u128)> {
+    nets.iter()
+        .map(|n| {
+            (
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            )
+        })
+        .collect()
+}
+
+fn v6_ranges(nets: &[Ipv6Net]) -> Vec<(u128, u128)> {
+    nets.iter()
+        .map(|n| (u128::from(n.network()), u128::from(n.broadcast())))
+        .collect()
+}
+
+/// Sorted disjoint inclusive ranges: does any of `a` overlap any of `b`?
+fn ranges_meet(a: &[(u128, u128)], b: &[(u128, u128)]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].1 < b[j].0 {
+            i += 1;
+        } else if b[j].1 < a[i].0 {
+            j += 1;
+        } else {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sorted disjoint inclusive ranges: is every range of `b` inside one range of `a`?
+fn ranges_cover(a: &[(u128, u128)], b: &[(u128, u128)]) -> bool {
+    let mut i = 0;
+    for r in b {
+        while i < a.len() && a[i].1 < r.0 {
+            i += 1;
+        }
+        match a.get(i) {
+            Some(s) if s.0 <= r.0 && r.1 <= s.1 => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// An inclusive destination port range.
@@ -441,6 +512,11 @@ mod tests {
         assert!(!n.covers(&nets(&["11.0.0.0/8"])));
         assert!(n.intersects(&nets(&["0.0.0.0/0"])));
         assert!(!n.intersects(&nets(&["::/0"])));
+        assert!(n.intersects(&nets(&["9.0.0.0/8", "192.168.0.128/30"])));
+        assert!(!n.intersects(&nets(&["9.0.0.0/8", "11.0.0.0/8", "192.169.0.0/16"])));
+        assert!(!n.covers(&nets(&["10.9.9.9", "11.0.0.1"])));
+        assert!(nets(&["::/0"]).covers(&nets(&["2001:db8::/32"])));
+        assert!(nets(&["2001:db8::/32"]).intersects(&nets(&["2001:db8:1::/48"])));
     }
 
     #[test]
