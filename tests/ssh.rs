@@ -664,7 +664,7 @@ async fn a_host_that_stalls_after_the_key_exchange_fails_within_the_connect_time
 
 #[tokio::test]
 async fn a_failed_jump_host_is_retried_after_its_backoff_and_a_dead_one_is_reopened() {
-    let target = setup("root", &["127.0.10.41"]);
+    let target = setup("outrider-nosudo", &["127.0.10.41"]);
     let jump = sshd::Sshd::start();
     let public = std::fs::read_to_string(
         std::fs::read_dir(target._keys.path())
@@ -680,7 +680,7 @@ async fn a_failed_jump_host_is_retried_after_its_backoff_and_a_dead_one_is_reope
         jump.known_hosts_for(&["127.0.0.5"])
     );
     let creds = Credentials::new(&target.private_key, None, &known).expect("creds");
-    let mut config = ClientConfig::new("root");
+    let mut config = ClientConfig::new("outrider-nosudo");
     config.connect_timeout = Duration::from_secs(3);
     config.jump_host = Some(JumpHost {
         address: "127.0.0.5".into(),
