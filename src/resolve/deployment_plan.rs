@@ -24,7 +24,7 @@ pub fn run_key(stored_spec: &serde_json::Value, rerun: Option<&str>) -> String {
         map.remove("paused");
     }
     let mut canonical = String::new();
-    canonical_json(&spec, &mut canonical);
+    crate::text::canonical_json(&spec, &mut canonical);
     let digest = Sha256::digest(canonical.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     match rerun {
@@ -42,41 +42,6 @@ pub fn legacy_run_key(spec: &DeploymentPlanSpec, rerun: Option<&str>) -> String 
     match rerun {
         Some(v) => format!("{}/{}", fnv(&json), fnv(v.as_bytes())),
         None => fnv(&json),
-    }
-}
-
-/// JSON with object keys sorted at every level, numbers and strings as serde_json writes
-/// them: the same value always gives the same text, whatever order it was stored in.
-fn canonical_json(v: &serde_json::Value, out: &mut String) {
-    use serde_json::Value;
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                if let Some(inner) = map.get(k) {
-                    canonical_json(inner, out);
-                }
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
     }
 }
 

@@ -35,7 +35,7 @@ pub fn normalise_nft(json: &str) -> Result<String, DriftError> {
     }
     let mut text = String::new();
     for item in &out {
-        canonical(item, &mut text);
+        crate::text::canonical_json(item, &mut text);
         text.push('\n');
     }
     Ok(text)
@@ -62,37 +62,6 @@ fn scrub(v: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(scrub),
         _ => {}
-    }
-}
-
-/// JSON with object keys sorted, whatever serde_json's map order is.
-fn canonical(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical(&map[k], out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
     }
 }
 
