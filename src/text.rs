@@ -36,30 +36,6 @@ pub fn tail(s: &str, max: usize) -> String {
     format!("…{}", &s[start..])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn head_and_clip_cut_on_char_boundaries() {
-        assert_eq!(head("héllo", 2), "h");
-        assert_eq!(head("héllo", 3), "hé");
-        assert_eq!(head("ok", 10), "ok");
-        assert_eq!(clip("ééé".to_string(), 5), "éé");
-    }
-
-    #[test]
-    fn tail_keeps_the_end_marks_the_cut_and_respects_the_byte_budget() {
-        assert_eq!(tail("short\n", 512), "short");
-        let long = "é".repeat(1000);
-        let t = tail(&long, 512);
-        assert!(t.len() <= 512 && t.len() > 508, "{}", t.len());
-        assert!(t.starts_with('…') && t.ends_with('é'));
-        assert_eq!(tail("abcdef", 4), "…f");
-        assert_eq!(tail("abcdef", 0), "…");
-    }
-}
-
 /// JSON with object keys sorted at every level, numbers and strings as serde_json writes
 /// them: the same value always gives the same text, whatever order it was stored in.
 pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
@@ -92,5 +68,29 @@ pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
             out.push(']');
         }
         other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_and_clip_cut_on_char_boundaries() {
+        assert_eq!(head("héllo", 2), "h");
+        assert_eq!(head("héllo", 3), "hé");
+        assert_eq!(head("ok", 10), "ok");
+        assert_eq!(clip("ééé".to_string(), 5), "éé");
+    }
+
+    #[test]
+    fn tail_keeps_the_end_marks_the_cut_and_respects_the_byte_budget() {
+        assert_eq!(tail("short\n", 512), "short");
+        let long = "é".repeat(1000);
+        let t = tail(&long, 512);
+        assert!(t.len() <= 512 && t.len() > 508, "{}", t.len());
+        assert!(t.starts_with('…') && t.ends_with('é'));
+        assert_eq!(tail("abcdef", 4), "…f");
+        assert_eq!(tail("abcdef", 0), "…");
     }
 }
