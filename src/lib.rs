@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod controller;
 pub mod deadline;
 pub mod engine;
+pub mod liveness;
 pub mod process;
 pub mod resolve;
 pub mod ssh;

@@ -78,6 +78,10 @@ struct ControllerArgs {
     /// Unique identity of this replica (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// A reconcile running longer than this fails `/healthz` (the liveness probe), so a wedged
+    /// replica is restarted instead of holding the Lease while doing nothing.
+    #[arg(long, env = "OUTRIDER_STUCK_RECONCILE_AFTER", default_value = "10m", value_parser = cli::agent::duration)]
+    stuck_reconcile_after: std::time::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -169,10 +173,16 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .context("loading Kubernetes client configuration")?;
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let mut metrics = Metrics::new(&mut registry);
+    metrics.liveness = telemetry::Liveness::new(args.stuck_reconcile_after);
     let ready = Readiness::default();
-    let (addr, server) =
-        telemetry::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    let (addr, server) = telemetry::serve(
+        args.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+        metrics.liveness.clone(),
+    )
+    .await?;
     tracing::info!(%addr, "serving /metrics /healthz /readyz");
     tokio::spawn(async move {
         if let Err(e) = server.await {

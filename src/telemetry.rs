@@ -21,6 +21,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+pub use crate::liveness::{Liveness, Running};
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -86,6 +88,15 @@ pub struct PolicyStateLabels {
     pub state: String,
 }
 
+/// Labels of Inventory host gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InventoryStateLabels {
+    /// `namespace/name`.
+    pub inventory: String,
+    /// `reachable` or `unreachable` at the last probe.
+    pub state: String,
+}
+
 /// The operator's metrics. Cheap to clone: every family is reference-counted.
 #[derive(Clone)]
 pub struct Metrics {
@@ -123,6 +134,11 @@ pub struct Metrics {
     pub policy_applies: Family<ResultLabel, Counter>,
     /// SecurityPolicy passes (read every host, push where needed).
     pub policy_passes: Counter,
+    /// Hosts per probe result (reachable, unreachable), per Inventory: what an
+    /// "hosts unreachable" alert watches.
+    pub inventory_hosts: Family<InventoryStateLabels, Gauge>,
+    /// Running reconciles, for `/healthz`.
+    pub liveness: Liveness,
 }
 
 impl Metrics {
@@ -156,6 +172,8 @@ impl Metrics {
             policy_hosts: Family::default(),
             policy_applies: Family::default(),
             policy_passes: Counter::default(),
+            inventory_hosts: Family::default(),
+            liveness: Liveness::default(),
         };
         let r = registry.sub_registry_with_prefix("outrider");
         r.register(
@@ -234,6 +252,11 @@ impl Metrics {
             m.health_handshakes.clone(),
         );
         r.register(
+            "inventory_hosts",
+            "Inventory hosts per result of the last reachability probe",
+            m.inventory_hosts.clone(),
+        );
+        r.register(
             "policy_hosts",
             "SecurityPolicy target hosts per state",
             m.policy_hosts.clone(),
@@ -258,7 +281,8 @@ impl Metrics {
 
     /// Counts a reconcile and returns a guard that records its duration when dropped,
     /// so no early return can forget to.
-    pub fn reconcile_started(&self, kind: &str) -> ReconcileTimer {
+    /// `what` names the object for `/healthz` should this reconcile never return.
+    pub fn reconcile_started(&self, kind: &str, what: &str) -> ReconcileTimer {
         let label = KindLabel {
             kind: kind.to_string(),
         };
@@ -266,6 +290,7 @@ impl Metrics {
         ReconcileTimer {
             start: Instant::now(),
             histogram: self.reconcile_duration.get_or_create(&label).clone(),
+            _running: self.liveness.running(what.to_string()),
         }
     }
 
@@ -293,6 +318,7 @@ impl Metrics {
 pub struct ReconcileTimer {
     start: Instant,
     histogram: Histogram,
+    _running: Running,
 }
 
 impl Drop for ReconcileTimer {
@@ -318,6 +344,7 @@ impl Readiness {
 struct HttpState {
     registry: Arc<Registry>,
     ready: Readiness,
+    liveness: Liveness,
 }
 
 /// Errors of the health/metrics server.
@@ -338,6 +365,7 @@ pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
     ready: Readiness,
+    liveness: Liveness,
 ) -> Result<(SocketAddr, impl Future<Output = Result<(), ServeError>>), ServeError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -347,9 +375,13 @@ pub async fn serve(
         .map_err(|source| ServeError::Bind { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { registry, ready });
+        .with_state(HttpState {
+            registry,
+            ready,
+            liveness,
+        });
     Ok((local, async move {
         axum::serve(listener, app).await.map_err(ServeError::Serve)
     }))
@@ -374,6 +406,21 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     }
 }
 
+/// Fails (503, naming what is stuck) when the process no longer makes progress, so the kubelet
+/// restarts it; answering at all already proves the async runtime runs.
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.liveness.check(Instant::now()) {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(stuck) => {
+            tracing::error!(%stuck, "liveness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("wedged: {stuck}\n"),
+            )
+        }
+    }
+}
+
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.ready.get() {
         (StatusCode::OK, "ok")
@@ -391,7 +438,7 @@ mod tests {
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         {
-            let _t = metrics.reconcile_started("Inventory");
+            let _t = metrics.reconcile_started("Inventory", "Inventory/ns/a");
         }
         metrics.reconcile_failed("Inventory", "secret");
         let mut out = String::new();
@@ -410,5 +457,32 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_naming_the_stuck_reconcile_and_recovers_when_it_returns() {
+        let liveness = Liveness::new(std::time::Duration::from_millis(1));
+        let (addr, server) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Registry::default()),
+            Readiness::default(),
+            liveness.clone(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(server);
+        let url = format!("http://{addr}/healthz");
+        let get = || async {
+            let r = reqwest::get(&url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        assert_eq!(get().await, (200, "ok".to_string()));
+        let stuck = liveness.running("HealthCheck/tenant-a/web".into());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (code, body) = get().await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("HealthCheck/tenant-a/web"), "{body}");
+        drop(stuck);
+        assert_eq!(get().await, (200, "ok".to_string()));
     }
 }

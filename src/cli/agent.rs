@@ -79,7 +79,8 @@ pub struct AgentArgs {
     retry_max: Duration,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+/// A `1m30s`-style duration flag.
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     DurationString(s.to_string())
         .to_std()
         .map_err(|e| e.to_string())
@@ -115,8 +116,13 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     let mut registry = Registry::default();
     let metrics = AgentMetrics::new(&mut registry);
     let ready = Readiness::default();
-    let (addr, server) =
-        telemetry::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    let (addr, server) = telemetry::serve(
+        args.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+        telemetry::Liveness::default(),
+    )
+    .await?;
     tracing::info!(%addr, "serving /metrics /healthz /readyz");
     tokio::spawn(async move {
         if let Err(e) = server.await {

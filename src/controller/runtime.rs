@@ -309,7 +309,7 @@ where
             let kind = K::kind(&());
             let key = object_key(guard.as_ref());
             queue.started(&key);
-            let _timer = ctx.metrics.reconcile_started(&kind);
+            let _timer = ctx.metrics.reconcile_started(&kind, &key);
             if guard.0.is_err() {
                 report_unreadable(&ctx, guard.as_ref()).await?;
                 return Ok(Action::await_change());
