@@ -25,6 +25,7 @@ use crate::api::inventory::{
 use crate::engine::inventory as engine;
 use crate::resolve::inventory::{self as resolve, pins_configmap_name};
 use crate::ssh::Pin;
+use crate::telemetry::InventoryStateLabels;
 
 const MAX_LISTED_UNREACHABLE: usize = 50;
 const MAX_RECENT_KEYS: usize = 20;
@@ -72,6 +73,39 @@ impl ProbeTask {
     }
 
     pub(super) async fn run(mut self) {
+        self.rounds().await;
+        self.set_host_gauges(None);
+    }
+
+    /// The last probe's counts as `outrider_inventory_hosts`; `None` removes the series.
+    fn set_host_gauges(&self, probed: Option<(usize, usize)>) {
+        let id = format!(
+            "{}/{}",
+            self.inv.namespace().unwrap_or_default(),
+            self.inv.name_any()
+        );
+        let labels = |state: &str| InventoryStateLabels {
+            inventory: id.clone(),
+            state: state.into(),
+        };
+        let gauges = &self.ctx.metrics.inventory_hosts;
+        match probed {
+            Some((reachable, unreachable)) => {
+                for (state, n) in [("reachable", reachable), ("unreachable", unreachable)] {
+                    gauges
+                        .get_or_create(&labels(state))
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            None => {
+                for state in ["reachable", "unreachable"] {
+                    gauges.remove(&labels(state));
+                }
+            }
+        }
+    }
+
+    async fn rounds(&mut self) {
         tracing::debug!(inventory = %self.inv.name_any(), "probe task started");
         if let Err(e) = self.migrate_legacy_pins().await {
             tracing::warn!(inventory = %self.inv.name_any(), error = %e, "moving pinned keys out of status failed; retried next round");
@@ -172,6 +206,9 @@ impl ProbeTask {
                 }
             }
         };
+        if let Some((report, _)) = &probed {
+            self.set_host_gauges(Some((report.reachable, report.failures.len())));
+        }
         let new = self.status(&ready, probed.as_ref());
         let transitioned = conditions::ready_changed(&self.last.conditions, &ready);
         match self.writer.write(&new).await {
