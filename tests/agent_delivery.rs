@@ -591,3 +591,52 @@ fn a_failing_checkpoint_write_is_retried_with_the_next_batch_not_in_a_loop() {
     assert!(missing.is_empty(), "missing {} lines", missing.len());
     assert_eq!(dups, 0, "checkpointed lines were sent again");
 }
+
+#[test]
+fn an_agent_started_before_its_config_exists_waits_then_ships_once_it_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // as in a DaemonSet whose optional ConfigMap the controller has not rendered yet
+    let config = dir.path().join("config/agent.yaml");
+    let state = dir.path().join("state");
+    let mut agent = Agent::spawn(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--node-name",
+            "n",
+        ],
+    );
+    wait_for("the agent says it waits", LONG, || {
+        agent.log_text().contains("no agent configuration yet")
+    });
+    std::thread::sleep(Duration::from_millis(900)); // three reload intervals
+    assert!(
+        agent.alive(),
+        "exited without a config: {}",
+        agent.log_text()
+    );
+    assert_eq!(agent.readyz(), Some(503), "not ready with nothing to run");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "pipelines:\n- namespace: test\n  name: late\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}}}\n",
+            logs.display(),
+            rx.url()
+        ),
+    )
+    .unwrap();
+    agent.wait_ready();
+    append_numbered(&logs.join("app.log"), "late", 0..50);
+    wait_for("lines shipped", LONG, || rx.record_count() >= 50);
+    assert_eq!(
+        missing_and_dups(&count_numbers(&rx.messages(), "late"), 50),
+        (vec![], 0)
+    );
+}

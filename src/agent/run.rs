@@ -4,7 +4,7 @@
 //! and on shutdown stops reading, ships what is buffered and writes the checkpoints.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -81,6 +81,13 @@ pub async fn run(
         path: opts.env.state_dir.clone(),
         source,
     })?;
+    // In a DaemonSet the config is an optional ConfigMap volume the controller creates once it
+    // runs: until then there is nothing to ship, which is no reason to crash-loop.
+    if let ConfigSource::File(path) = &opts.source
+        && !wait_for_file(path, opts.reload_interval, &shutdown).await
+    {
+        return Ok(());
+    }
     let mut snapshot = opts.source.snapshot();
     let pipelines = opts.source.load()?;
     let mut running: BTreeMap<String, RunningPipeline> = BTreeMap::new();
@@ -135,6 +142,22 @@ pub async fn run(
     tracing::info!("shutting down: shipping what is buffered and writing checkpoints");
     stop_all(running, opts.shutdown_grace).await;
     Ok(())
+}
+
+/// Waits until `path` exists; `false` when shut down first.
+async fn wait_for_file(path: &Path, poll: Duration, shutdown: &CancellationToken) -> bool {
+    let mut warned = false;
+    while !path.exists() {
+        if !warned {
+            tracing::warn!(path = %path.display(), "no agent configuration yet (the controller renders it); waiting");
+            warned = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    true
 }
 
 /// Replaces the pipelines whose spec changed, stops removed ones and starts new ones.

@@ -19,14 +19,41 @@ pub struct Agent {
 impl Agent {
     /// Starts `outrider agent <args> --metrics-addr 127.0.0.1:<free>` with fast timings.
     pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let mut a = Self::spawn(dir, args);
+        a.wait_ready();
+        a
+    }
+
+    /// Starts the agent without waiting for `/readyz` (it may have nothing to run yet).
+    pub fn spawn(dir: &Path, args: &[&str]) -> Self {
         let mut a = Self {
             child: None,
             metrics_port: 0,
             args: args.iter().map(|s| s.to_string()).collect(),
             log: dir.join("agent.log"),
         };
-        a.restart();
+        a.spawn_again();
         a
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self) {
+        let port = self.metrics_port;
+        wait_for("agent /readyz", Duration::from_secs(30), || {
+            http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+        });
+    }
+
+    /// `/readyz`'s status code (None: no answer).
+    pub fn readyz(&self) -> Option<u16> {
+        http_get(self.metrics_port, "/readyz").map(|(code, _)| code)
     }
 
     /// Runs one LogPipeline manifest with its state in `<dir>/state`:
@@ -47,6 +74,11 @@ impl Agent {
 
     /// Starts the agent again with the same arguments (after a kill).
     pub fn restart(&mut self) {
+        self.spawn_again();
+        self.wait_ready();
+    }
+
+    fn spawn_again(&mut self) {
         assert!(self.child.is_none(), "agent still running");
         self.metrics_port = free_port();
         let log = std::fs::OpenOptions::new()
@@ -68,10 +100,6 @@ impl Agent {
             .spawn()
             .expect("spawn outrider agent");
         self.child = Some(child);
-        let port = self.metrics_port;
-        wait_for("agent /readyz", Duration::from_secs(30), || {
-            http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
-        });
     }
 
     /// Fast timings for tests, each unless the test's own arguments set it.
