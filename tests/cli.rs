@@ -10,7 +10,7 @@ fn outrider(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn crd_subcommand_prints_all_five_crds_matching_the_checked_in_file() {
+fn crd_subcommand_prints_all_five_crds_matching_both_checked_in_copies() {
     let out = outrider(&["crd"]);
     assert!(
         out.status.success(),
@@ -36,15 +36,15 @@ fn crd_subcommand_prints_all_five_crds_matching_the_checked_in_file() {
             "securitypolicies.outrider.dev"
         ]
     );
-    let on_disk = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crds/outrider.dev.yaml"
-    ))
-    .expect("read crds/outrider.dev.yaml");
-    assert!(
-        text == on_disk,
-        "crds/outrider.dev.yaml is stale: run `make crds`"
-    );
+    // both copies users install: `kubectl apply -f crds/` and the chart's crds/
+    for copy in [
+        "crds/outrider.dev.yaml",
+        "charts/outrider/crds/outrider.dev.yaml",
+    ] {
+        let on_disk = std::fs::read_to_string(format!("{}/{copy}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("read {copy}: {e}"));
+        assert!(text == on_disk, "{copy} is stale: run `make crds`");
+    }
 }
 
 #[test]

@@ -57,6 +57,45 @@ fn install(release: &str, ns: &str, sets: &[&str]) {
         "both replicas available (kwok runs the pods): {}",
         stderr(&out)
     );
+    assert_agents_ready_on_every_node(&format!("{release}-agent"), ns);
+}
+
+/// The agent DaemonSet has a ready pod on every node of the test cluster (kwok runs them).
+fn assert_agents_ready_on_every_node(daemonset: &str, ns: &str) {
+    let out = kubectl(&kubeconfig(), &["get", "nodes", "-o", "name"]);
+    let nodes = stdout(&out).lines().count();
+    assert!(nodes >= 2, "test cluster nodes: {}", stdout(&out));
+    let out = kubectl(
+        &kubeconfig(),
+        &[
+            "rollout",
+            "status",
+            "daemonset",
+            daemonset,
+            "-n",
+            ns,
+            "--timeout=120s",
+        ],
+    );
+    assert!(out.status.success(), "agent rollout: {}", stderr(&out));
+    let out = kubectl(
+        &kubeconfig(),
+        &[
+            "get",
+            "daemonset",
+            daemonset,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.desiredNumberScheduled} {.status.numberReady}",
+        ],
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("{nodes} {nodes}"),
+        "an agent scheduled and ready on each node: {}",
+        stderr(&out)
+    );
 }
 
 fn uninstall(release: &str, ns: &str) {
@@ -137,7 +176,8 @@ fn can_i(kubeconfig: &Path, verb: &str, resource: &str, ns: &str) -> bool {
 /// watching `watched` with the operator namespace `release_ns`, and drives one of each
 /// implemented kind to its expected status: an Inventory Ready, a DeploymentPlan (a Job
 /// stage and an SSH stage) Succeeded, and a LogPipeline rendered into the agents' ConfigMap
-/// in `release_ns` (Ready reason `NoAgents`: no agent runs). Anything the RBAC lacks fails.
+/// in `release_ns`, counting the chart's agent Pods there (Ready reason `RollingOut`: kwok runs
+/// them, so none reports the config hash). Anything the RBAC lacks fails.
 async fn controller_works_under_the_chart_rbac(sa_config: &Path, watched: &str, release_ns: &str) {
     let kc = kubeconfig();
     let client = client().await;
@@ -201,15 +241,16 @@ async fn controller_works_under_the_chart_rbac(sa_config: &Path, watched: &str, 
     let pipelines: Api<LogPipeline> = Api::namespaced(client.clone(), watched);
     let hash = eventually(
         Duration::from_secs(60),
-        "LogPipeline rendered (configHash, Ready reason NoAgents) under the chart's RBAC",
+        "LogPipeline rendered (configHash, the chart's agents counted, Ready reason RollingOut) under the chart's RBAC",
         || async {
             let lp = pipelines.get_opt("shop").await.ok().flatten()?;
             let status = lp.status?;
-            let no_agents = status
+            let rolling_out = status
                 .conditions
                 .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "NoAgents");
-            no_agents.then_some(status.config_hash?)
+                .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "RollingOut");
+            let counted = status.nodes.is_some_and(|n| n.desired >= 1 && n.updated == 0);
+            (rolling_out && counted).then_some(status.config_hash?)
         },
     )
     .await;
@@ -401,9 +442,10 @@ fn chart_renders_a_cluster_role_or_namespaced_roles_for_the_install_mode() {
     assert!(find(&docs, "ClusterRoleBinding", "outrider").is_some());
     assert!(find(&docs, "Role", "outrider-agents").is_none());
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    // the leader-election Role and the agent's own (patch its Pod)
     assert_eq!(
         kinds.iter().filter(|k| **k == "Role").count(),
-        1,
+        2,
         "{kinds:?}"
     );
 
@@ -453,4 +495,301 @@ fn chart_renders_a_cluster_role_or_namespaced_roles_for_the_install_mode() {
     assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
     let lease = find(&docs, "Role", "outrider-leader-election").expect("Lease Role");
     assert_eq!(lease["metadata"]["namespace"].as_str(), Some("ops"));
+    // the node agent's own account: annotate its Pod with the config hash, nothing else
+    let agent = find(&docs, "Role", "outrider-agent").expect("the agent's Role");
+    assert_eq!(
+        core_rules(agent),
+        vec![(vec!["pods".into()], vec![], vec!["patch".into()])]
+    );
+    let binding = find(&docs, "RoleBinding", "outrider-agent").expect("agent RoleBinding");
+    assert_eq!(
+        binding["subjects"][0]["name"].as_str(),
+        Some("outrider-agent")
+    );
+}
+
+/// Cluster-scoped objects `release` left, by its instance label (CRDs are not labelled).
+fn cluster_scoped_leftovers(release: &str) -> Vec<String> {
+    let selector = format!("app.kubernetes.io/instance={release}");
+    let out = kubectl(
+        &kubeconfig(),
+        &[
+            "get",
+            "clusterroles,clusterrolebindings,priorityclasses",
+            "-l",
+            &selector,
+            "-o",
+            "name",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+#[test]
+fn chart_upgrades_from_the_previous_version_and_uninstall_leaves_only_the_crds() {
+    let ns = namespace("chart-upgrade");
+    let release = format!("outrider-up-{}", std::process::id() % 100_000);
+    // the chart as released before (0.1.0: no agent, older values), packaged in testdata
+    let previous = repo().join("e2e/testdata/outrider-0.1.0.tgz");
+    let out = helm(&[
+        "install",
+        &release,
+        previous.to_str().expect("utf-8 path"),
+        "-n",
+        &ns,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(
+        out.status.success(),
+        "install 0.1.0: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    install(&release, &ns, &[]);
+    let out = helm(&["history", &release, "-n", &ns, "-o", "json"]);
+    let history: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("helm history");
+    let charts: Vec<&str> = history
+        .as_array()
+        .expect("revisions")
+        .iter()
+        .filter_map(|r| r["chart"].as_str())
+        .collect();
+    assert_eq!(charts, ["outrider-0.1.0", "outrider-0.2.0"], "{history}");
+    assert!(
+        !cluster_scoped_leftovers(&release).is_empty(),
+        "the install has cluster-scoped objects to clean up (ClusterRole, PriorityClass)"
+    );
+
+    uninstall(&release, &ns);
+    assert_eq!(cluster_scoped_leftovers(&release), Vec::<String>::new());
+    let out = kubectl(
+        &kubeconfig(),
+        &["get", "crd", "deploymentplans.outrider.dev", "-o", "name"],
+    );
+    assert!(
+        out.status.success(),
+        "CRDs stay (helm never deletes them): {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_typo_or_wrong_type_in_values_fails_helm_install_naming_the_key() {
+    let ns = namespace("chart-values");
+    for (set, says) in [
+        (
+            "controller.replica=3",
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            "controller.replicas=two",
+            "/controller/replicas': got string, want integer",
+        ),
+        ("agent.logRoots[0]=var/log", "/agent/logRoots/0"),
+        (
+            "metrics.serviceMonitor.interval=often",
+            "/metrics/serviceMonitor/interval",
+        ),
+    ] {
+        let out = helm(&[
+            "install",
+            "typo",
+            "charts/outrider",
+            "-n",
+            &ns,
+            "--set",
+            set,
+        ]);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(stderr(&out).contains(says), "{set}: {}", stderr(&out));
+    }
+    let out = helm(&["list", "-n", &ns, "-q"]);
+    assert_eq!(stdout(&out), "", "nothing was installed");
+}
+
+#[test]
+fn chart_lints_clean_and_every_optional_object_renders_valid_for_the_api_server() {
+    let out = helm(&["lint", "--strict", "charts/outrider"]);
+    assert!(
+        out.status.success(),
+        "helm lint: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let ns = namespace("chart-render");
+    let docs = template(
+        "render",
+        &ns,
+        &[
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+            "networkPolicy.enabled=true",
+            "networkPolicy.apiServerCIDRs={10.96.0.1/32}",
+            "controller.egressCIDRs={198.18.0.0/15}",
+            "argocd.healthChecks=true",
+            "agent.secrets={es-creds}",
+        ],
+    );
+    let kinds: std::collections::BTreeSet<&str> =
+        docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "Deployment",
+        "DaemonSet",
+        "PodDisruptionBudget",
+        "PriorityClass",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+    ] {
+        assert!(kinds.contains(kind), "{kind} rendered: {kinds:?}");
+    }
+    // the test cluster has no Prometheus Operator CRDs: the rest is checked by the API server
+    let core: Vec<&serde_yaml::Value> = docs
+        .iter()
+        .filter(|d| d["apiVersion"].as_str() != Some("monitoring.coreos.com/v1"))
+        .collect();
+    let manifest: String = core
+        .iter()
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
+        .collect();
+    let out = kubectl_stdin(
+        &kubeconfig(),
+        &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+        &manifest,
+    );
+    assert!(out.status.success(), "server dry run: {}", stderr(&out));
+
+    // hardening every pod of the chart keeps
+    for (kind, name) in [
+        ("Deployment", "render-outrider"),
+        ("DaemonSet", "render-outrider-agent"),
+    ] {
+        let pod = &find(&docs, kind, name).unwrap_or_else(|| panic!("{kind} {name}"))["spec"]["template"]
+            ["spec"];
+        assert_eq!(
+            pod["automountServiceAccountToken"].as_bool(),
+            Some(true),
+            "{kind}"
+        );
+        let c = &pod["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(
+            sc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{kind}"
+        );
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{kind}");
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{kind}");
+        assert_eq!(
+            sc["seccompProfile"]["type"].as_str(),
+            Some("RuntimeDefault"),
+            "{kind}"
+        );
+        assert!(
+            c["resources"]["limits"]["memory"].is_string(),
+            "{kind} memory limit"
+        );
+        assert_eq!(
+            c["livenessProbe"]["httpGet"]["path"].as_str(),
+            Some("/healthz"),
+            "{kind}"
+        );
+        assert_eq!(
+            c["readinessProbe"]["httpGet"]["path"].as_str(),
+            Some("/readyz"),
+            "{kind}"
+        );
+    }
+    let ds = &find(&docs, "DaemonSet", "render-outrider-agent").expect("agent")["spec"]["template"]
+        ["spec"];
+    assert_eq!(
+        strings(&ds["containers"][0]["securityContext"]["capabilities"]["add"]),
+        ["DAC_READ_SEARCH"]
+    );
+    let mounts = ds["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .expect("mounts");
+    let log_mount = mounts
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/var/log"))
+        .expect("/var/log mounted");
+    assert_eq!(
+        log_mount["readOnly"].as_bool(),
+        Some(true),
+        "log roots are read-only"
+    );
+    assert!(
+        ds["tolerations"]
+            .as_sequence()
+            .is_some_and(|t| t.iter().any(|t| t["operator"].as_str() == Some("Exists"))),
+        "runs on every node"
+    );
+    for sa in ["render-outrider", "render-outrider-agent"] {
+        let sa = find(&docs, "ServiceAccount", sa).expect("service account");
+        assert_eq!(
+            sa["automountServiceAccountToken"].as_bool(),
+            Some(false),
+            "tokens only where a pod asks"
+        );
+    }
+}
+
+#[test]
+fn every_metric_the_prometheus_rules_alert_on_is_one_outrider_exports() {
+    let docs = template("alerts", "ops", &["metrics.prometheusRule.enabled=true"]);
+    let rule = find(&docs, "PrometheusRule", "alerts-outrider").expect("PrometheusRule");
+    let exprs: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["expr"].as_str())
+        .collect();
+    assert!(exprs.len() >= 5, "{exprs:?}");
+    // what the controller and the agent register
+    let mut registry = prometheus_client::registry::Registry::default();
+    let controller = outrider::telemetry::Metrics::new(&mut registry);
+    let agent = outrider::agent::metrics::AgentMetrics::new(&mut registry);
+    // a family is only printed once it has a series: one each for the families alerted on
+    use outrider::agent::metrics::{OutputLabels, PipelineLabels};
+    use outrider::telemetry::{InventoryStateLabels, ResultLabel};
+    let result = ResultLabel { result: "x".into() };
+    controller.plan_runs.get_or_create(&result).inc();
+    controller.policy_applies.get_or_create(&result).inc();
+    let inventory = InventoryStateLabels {
+        inventory: "x".into(),
+        state: "x".into(),
+    };
+    controller.inventory_hosts.get_or_create(&inventory).set(1);
+    let pipeline = PipelineLabels {
+        pipeline: "x".into(),
+    };
+    agent.checkpoint_lag_bytes.get_or_create(&pipeline).set(1);
+    let output = OutputLabels {
+        pipeline: "x".into(),
+        output: "x".into(),
+    };
+    agent.records_dead_lettered.get_or_create(&output).inc();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    let exported: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    for expr in exprs {
+        let names = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("outrider_"));
+        for name in names {
+            let known = exported.iter().any(|(n, t)| {
+                n == name || (t == "counter" && name.strip_suffix("_total") == Some(n))
+            });
+            assert!(known, "{name} in alert `{expr}` is not exported");
+        }
+    }
 }

@@ -20,6 +20,46 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: controller
 {{- end -}}
 
+{{- /* The LogPipeline controller finds the agents by app.kubernetes.io/name=outrider-agent. */ -}}
+{{- define "outrider.agentSelectorLabels" -}}
+app.kubernetes.io/name: outrider-agent
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent
+{{- end -}}
+
+{{- define "outrider.agentName" -}}
+{{- printf "%s-agent" (include "outrider.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "outrider.serviceAccountName" -}}
-{{- default (include "outrider.fullname" .) .Values.serviceAccount.name -}}
+{{- default (include "outrider.fullname" .) .Values.controller.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "outrider.agentServiceAccountName" -}}
+{{- default (include "outrider.agentName" .) .Values.agent.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "outrider.agentPriorityClassName" -}}
+{{- if .Values.agent.priorityClass.create -}}
+{{- include "outrider.agentName" . -}}
+{{- else -}}
+{{- .Values.agent.priorityClass.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "outrider.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* The container securityContext every Outrider container runs with. */ -}}
+{{- define "outrider.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities: {drop: [ALL]}
+seccompProfile: {type: RuntimeDefault}
 {{- end -}}
