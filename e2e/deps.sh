@@ -17,6 +17,10 @@ declare -A need=(
   [iptables-restore]=iptables
   [ip6tables-restore]=iptables
   [nsenter]=util-linux
+  [unshare]=util-linux         # e2e/tests/image.rs: the image run as a container
+  [capsh]=libcap2-bin          # e2e/tests/image.rs: chroot + uid 65532 + no capabilities
+  [readelf]=binutils           # make dist: the static check
+  [redis-server]=redis-server  # e2e/argocd.sh: Argo CD's cache
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -13,6 +13,9 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
 VICTORIALOGS_VERSION=${VICTORIALOGS_VERSION:-v1.52.1}
+CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
+ARGOCD_VERSION=${ARGOCD_VERSION:-v3.6.1}
+ARGOCD_GOTOOLCHAIN=${ARGOCD_GOTOOLCHAIN:-go1.27.3}
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${OUTRIDER_CACHE:-$HOME/.cache/outrider}
@@ -119,7 +122,51 @@ build_victorialogs() {
     "-X github.com/VictoriaMetrics/VictoriaMetrics/lib/buildinfo.Version=victoria-logs-$VICTORIALOGS_VERSION"
 }
 
-all=(etcd kubernetes kwok helm victorialogs)
+# Argo CD (e2e/argocd.sh): one binary, role from ARGOCD_BINARY_NAME. `go install` is refused (its go.mod
+# replaces gitops-engine with ./gitops-engine), so a wrapper module requires argo-cd/v3 and copies its replace
+# block minus that line (gitops-engine/v3 is published at the same version). Its go.mod says go 1.27: the
+# toolchain is switched only for this build (GOTOOLCHAIN), inside the wrapper module, so neither the Go version
+# nor Argo CD's k8s.io pins touch anything else. Next to the binary: hack/git-verify-wrapper.sh (repo-server
+# runs it even with GPG off) and crds/ (Application, AppProject, ApplicationSet) from the same module.
+build_argocd() {
+  local dir="$cache/argocd-$ARGOCD_VERSION"
+  if ! done_marker "$dir"; then
+    need_go
+    log "building argocd $ARGOCD_VERSION into $dir (cold: ~11+ min on 2 cores, ~200 MB binary)"
+    local mod="$dir/src"; rm -rf "$mod"; mkdir -p "$mod"
+    (
+      cd "$mod"
+      export GOTOOLCHAIN=$ARGOCD_GOTOOLCHAIN
+      local m=github.com/argoproj/argo-cd/v3
+      local src; src=$(go mod download -json "$m@$ARGOCD_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+      [ -n "$src" ] && [ -f "$src/go.mod" ] || { log "go mod download $m@$ARGOCD_VERSION gave no source dir"; exit 1; }
+      {
+        echo "module outrider.dev/e2e/argocd"
+        echo
+        grep -m1 -E '^go [0-9]' "$src/go.mod"
+        echo
+        echo "require $m $ARGOCD_VERSION"
+        echo
+        # its replace block(s) and single-line replaces as they are, without the in-tree gitops-engine
+        awk '/^replace \($/ {inb=1} inb || /^replace / {print} inb && /^\)$/ {inb=0}' "$src/go.mod" |
+          grep -v '=> \./gitops-engine'
+      } > go.mod
+      go get "$m/cmd@$ARGOCD_VERSION"
+      go build -ldflags "-s -w -X $m/common.version=${ARGOCD_VERSION#v}" -o "$dir/argocd" "$m/cmd"
+      mkdir -p "$dir/hack" "$dir/crds"
+      install -m 0755 "$src/hack/git-verify-wrapper.sh" "$dir/hack/git-verify-wrapper.sh"
+      install -m 0644 "$src"/manifests/crds/*-crd.yaml "$dir/crds/"
+    )
+    touch "$dir/.complete"
+  fi
+  link "$dir" argocd
+}
+
+# OCI image assembly without a container engine (e2e/image/build.sh); not in the default list:
+# `make image` asks for it (`e2e/tools.sh crane`).
+build_crane() { build_gotool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"; }
+
+all=(etcd kubernetes kwok helm victorialogs argocd crane)
 [ $# -gt 0 ] && all=("$@")
 for t in "${all[@]}"; do "build_$t"; done
 log "tools ready in $bin"
