@@ -442,6 +442,7 @@ cmd_up() {
       return 0
     fi
     log "found a stopped or half-dead cluster in $STATE: stopping what is left and starting fresh"
+    stop_dependents
     stop_all
     rm -rf "$STATE"
   fi
@@ -586,11 +587,18 @@ EOF
   log "up in $((SECONDS - t0))s: export KUBECONFIG=$KUBECONFIG_ADMIN   (state: $STATE)"
 }
 
+# What runs on top of the cluster and keeps its state under $STATE: stopped before the state
+# directory goes, or its processes would outlive the files that find them.
+stop_dependents() {
+  [ -x "$here/argocd.sh" ] && "$here/argocd.sh" down >/dev/null 2>&1 || true
+}
+
 cmd_down() {
   if [ ! -d "$STATE" ]; then
     log "nothing to stop ($STATE does not exist)"
     return 0
   fi
+  stop_dependents
   stop_all
   if [ "${KEEP_STATE:-0}" = 1 ]; then
     log "stopped; state kept in $STATE (KEEP_STATE=1)"
