@@ -591,6 +591,10 @@ EOF
 # directory goes, or its processes would outlive the files that find them.
 stop_dependents() {
   [ -x "$here/argocd.sh" ] && "$here/argocd.sh" down >/dev/null 2>&1 || true
+  # a running `make demo` (its controller, agent, VictoriaLogs and fleet)
+  if [ -d "$STATE/demo" ] || [ -d "$STATE/fleet" ]; then
+    OUTRIDER_DEMO_DIR=$STATE "$here/demo.sh" down >/dev/null 2>&1 || true
+  fi
 }
 
 cmd_down() {
