@@ -270,11 +270,12 @@ impl Evaluator {
         &self.baselines
     }
 
-    /// Each target once, in its worst check's state (Pending counts as Unknown).
+    /// Each target once, in its worst check's state (Pending counts as Unknown). A host and an
+    /// endpoint that share a name are two targets.
     pub fn summary(&self) -> Summary {
-        let mut worst: BTreeMap<&str, State> = BTreeMap::new();
+        let mut worst: BTreeMap<(bool, &str), State> = BTreeMap::new();
         for ((target, _), t) in &self.tracked {
-            let w = worst.entry(target).or_insert(State::Healthy);
+            let w = worst.entry((t.host, target)).or_insert(State::Healthy);
             if t.state.severity() > w.severity() {
                 *w = t.state;
             }
@@ -432,6 +433,32 @@ mod tests {
         let t = feed(&mut e, 2, Outcome::Fail).expect("a failure among them");
         assert_eq!(t.to, State::Unhealthy);
         assert_eq!(e.summary().unhealthy, 1);
+    }
+
+    #[test]
+    fn a_host_and_an_endpoint_with_the_same_name_are_two_targets() {
+        let mut e = Evaluator::new(policy(1, 1), Baselines::new());
+        let host = Subject {
+            target: "web-1",
+            check: "disk",
+            host: true,
+            unit: None,
+        };
+        let endpoint = Subject {
+            target: "web-1",
+            check: "http",
+            host: false,
+            unit: None,
+        };
+        e.observe(at(0), false, host, Observation::pass("ok"));
+        e.observe(
+            at(0),
+            false,
+            endpoint,
+            Observation::fail("connection refused"),
+        );
+        let s = e.summary();
+        assert_eq!((s.healthy, s.unhealthy), (1, 1), "{s:?}");
     }
 
     #[test]
