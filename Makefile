@@ -19,6 +19,17 @@ tools:
 build:
 	$(CARGO) build --locked
 
+## dist: dist/outrider, a static binary (glibc static-pie, checked: no PT_INTERP, no DT_NEEDED)
+## image: dist/outrider-<version>.oci.tar, the OCI image (scratch-style, uid 65532), built with
+##        go-containerregistry's crane (cached like the other tools), no container engine
+.PHONY: dist image
+dist:
+	e2e/image/dist.sh >/dev/null
+
+image:
+	e2e/tools.sh crane
+	e2e/image/build.sh >/dev/null
+
 ## crds: regenerate crds/ from the types (the test suite fails when they differ)
 crds:
 	$(CARGO) run --quiet --locked -- crd > crds/outrider.dev.yaml
@@ -40,13 +51,16 @@ cluster-test: deps tools
 	e2e/cluster_test.sh
 
 ## test: everything — unit, integration (tests/) and cluster tests (e2e/) on a real control plane
-test: deps tools
+test: deps tools image
 	$(CARGO) build --locked --all-targets
 	e2e/cluster.sh up
 	$(CARGO) test --locked --no-fail-fast
 
-## demo: local control plane + controller, the examples applied, then `kubectl get outrider`
+## demo: (root) a fleet of three network-namespace hosts with real sshd (e2e/fleet.sh), the local
+##       control plane, controller, node agent and VictoriaLogs; examples/ applied, waited on until
+##       every resource is green, then `kubectl get outrider` and what to try
 demo: cluster-up build
+	e2e/tools.sh victorialogs
 	e2e/demo.sh
 
 demo-down:

@@ -162,8 +162,7 @@ build_argocd() {
   link "$dir" argocd
 }
 
-# OCI image assembly without a container engine (e2e/image/build.sh); not in the default list:
-# `make image` asks for it (`e2e/tools.sh crane`).
+# OCI image assembly without a container engine (e2e/image/build.sh, `make image`).
 build_crane() { build_gotool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"; }
 
 all=(etcd kubernetes kwok helm victorialogs argocd crane)

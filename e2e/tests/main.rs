@@ -2,8 +2,11 @@
 //! started on loopback by `e2e/cluster.sh`, with the `outrider` binary as the controller.
 
 mod api;
+mod argocd;
 mod chart;
+mod demo;
 mod health_check;
+mod image;
 mod inventory;
 mod log_pipeline;
 #[path = "../../tests/support/netns.rs"]

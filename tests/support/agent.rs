@@ -19,7 +19,7 @@ pub struct Agent {
 impl Agent {
     /// Starts `outrider agent <args> --metrics-addr 127.0.0.1:<free>` with fast timings.
     pub fn start(dir: &Path, args: &[&str]) -> Self {
-        let mut a = Self::spawn(dir, args);
+        let a = Self::spawn(dir, args);
         a.wait_ready();
         a
     }
