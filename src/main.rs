@@ -212,13 +212,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         controller::run(ctx, shutdown).await;
         return Ok(());
     }
-    let config = leader::LeaderConfig {
-        lease_name: args.lease_name,
-        namespace: args.lease_namespace,
-        identity: identity.clone(),
-        duration_secs: args.lease_duration.max(2),
-        grace_secs: (args.lease_duration / 3).max(1),
-    };
+    let config = leader::LeaderConfig::new(
+        args.lease_name,
+        args.lease_namespace,
+        identity.clone(),
+        args.lease_duration,
+    );
     tracing::info!(%identity, lease = %config.lease_name, "waiting for leadership");
     let Some(mut leadership) = leader::acquire(client, &config, &shutdown).await? else {
         tracing::info!("shut down before becoming leader");
@@ -228,17 +227,15 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     metrics.leader.set(1);
     let stop = shutdown.child_token();
     let lost = tokio::select! {
-        _ = controller::run(ctx, stop.clone()) => false,
-        _ = leadership.lost() => true,
+        _ = controller::run(ctx, stop.clone()) => None,
+        why = leadership.lost() => Some(why),
     };
-    if lost {
-        // Another replica may already be reconciling: stop at once and let the pod restart
-        // as a candidate, rather than race it.
+    if let Some(why) = lost {
+        // Another replica may already be reconciling, or soon will: stop every run at once
+        // (exit, not a graceful drain) and let the pod restart as a candidate.
         metrics.leader.set(0);
-        anyhow::bail!(
-            "lost the leader Lease {}; exiting so a fresh candidate can rejoin",
-            config.lease_name
-        );
+        tracing::error!(%why, "lost leadership; exiting now");
+        std::process::exit(1);
     }
     metrics.leader.set(0);
     leadership.release().await?;

@@ -8,6 +8,7 @@ mod demo;
 mod health_check;
 mod image;
 mod inventory;
+mod leader;
 mod log_pipeline;
 #[path = "../../tests/support/netns.rs"]
 mod netns;
