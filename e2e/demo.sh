@@ -10,7 +10,8 @@
 #   2. the CRDs, and the controller as a local process watching namespace outrider-demo (its
 #      operator namespace too: the agents' ConfigMap and Pods live there);
 #   3. VictoriaLogs on 127.0.0.1:9428 (the log store, fed through its Loki push API);
-#   4. namespace outrider-demo: the fleet's Secret and examples/*.yaml;
+#   4. namespace outrider-demo: the fleet's Secret and examples/*.yaml, as rendered for this demo
+#      into <state>/demo/examples/ (same file names; see render);
 #   5. the node agent as a local process for kwok-node-0: a Pod object on that node (kwok keeps it
 #      Running) that the agent reports its config hash on, and its agent.yaml kept in sync with the
 #      ConfigMap `outrider-agent` the controller renders (a kubelet would mount it);
@@ -18,6 +19,11 @@
 #      plan Succeeded, HealthCheck healthy, SecurityPolicy applied on every host, LogPipeline Ready
 #      and lines in the store; prints `kubectl get outrider` and what happened. Exit 1 if not.
 #   Idempotent: run again, it keeps the fleet and the objects and restarts the processes.
+#   With OUTRIDER_DEMO_APPLY=0, steps 1-5 but for applying the examples (the Secret is applied;
+#   the agent waits for the ConfigMap the controller renders once a LogPipeline exists), and no
+#   step 6: it prints the directory of the rendered examples (<state>/demo/examples) as the last
+#   line on stdout and exits 0, for a caller that brings them in its own way (the Argo CD e2e test
+#   commits them to Git) and judges the result itself.
 # down: deletes the namespace (while the controller still runs, for the plan's finalizer), stops
 #   the agent, the controller and VictoriaLogs, takes the fleet down, removes the demo's state.
 #
@@ -30,6 +36,7 @@
 #                          namespace outrider-demo-S, logs /var/log/outrider-demo-S, a free store
 #                          port; the examples are applied with those addresses (see render)
 #   OUTRIDER_DEMO_TIMEOUT  seconds to wait for everything to settle (default 120)
+#   OUTRIDER_DEMO_APPLY    1 (default): apply the examples and wait; 0: neither (see up above)
 #   OUTRIDER_BIN           the outrider binary (default target/debug/outrider)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,6 +51,8 @@ SLOT=${OUTRIDER_DEMO_SLOT:-0}
 SLOT=$((10#$SLOT))
 export OUTRIDER_DEMO_SLOT=$SLOT
 TIMEOUT=${OUTRIDER_DEMO_TIMEOUT:-120}
+APPLY=${OUTRIDER_DEMO_APPLY:-1}
+[[ $APPLY =~ ^[01]$ ]] || { echo "[demo] OUTRIDER_DEMO_APPLY must be 0 or 1, not '$APPLY'" >&2; exit 2; }
 BIN=${OUTRIDER_BIN:-$repo/target/debug/outrider}
 KC="$CLUSTER/kubeconfig"
 STATE="${PARENT%/}/demo"
@@ -139,6 +148,14 @@ render() {
     -e "s/127\.0\.0\.1:9428/127.0.0.1:$PORT/g" "$1"
 }
 
+# Every example, rendered, into $STATE/examples/ under its own name: what this demo applies
+render_examples() {
+  rm -rf -- "$STATE/examples"
+  mkdir -p "$STATE/examples"
+  local f
+  for f in "$repo"/examples/*.yaml; do render "$f" >"$STATE/examples/${f##*/}"; done
+}
+
 start_store() {
   [ -x "$repo/e2e/bin/victoria-logs" ] || die "e2e/bin/victoria-logs is missing: run e2e/tools.sh victorialogs"
   stop_daemon victoria-logs
@@ -199,8 +216,13 @@ start_agent() {
   stop_daemon agent
   mkdir -p "$STATE/agent/state"
   local i
-  for i in $(seq 100); do sync_agent_config && break; sleep 0.3; done
-  [ -s "$STATE/agent/agent.yaml" ] || die "the controller rendered no ConfigMap outrider-agent in $NS (log $LOGS/controller.log)"
+  if [ "$APPLY" = 1 ]; then
+    for i in $(seq 100); do sync_agent_config && break; sleep 0.3; done
+    [ -s "$STATE/agent/agent.yaml" ] || die "the controller rendered no ConfigMap outrider-agent in $NS (log $LOGS/controller.log)"
+  else
+    # no LogPipeline yet, so maybe no ConfigMap: the agent waits for its file, agent-sync writes it
+    sync_agent_config || true
+  fi
   start_daemon agent "KUBECONFIG=$KC" "POD_NAME=$AGENT_POD" "POD_NAMESPACE=$NS" "RUST_LOG=${RUST_LOG:-info}" -- \
     "$BIN" agent --config "$STATE/agent/agent.yaml" --state-dir "$STATE/agent/state" \
     --node-name "$AGENT_NODE" --metrics-addr 127.0.0.1:0
@@ -301,18 +323,27 @@ up() {
 
   "$repo/e2e/fleet.sh" up
   kubectl apply --server-side --force-conflicts --field-manager=outrider-demo -f "$repo/crds/" >/dev/null
-  kubectl wait --for=condition=Established --timeout=60s -f "$repo/crds/" >/dev/null
+  # retried: right after creation .status.conditions is null and `kubectl wait` fails at once
+  local try
+  for try in $(seq 30); do
+    kubectl wait --for=condition=Established --timeout=10s -f "$repo/crds/" >/dev/null 2>&1 && break
+    [ "$try" = 30 ] && die "the CRDs were not Established within 30 tries"
+    sleep 1
+  done
   PORT=$(store_port)
   start_store
   kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl apply -n "$NS" -f "$FLEET/ssh-secret.yaml" >/dev/null
   agent_pod
   start_controller
-  local f
-  for f in "$repo"/examples/*.yaml; do
-    render "$f"
-    echo "---"
-  done | kubectl apply -n "$NS" -f -
+  render_examples
+  if [ "$APPLY" = 0 ]; then
+    start_agent
+    log "examples not applied (OUTRIDER_DEMO_APPLY=0): rendered for namespace $NS in $STATE/examples"
+    echo "$STATE/examples"
+    return 0
+  fi
+  kubectl apply -n "$NS" -f "$STATE/examples/"
   start_agent
   wait_settled || exit 1
   summary

@@ -14,6 +14,12 @@
 //!   defaults are no drift), and the live objects equal the committed manifests (`kubectl diff
 //!   --server-side`). `argocd_server_side_apply_*` tells the same story with Argo CD applying
 //!   server-side (`ServerSideApply=true`) and comparing server-side (`ServerSideDiff=true`).
+//! - `argocd_syncs_the_examples_*`: the repository's own `examples/` against the demo fleet
+//!   (`OUTRIDER_DEMO_APPLY=0 e2e/demo.sh up` in a slot of its own: network-namespace hosts with
+//!   sshd, the controller, VictoriaLogs, the node agent; the examples rendered for the slot but
+//!   not applied) committed to a `file://` repository: every example's own health reaches
+//!   Healthy, the app stays Synced with one sync, `kubectl diff --server-side` of the examples is
+//!   empty; then the Application is deleted and the demo taken down.
 //!
 //! The Secrets with SSH keys are applied with kubectl, never committed (see the test).
 
@@ -32,7 +38,7 @@ use outrider::api::log_pipeline::{LogPipelineStatus, NodeCounts};
 use outrider::api::security_policy::{
     ApplyFailure, DriftRecord, PolicyFinding, PolicyHostCounts, SecurityPolicyStatus,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::netns::NetnsHost;
@@ -1343,6 +1349,59 @@ fn synced_with(app: &Value, revision: &str, want: &[(&str, &str, &str)]) -> bool
         })
 }
 
+/// Asks for three refreshes, 5 s apart, and waits for each to be done (a new `reconciledAt`, the
+/// refresh annotation consumed); returns the Application after the last one.
+async fn refresh_a_few_times(kc: &Path, name: &str) -> Value {
+    for _ in 0..3 {
+        let before = get_app(kc, name).map(|a| a["status"]["reconciledAt"].clone());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        refresh(kc, name);
+        wait_app(kc, name, Duration::from_secs(60), "a refresh", |app| {
+            Some(app["status"]["reconciledAt"].clone()) != before
+                && app["metadata"]["annotations"]["argocd.argoproj.io/refresh"].is_null()
+        })
+        .await;
+    }
+    get_app(kc, name).expect("app")
+}
+
+/// The revisions Argo CD synced, oldest first (`.status.history`).
+fn synced_revisions(app: &Value) -> Vec<&str> {
+    app["status"]["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["revision"].as_str())
+        .collect()
+}
+
+/// What is live equals what is committed in `dir`, field by field: `kubectl diff --server-side`
+/// (a dry-run apply as another field manager: the fields Argo CD, the controller and the API
+/// server own stay theirs, so only a committed value that differs from the live one shows up)
+/// is empty. `ns` is the namespace of manifests that name none (Argo CD's destination).
+fn assert_live_equals_committed(kc: &Path, ns: &str, dir: &Path) {
+    let out = kubectl(
+        kc,
+        &[
+            "diff",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=e2e-diff",
+            "-n",
+            ns,
+            "-f",
+            dir.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "kubectl diff of the committed manifests is not empty (exit {:?}):\n{}{}",
+        out.status.code(),
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
 /// The Application, deleted at the end of the test whatever happens (its resources stay: no
 /// finalizer), so Argo CD stops reading a repository that is gone.
 struct AppGuard<'a> {
@@ -1489,26 +1548,14 @@ async fn gitops(mode: Mode, prefix: &str) {
         ("SecurityPolicy", "fw", "Healthy"),
         ("LogPipeline", "logs", "Healthy"),
     ];
-    let t = Instant::now();
-    let app = wait_app(
+    wait_all_healthy(
         &kc,
         &app_name,
+        &rev1,
+        &all_healthy,
         Duration::from_secs(240),
-        "every kind Healthy, app Synced",
-        |app| synced_with(app, &rev1, &all_healthy),
     )
     .await;
-    println!(
-        "synced and every kind Healthy after {:?}:\n{}",
-        t.elapsed(),
-        summary(&app)
-    );
-    assert_eq!(
-        app["status"]["health"]["status"],
-        "Healthy",
-        "the app's own health rolls the kinds up:\n{}",
-        summary(&app)
-    );
 
     // a commit that breaks the plan: the new run fails on the host -> Degraded
     let broken = plan_yaml(&ns, "echo broken >&2; exit 3", false);
@@ -1563,23 +1610,7 @@ async fn gitops(mode: Mode, prefix: &str) {
     // automated sync (selfHeal) apply again. Several refreshes later, still Synced, and no new
     // sync operation started.
     let last_sync = app["status"]["operationState"]["finishedAt"].clone();
-    for _ in 0..3 {
-        let before = get_app(&kc, &app_name).map(|a| a["status"]["reconciledAt"].clone());
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        refresh(&kc, &app_name);
-        wait_app(
-            &kc,
-            &app_name,
-            Duration::from_secs(60),
-            "a refresh",
-            |app| {
-                Some(app["status"]["reconciledAt"].clone()) != before
-                    && app["metadata"]["annotations"]["argocd.argoproj.io/refresh"].is_null()
-            },
-        )
-        .await;
-    }
-    let app = get_app(&kc, &app_name).expect("app");
+    let app = refresh_a_few_times(&kc, &app_name).await;
     assert!(
         synced_with(&app, &rev4, &all_healthy),
         "drift after reconcile:\n{}",
@@ -1592,41 +1623,272 @@ async fn gitops(mode: Mode, prefix: &str) {
         summary(&app)
     );
     // one sync per commit over the whole test: selfHeal never had drift to undo
-    let synced: Vec<&str> = app["status"]["history"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|h| h["revision"].as_str())
-        .collect();
     assert_eq!(
-        synced,
+        synced_revisions(&app),
         [rev1.as_str(), rev2.as_str(), rev3.as_str(), rev4.as_str()],
         "sync history (a revision twice is a self-heal sync):\n{}",
         summary(&app)
     );
 
-    // and what is live equals what is committed, field by field (server-side dry-run as another
-    // field manager: the fields Argo CD, the controller and the API server own stay theirs, so only
-    // a committed value that differs from the live one shows up)
-    let deploy = git_repo.deploy();
-    let deploy_dir = deploy.to_str().expect("utf-8 path");
-    let out = kubectl(
-        &kc,
-        &[
-            "diff",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=e2e-diff",
-            "-f",
-            deploy_dir,
-        ],
-    );
+    // and what is live equals what is committed
+    assert_live_equals_committed(&kc, &ns, &git_repo.deploy());
+    println!("argocd e2e ({mode:?}) took {:?}", started.elapsed());
+}
+
+// ------------------------------------------------------------- the examples on the demo fleet
+
+/// `e2e/demo.sh` with `OUTRIDER_DEMO_APPLY=0`: the demo fleet (three network-namespace hosts with
+/// sshd), its Secret in the namespace, the controller, VictoriaLogs and the node agent, but the
+/// examples left to Argo CD. In a slot and a temp state dir of its own; `down` when dropped
+/// unless the test did it.
+struct DemoFleet {
+    slot: u32,
+    dir: tempfile::TempDir,
+    cluster: PathBuf,
+    down: bool,
+}
+
+impl DemoFleet {
+    fn new(kc: &Path) -> Self {
+        // the demo test of this same process takes pid % 250 + 1: stay half the range away
+        Self {
+            slot: (std::process::id() + 125) % 250 + 1,
+            dir: tempfile::Builder::new()
+                .prefix("outrider-argocd-demo-")
+                .tempdir()
+                .expect("tempdir"),
+            cluster: cluster_dir(kc),
+            down: false,
+        }
+    }
+
+    fn run(&self, arg: &str) -> std::process::Output {
+        Command::new(repo().join("e2e/demo.sh"))
+            .arg(arg)
+            .env("OUTRIDER_CLUSTER_DIR", &self.cluster)
+            .env("OUTRIDER_DEMO_DIR", self.dir.path())
+            .env("OUTRIDER_DEMO_SLOT", self.slot.to_string())
+            .env("OUTRIDER_DEMO_APPLY", "0")
+            .env("OUTRIDER_BIN", env!("CARGO_BIN_EXE_outrider"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running e2e/demo.sh (is bash installed?)")
+    }
+
+    fn namespace(&self) -> String {
+        format!("outrider-demo-{}", self.slot)
+    }
+}
+
+impl Drop for DemoFleet {
+    fn drop(&mut self) {
+        if !self.down {
+            let out = self.run("down");
+            if !out.status.success() {
+                eprintln!("e2e/demo.sh down failed:\n{}", stderr(&out));
+            }
+        }
+    }
+}
+
+/// The `*.yaml` file names in `dir`, sorted.
+fn yaml_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `(kind, name)` of every document in `text`.
+fn objects_in(text: &str) -> Vec<(String, String)> {
+    serde_yaml::Deserializer::from_str(text)
+        .filter_map(|doc| {
+            let v = serde_yaml::Value::deserialize(doc).expect("example yaml");
+            let s = |v: &serde_yaml::Value| v.as_str().map(str::to_string);
+            Some((s(&v["kind"])?, s(&v["metadata"]["name"])?))
+        })
+        .collect()
+}
+
+/// GitOps as a user runs it, with nothing made up for the test: the repository's own
+/// `examples/`, exactly the files a user reads (rendered by `e2e/demo.sh` for the slot's addresses,
+/// log dir and store port), committed to Git; Argo CD syncs them onto the demo fleet, every
+/// resource's own health turns Healthy, the app stays Synced without a second sync, and the live
+/// objects equal the committed files.
+#[tokio::test]
+async fn argocd_syncs_the_examples_onto_the_demo_fleet_and_every_kind_turns_healthy_without_drift()
+{
+    let started = Instant::now();
+    let kc = kubeconfig();
+    argocd_up(&kc);
+    let mut demo = DemoFleet::new(&kc);
+    let ns = demo.namespace();
+    let out = demo.run("up");
     assert!(
         out.status.success(),
-        "kubectl diff of the committed manifests is not empty (exit {:?}):\n{}{}",
-        out.status.code(),
+        "OUTRIDER_DEMO_APPLY=0 e2e/demo.sh up failed:\n{}\n{}",
         stdout(&out),
         stderr(&out)
     );
-    println!("argocd e2e ({mode:?}) took {:?}", started.elapsed());
+    println!(
+        "demo fleet in slot {} up after {:?}",
+        demo.slot,
+        started.elapsed()
+    );
+    let rendered = PathBuf::from(stdout(&out).lines().last().unwrap_or_default());
+    assert_eq!(
+        rendered,
+        demo.dir.path().join("demo/examples"),
+        "the last line demo.sh prints is the rendered examples' dir:\n{}",
+        stdout(&out)
+    );
+
+    // every example, none left out, none added
+    let names = yaml_names(&rendered);
+    assert_eq!(names, yaml_names(&repo().join("examples")));
+    let mut files = Vec::new();
+    let mut managed = Vec::new();
+    for name in &names {
+        let text = std::fs::read_to_string(rendered.join(name)).expect("rendered example");
+        assert!(
+            !text.contains("198.19.0."),
+            "{name} still names slot 0's fleet:\n{text}"
+        );
+        managed.extend(objects_in(&text));
+        files.push((name.as_str(), text));
+    }
+    managed.sort();
+    for kind in KINDS {
+        assert!(
+            managed.iter().any(|(k, _)| k == kind),
+            "no {kind} in examples/: {managed:?}"
+        );
+    }
+    let git_repo = GitRepo::new();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let rev = git_repo.commit(&refs, "examples/ for the demo fleet");
+
+    let app_name = format!("outrider-{ns}");
+    apply(
+        &kc,
+        &application_yaml(&app_name, &git_repo.url(), &ns, Mode::ClientSide),
+    );
+    let guard = AppGuard {
+        kc: &kc,
+        name: app_name.clone(),
+    };
+    let want: Vec<(&str, &str, &str)> = managed
+        .iter()
+        .map(|(k, n)| (k.as_str(), n.as_str(), "Healthy"))
+        .collect();
+    let app = wait_all_healthy(&kc, &app_name, &rev, &want, Duration::from_secs(360)).await;
+    // Argo CD manages the examples and nothing else (the Secret, the agent's Pod and ConfigMap,
+    // the plan's Job are not the app's)
+    let mut listed: Vec<(String, String)> = app["status"]["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (s(&r["kind"]), s(&r["name"]))
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(listed, managed, "{}", summary(&app));
+
+    // no drift after reconcile: still Synced and Healthy, no sync but the first
+    let last_sync = app["status"]["operationState"]["finishedAt"].clone();
+    let app = refresh_a_few_times(&kc, &app_name).await;
+    assert!(
+        synced_with(&app, &rev, &want),
+        "drift after reconcile:\n{}",
+        summary(&app)
+    );
+    assert_eq!(
+        app["status"]["operationState"]["finishedAt"],
+        last_sync,
+        "Argo CD synced again although nothing was committed:\n{}",
+        summary(&app)
+    );
+    assert_eq!(
+        synced_revisions(&app),
+        [rev.as_str()],
+        "sync history (a revision twice is a self-heal sync):\n{}",
+        summary(&app)
+    );
+    assert_live_equals_committed(&kc, &ns, &git_repo.deploy());
+
+    // the end: the Application goes first (no finalizer: the examples stay, nothing syncs them
+    // back while the demo takes its namespace down), then the demo
+    drop(guard);
+    eventually(
+        Duration::from_secs(30),
+        "the Application deleted",
+        || async {
+            let out = kubectl(
+                &kc,
+                &["-n", APPS_NS, "get", "application", &app_name, "-o", "name"],
+            );
+            (!out.status.success() && stderr(&out).contains("NotFound")).then_some(())
+        },
+    )
+    .await;
+    demo.down = true;
+    let out = demo.run("down");
+    assert!(
+        out.status.success(),
+        "e2e/demo.sh down failed:\n{}",
+        stderr(&out)
+    );
+    let out = kubectl(&kc, &["get", "namespace", &ns, "-o", "name"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("NotFound"),
+        "namespace {ns} is left: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    println!(
+        "argocd e2e (the examples on the demo fleet) took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Waits until the app is Synced at `rev` with every resource of `want` in its health, and
+/// checks the app's own health rolls them up to Healthy.
+async fn wait_all_healthy(
+    kc: &std::path::Path,
+    app_name: &str,
+    rev: &str,
+    want: &[(&str, &str, &str)],
+    timeout: Duration,
+) -> serde_json::Value {
+    let t = Instant::now();
+    let app = wait_app(
+        kc,
+        app_name,
+        timeout,
+        "every resource Healthy, app Synced",
+        |app| synced_with(app, rev, want),
+    )
+    .await;
+    println!(
+        "synced and every resource Healthy after {:?}:\n{}",
+        t.elapsed(),
+        summary(&app)
+    );
+    assert_eq!(
+        app["status"]["health"]["status"],
+        "Healthy",
+        "the app's own health rolls the resources up:\n{}",
+        summary(&app)
+    );
+    app
 }
