@@ -65,12 +65,10 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
   log "warning: the work tree has uncommitted changes; revision label $revision-dirty"
   revision="$revision-dirty"
 fi
-source_url=${OUTRIDER_IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || true)}
-case "$source_url" in
-  git@*:*) source_url="https://${source_url#git@}"; source_url="${source_url/://}" ;;
-esac
-source_url=${source_url%.git}
-source_url=${source_url:-https://github.com/outrider-dev/outrider}
+# the project's public repository (Cargo.toml `repository`), not wherever this checkout was
+# cloned from (a CI clone's origin is a local path)
+source_url=${OUTRIDER_IMAGE_SOURCE:-$(sed -n '/^\[package\]/,/^\[/ s/^repository *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)}
+[ -n "$source_url" ] || die "no package repository in Cargo.toml"
 image_name=${OUTRIDER_IMAGE_NAME:-ghcr.io/outrider-dev/outrider}
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
 

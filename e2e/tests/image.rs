@@ -401,11 +401,10 @@ fn image_is_a_static_scratch_image_for_uid_65532_with_oci_labels() {
         labels["org.opencontainers.image.licenses"],
         env!("CARGO_PKG_LICENSE")
     );
-    assert!(
-        labels["org.opencontainers.image.source"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("https://")),
-        "{labels}"
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        env!("CARGO_PKG_REPOSITORY"),
+        "the project's repository, not the checkout's origin: {labels}"
     );
     let head = run(
         Command::new("git")
