@@ -323,8 +323,90 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
 
     let sa_config = service_account_kubeconfig(&release_ns, &release);
     controller_works_under_the_chart_rbac(&sa_config, &watched, &release_ns).await;
+    users_get_the_kinds_through_view_and_edit_but_never_status(&watched).await;
 
     uninstall(&release, &release_ns);
+}
+
+/// `auth can-i` as ServiceAccount `sa` of `ns`; `resource` may end in `/status` (the subresource).
+fn user_can(ns: &str, sa: &str, verb: &str, resource: &str) -> bool {
+    let who = format!("system:serviceaccount:{ns}:{sa}");
+    let mut args = vec!["auth", "can-i", verb, "-n", ns, "--as", &who];
+    match resource.strip_suffix("/status") {
+        Some(r) => args.extend([r, "--subresource", "status"]),
+        None => args.push(resource),
+    }
+    let out = kubectl(&kubeconfig(), &args);
+    let answer = stdout(&out).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "auth can-i {args:?}: {answer} {}",
+        stderr(&out)
+    );
+    answer == "yes"
+}
+
+/// Kubernetes' own `view` and `edit` roles, bound in a namespace, carry the chart's aggregated
+/// rules: readers read the five kinds, editors write their spec, nobody but the controller
+/// writes status.
+async fn users_get_the_kinds_through_view_and_edit_but_never_status(ns: &str) {
+    for (sa, role) in [("viewer", "view"), ("editor", "edit")] {
+        let out = kubectl(&kubeconfig(), &["create", "serviceaccount", sa, "-n", ns]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = kubectl(
+            &kubeconfig(),
+            &[
+                "create",
+                "rolebinding",
+                sa,
+                "-n",
+                ns,
+                "--clusterrole",
+                role,
+                "--serviceaccount",
+                &format!("{ns}:{sa}"),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // the clusterrole-aggregation controller copies the rules in shortly after install
+    eventually(
+        Duration::from_secs(60),
+        "aggregated view/edit rules",
+        || async {
+            (user_can(ns, "viewer", "list", "deploymentplans.outrider.dev")
+                && user_can(ns, "editor", "create", "securitypolicies.outrider.dev"))
+            .then_some(())
+        },
+    )
+    .await;
+    for kind in [
+        "inventories",
+        "deploymentplans",
+        "healthchecks",
+        "securitypolicies",
+        "logpipelines",
+    ] {
+        let r = format!("{kind}.outrider.dev");
+        assert!(user_can(ns, "viewer", "watch", &r), "view reads {kind}");
+        assert!(
+            !user_can(ns, "viewer", "create", &r),
+            "view cannot create {kind}"
+        );
+        assert!(user_can(ns, "editor", "patch", &r), "edit writes {kind}");
+        assert!(user_can(ns, "editor", "delete", &r), "edit deletes {kind}");
+        let status = format!("{r}/status");
+        for sa in ["viewer", "editor"] {
+            assert!(
+                !user_can(ns, sa, "patch", &status),
+                "{sa} cannot patch {kind} status"
+            );
+            assert!(
+                !user_can(ns, sa, "update", &status),
+                "{sa} cannot update {kind} status"
+            );
+        }
+    }
 }
 
 #[tokio::test]
