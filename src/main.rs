@@ -82,6 +82,11 @@ struct ControllerArgs {
     /// replica is restarted instead of holding the Lease while doing nothing.
     #[arg(long, env = "OUTRIDER_STUCK_RECONCILE_AFTER", default_value = "10m", value_parser = cli::agent::duration)]
     stuck_reconcile_after: std::time::Duration,
+    /// Let DeploymentPlan Job stages ask for host paths, host namespaces, privileged
+    /// containers, added capabilities or another ServiceAccount (refused by default: the
+    /// controller creates the Job with its own rights).
+    #[arg(long, env = "OUTRIDER_ALLOW_PRIVILEGED_JOBS")]
+    allow_privileged_jobs: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -200,13 +205,15 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     ready.set(true);
 
     let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         metrics.clone(),
         Some(identity.clone()),
         WatchNamespace::from_option(args.watch_namespace),
         args.lease_namespace.clone(),
-    ));
+    );
+    ctx.allow_privileged_jobs = args.allow_privileged_jobs;
+    let ctx = Arc::new(ctx);
 
     if !args.leader_elect {
         controller::run(ctx, shutdown).await;

@@ -752,10 +752,13 @@ async fn job_stage_runs_as_an_owned_job_then_ssh_stages_follow() {
     let spec = job.spec.as_ref().expect("job spec");
     assert_eq!(spec.active_deadline_seconds, Some(120));
     assert!(spec.ttl_seconds_after_finished.is_some());
-    let env = spec.template.spec.as_ref().expect("pod").containers[0]
-        .env
-        .clone()
-        .unwrap_or_default();
+    let pod = spec.template.spec.as_ref().expect("pod");
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "no API token in a stage's pod unless its template asks"
+    );
+    let env = pod.containers[0].env.clone().unwrap_or_default();
     assert!(
         env.iter()
             .any(|e| e.name == "RELEASE" && e.value.as_deref() == Some("42"))
@@ -915,4 +918,35 @@ async fn secret_env_values_reach_ssh_stages_and_jobs_but_never_status_or_events(
     let all =
         serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
     assert!(!all.contains("s3cr3t"));
+}
+
+#[tokio::test]
+async fn a_job_stage_asking_for_the_node_is_refused_naming_the_field_and_never_created() {
+    use k8s_openapi::api::batch::v1::Job;
+    let kc = kubeconfig();
+    let ns = namespace("dp-privjob");
+    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let client = client().await;
+    let api: Api<DeploymentPlan> = Api::namespaced(client.clone(), &ns);
+    setup(&ns, 1);
+    let stages = "    - name: grab\n      runOnce: true\n      job:\n        template: {spec: {containers: [{name: m, image: i, volumeMounts: [{name: root, mountPath: /host}]}], volumes: [{name: root, hostPath: {path: /}}]}}\n";
+    apply(&kc, &plan_yaml("grab", &ns, "{batchSize: 1}", stages, ""));
+    let (_, message) = eventually(Duration::from_secs(60), "PrivilegedJobRefused", || async {
+        let dp = api.get_opt("grab").await.ok().flatten()?;
+        let c = dp
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?;
+        (c.status == "False" && c.reason == "PrivilegedJobRefused").then_some((c.reason, c.message))
+    })
+    .await;
+    assert!(
+        message.contains("spec.stages[0].job.template.spec.volumes[0].hostPath"),
+        "{message}"
+    );
+    assert!(message.contains("--allow-privileged-jobs"), "{message}");
+    let jobs: Api<Job> = Api::namespaced(client, &ns);
+    let list = jobs.list(&ListParams::default()).await.expect("jobs");
+    assert!(list.items.is_empty(), "no Job was created");
 }

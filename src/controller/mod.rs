@@ -58,6 +58,9 @@ pub struct Context {
     pub handshakes: Arc<Semaphore>,
     /// Long-running per-object work (plan runs, inventory probes).
     pub tasks: tasks::Registry,
+    /// Job stages may ask for host access or another ServiceAccount
+    /// (`--allow-privileged-jobs`); refused by default.
+    pub allow_privileged_jobs: bool,
 }
 
 impl Context {
@@ -81,6 +84,7 @@ impl Context {
             operator_namespace,
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             tasks: tasks::Registry::default(),
+            allow_privileged_jobs: false,
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod deployment_plan;
 pub mod inventory;
+pub mod job_policy;
 pub mod security_policy;
 
 /// Why an object cannot be turned into engine or transport values. Each variant maps to a
@@ -39,6 +40,9 @@ pub enum ResolveError {
         inventory: String,
         field: &'static str,
     },
+    /// A Job stage that asks for host access or another identity.
+    #[error("{field}: {message}")]
+    PrivilegedJob { field: String, message: String },
 }
 
 impl ResolveError {
@@ -52,6 +56,7 @@ impl ResolveError {
             ResolveError::Hosts(_) => "InvalidHosts",
             ResolveError::NoTargets { .. } => "NoTargets",
             ResolveError::InvalidField { .. } => "InvalidSpec",
+            ResolveError::PrivilegedJob { .. } => "PrivilegedJobRefused",
         }
     }
 }

@@ -134,6 +134,10 @@ impl ClusterRunner {
             if pod.restart_policy.is_none() {
                 pod.restart_policy = Some("Never".into());
             }
+            // no API token in the stage's pod unless its template asks for one
+            if pod.automount_service_account_token.is_none() {
+                pod.automount_service_account_token = Some(false);
+            }
         }
         let id = format!(
             "{}/{}/{}/{attempt}",

@@ -244,6 +244,9 @@ async fn resolve(
         Ok(s) => s,
         Err(e) => return Ok(Err(e.into())),
     };
+    if let Err(e) = crate::resolve::job_policy::check_jobs(&dp.spec, ctx.allow_privileged_jobs) {
+        return Ok(Err(e.into()));
+    }
     if let Err(problem) = secret_env_values(ctx, ns, &mut spec).await? {
         return Ok(Err(problem));
     }
