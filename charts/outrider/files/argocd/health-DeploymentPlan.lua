@@ -8,35 +8,12 @@
 --   ProgressUnreadable: the controller retries, the user has to act), Progressing without one.
 -- No status yet, or a spec the controller has not observed yet (status.observedGeneration <
 -- metadata.generation: a new run is about to start), is Progressing.
-local hs = {}
-local function condition(t)
-  if obj.status ~= nil and obj.status.conditions ~= nil then
-    for _, c in ipairs(obj.status.conditions) do
-      if c.type == t then return c end
-    end
-  end
-  return nil
-end
-local function explain(c)
-  if c.message ~= nil and c.message ~= "" then return c.reason .. ": " .. c.message end
-  return c.reason or ""
-end
+-- (after _prelude.lua: hs, condition(), explain(), and the no-status / unobserved-generation
+-- cases, which are Progressing)
 local function hosts()
   local h = obj.status.hosts
   if h == nil then return "" end
   return (h.succeeded or 0) .. " of " .. (h.total or 0) .. " hosts succeeded, " .. (h.failed or 0) .. " failed"
-end
-if obj.status == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to start the run"
-  return hs
-end
-local generation = obj.metadata.generation
-local observed = obj.status.observedGeneration
-if generation ~= nil and (observed == nil or observed < generation) then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to observe generation " .. generation
-  return hs
 end
 local phase = obj.status.phase
 local ready = condition("Ready")

@@ -3,31 +3,8 @@
 -- Ready=True/AllReachable is Healthy; Ready=False (HostsUnreachable, SecretNotFound, SecretInvalid,
 -- InvalidHosts, HostKeysInvalid, InvalidObject) is Degraded; no status yet, a spec the controller
 -- has not observed (status.observedGeneration < metadata.generation) or no probe yet is Progressing.
-local hs = {}
-local function condition(t)
-  if obj.status ~= nil and obj.status.conditions ~= nil then
-    for _, c in ipairs(obj.status.conditions) do
-      if c.type == t then return c end
-    end
-  end
-  return nil
-end
-local function explain(c)
-  if c.message ~= nil and c.message ~= "" then return c.reason .. ": " .. c.message end
-  return c.reason or ""
-end
-if obj.status == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to report status"
-  return hs
-end
-local generation = obj.metadata.generation
-local observed = obj.status.observedGeneration
-if generation ~= nil and (observed == nil or observed < generation) then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to observe generation " .. generation
-  return hs
-end
+-- (after _prelude.lua: hs, condition(), explain(), and the no-status / unobserved-generation
+-- cases, which are Progressing)
 local ready = condition("Ready")
 if ready == nil or ready.status == "Unknown" then
   hs.status = "Progressing"

@@ -6,31 +6,8 @@
 --   (status.observedGeneration < metadata.generation) -> Progressing; Ready=False for any other
 --   reason (InvalidSpec, SecretNotFound: left out of the agent config; NoAgents: no agent runs on
 --   a selected node) or Degraded=True (an output failing) -> Degraded.
-local hs = {}
-local function condition(t)
-  if obj.status ~= nil and obj.status.conditions ~= nil then
-    for _, c in ipairs(obj.status.conditions) do
-      if c.type == t then return c end
-    end
-  end
-  return nil
-end
-local function explain(c)
-  if c.message ~= nil and c.message ~= "" then return c.reason .. ": " .. c.message end
-  return c.reason or ""
-end
-if obj.status == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to report status"
-  return hs
-end
-local generation = obj.metadata.generation
-local observed = obj.status.observedGeneration
-if generation ~= nil and (observed == nil or observed < generation) then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to observe generation " .. generation
-  return hs
-end
+-- (after _prelude.lua: hs, condition(), explain(), and the no-status / unobserved-generation
+-- cases, which are Progressing)
 local degraded = condition("Degraded")
 if degraded ~= nil and degraded.status == "True" then
   hs.status = "Degraded"

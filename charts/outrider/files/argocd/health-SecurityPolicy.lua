@@ -7,31 +7,8 @@
 --   Ready=False for any other reason (RolloutHalted, InvalidPolicy, InvalidSpec,
 --   InventoryNotFound, SecretNotFound, ...) -> Degraded;
 --   Ready=True (Applied, NoHosts) -> Healthy.
-local hs = {}
-local function condition(t)
-  if obj.status ~= nil and obj.status.conditions ~= nil then
-    for _, c in ipairs(obj.status.conditions) do
-      if c.type == t then return c end
-    end
-  end
-  return nil
-end
-local function explain(c)
-  if c.message ~= nil and c.message ~= "" then return c.reason .. ": " .. c.message end
-  return c.reason or ""
-end
-if obj.status == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to report status"
-  return hs
-end
-local generation = obj.metadata.generation
-local observed = obj.status.observedGeneration
-if generation ~= nil and (observed == nil or observed < generation) then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Outrider controller to observe generation " .. generation
-  return hs
-end
+-- (after _prelude.lua: hs, condition(), explain(), and the no-status / unobserved-generation
+-- cases, which are Progressing)
 local ready = condition("Ready")
 local progressing = condition("Progressing")
 if progressing ~= nil and progressing.status == "True" then
