@@ -367,6 +367,62 @@ async fn killed_controller_resumes_without_rerunning_done_hosts() {
     assert_eq!(emitted("RunResumed"), 1, "RunResumed Events");
 }
 
+#[tokio::test]
+async fn a_run_once_stage_is_not_rerun_after_a_kill_as_the_next_stage_starts() {
+    let kc = kubeconfig();
+    let ns = namespace("dp-once-kill");
+    let extra = ["--lease-duration", "3"];
+    let mut first = ControllerProcess::start(&ns, "outrider", "first", &extra);
+    let api: Api<DeploymentPlan> = Api::namespaced(client().await, &ns);
+    setup(&ns, 2);
+    let dir = out_dir();
+    let started = dir.path().join("after-started");
+    let stages = format!(
+        "    - name: migrate\n      runOnce: true\n      env: {{OUT: \"{out}\"}}\n      script: echo migrated >> \"$OUT/migrate.log\"\n      timeout: 60s\n    - name: after\n      env: {{OUT: \"{out}\"}}\n      script: |\n        touch \"$OUT/after-started\"\n        sleep 1\n      timeout: 60s\n",
+        out = dir.path().display()
+    );
+    apply(
+        &kc,
+        &plan_yaml(
+            "once",
+            &ns,
+            "{batchSize: 100%, maxParallel: 2}",
+            &stages,
+            "",
+        ),
+    );
+    // kill the controller the moment a host starts the stage after the runOnce one: its
+    // success must already be in status, or the successor would migrate a second time
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no host started the stage after the runOnce stage"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill9();
+    let persisted = api.get("once").await.expect("get");
+    let progress = persisted
+        .status
+        .and_then(|s| s.progress)
+        .expect("progress written before the next stage started");
+    assert_eq!(
+        progress["state"]["runOnceDone"],
+        serde_json::json!([0]),
+        "the runOnce success is in status: {progress}"
+    );
+
+    let _second = ControllerProcess::start(&ns, "outrider", "second", &extra);
+    let dp = wait_phase(&api, "once", PlanPhase::Succeeded).await;
+    assert_eq!(dp.status.and_then(|s| s.run).as_deref(), Some("1"));
+    assert_eq!(
+        lines(&dir.path().join("migrate.log")),
+        vec!["migrated".to_string()],
+        "the runOnce stage ran exactly once across the kill"
+    );
+}
+
 fn parse_ranges(s: &str) -> Vec<usize> {
     let mut out = Vec::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {

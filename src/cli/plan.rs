@@ -317,7 +317,7 @@ async fn print_progress(
             PlanEvent::Paused => "paused".into(),
             PlanEvent::Resumed => "resumed".into(),
             PlanEvent::Stopping => "stopping: no new hosts or stages".into(),
-            PlanEvent::Finished { .. } => continue,
+            PlanEvent::Finished { .. } | PlanEvent::Checkpoint { .. } => continue,
         };
         let mut out = stdout.lock();
         if live {

@@ -121,6 +121,13 @@ impl PlanRun {
                     for (type_, reason, note) in fold.apply(&self.ctx.metrics, &event) {
                         runtime::publish_event(&self.ctx, &self.plan, type_, reason, note).await;
                     }
+                    if let PlanEvent::Checkpoint { ack } = &event {
+                        if self.write_durably(&mut writer, fold).await.is_err() {
+                            return;
+                        }
+                        last_write = Instant::now();
+                        ack.done();
+                    }
                 }
                 _ = tick.tick() => {
                     let generation = self.generation.load(Ordering::SeqCst);
@@ -182,6 +189,24 @@ impl PlanRun {
         if let Err(e) = super::super::inventory::record_pins(&self.ctx, inventory, &[pin]).await {
             tracing::warn!(plan = %self.plan.name_any(), host, error = %e, "could not pin a host key trusted on first use");
         }
+    }
+
+    /// Writes the status until a write succeeds (a `runOnce` stage waits on it, so a
+    /// restart never runs it again); `Err` means the plan is gone and the run must end.
+    async fn write_durably(
+        &self,
+        writer: &mut StatusWriter<DeploymentPlan>,
+        fold: &mut Fold,
+    ) -> Result<(), ()> {
+        let mut delay = WRITE_INTERVAL;
+        while fold.dirty {
+            self.write(writer, fold).await?;
+            if fold.dirty {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(LIVENESS_INTERVAL);
+            }
+        }
+        Ok(())
     }
 
     /// Writes the status (coalesced by the writer); `Err` means the plan is gone and the
@@ -479,7 +504,7 @@ impl Fold {
             PlanEvent::Paused => self.phase = PlanPhase::Paused,
             PlanEvent::Resumed => self.phase = PlanPhase::Running,
             PlanEvent::Stopping | PlanEvent::HostKeyAccepted { .. } => {}
-            PlanEvent::HostStageRetrying { .. } => return out,
+            PlanEvent::HostStageRetrying { .. } | PlanEvent::Checkpoint { .. } => return out,
             PlanEvent::Finished { phase } => {
                 self.finished = Some(*phase);
                 let (type_, reason) = match phase {

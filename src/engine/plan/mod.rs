@@ -345,12 +345,52 @@ pub enum PlanEvent {
         ok: bool,
         failure: Option<HostFailure>,
     },
+    /// A `runOnce` stage succeeded. Nothing goes past it (no host starts its next stage)
+    /// until the consumer has made the events so far durable and called [`Ack::done`], so a
+    /// restarted controller never runs it twice. Dropping the event lets the run go on.
+    Checkpoint {
+        ack: Ack,
+    },
     Paused,
     Resumed,
     Stopping,
     Finished {
         phase: Phase,
     },
+}
+
+/// The signal a [`PlanEvent::Checkpoint`] carries back to the run. Clones share it; it
+/// fires once, on [`Ack::done`] or when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Ack(std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
+
+impl Ack {
+    /// The ack to send and the receiver the run waits on.
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Self(std::sync::Arc::new(std::sync::Mutex::new(Some(tx)))),
+            rx,
+        )
+    }
+
+    /// What the run waited for is durable: let it go on.
+    pub fn done(&self) {
+        let sender = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(tx) = sender {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Two acks are equal when they are clones of one signal.
+impl PartialEq for Ack {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// Where one host ended.

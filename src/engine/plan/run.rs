@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::batches::{batch_size, batches, max_unavailable};
 use super::{
-    Control, FailureReason, HostFailure, HostRef, HostReport, HostState, OnInterrupt, Phase,
+    Ack, Control, FailureReason, HostFailure, HostRef, HostReport, HostState, OnInterrupt, Phase,
     PlanEvent, PlanOutcome, PlanSpec, ResumeState, RollbackState, StageCount, StageFailure,
     StageRunner, StageSpec,
 };
@@ -129,6 +129,13 @@ struct Book<H> {
 impl<'a, R: StageRunner> Run<'a, R> {
     async fn emit(&self, event: PlanEvent) {
         let _ = self.events.send(event).await;
+    }
+
+    /// Waits until the consumer has made every event so far durable (or dropped the ask).
+    async fn checkpoint(&self) {
+        let (ack, done) = Ack::new();
+        self.emit(PlanEvent::Checkpoint { ack }).await;
+        let _ = done.await;
     }
 
     fn host_ref(&self, index: usize) -> HostRef {
@@ -542,6 +549,10 @@ impl<'a, R: StageRunner> Run<'a, R> {
                     None => {
                         out.started = true;
                         let r = self.attempts(host, handle, stage, si, rollback).await;
+                        if r.is_ok() && !rollback {
+                            // still holding the cell: no host passes the stage before this
+                            self.checkpoint().await;
+                        }
                         *cell = Some(r.is_ok());
                         r
                     }

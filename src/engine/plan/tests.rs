@@ -140,12 +140,17 @@ async fn run(
 ) -> (PlanOutcome, Vec<PlanEvent>) {
     let (_tx, rx) = watch::channel(Control::Run);
     let (etx, mut erx) = mpsc::channel(100_000);
-    let outcome = run_plan(spec, hosts(n), fake, resume, rx, etx).await;
-    let mut events = Vec::new();
-    while let Ok(e) = erx.try_recv() {
-        events.push(e);
-    }
-    (outcome, events)
+    let collect = async {
+        let mut events = Vec::new();
+        while let Some(e) = erx.recv().await {
+            if let PlanEvent::Checkpoint { ack } = &e {
+                ack.done();
+            }
+            events.push(e);
+        }
+        events
+    };
+    tokio::join!(run_plan(spec, hosts(n), fake, resume, rx, etx), collect)
 }
 
 fn names(v: &[usize]) -> Vec<String> {
@@ -422,6 +427,93 @@ async fn run_once_stage_runs_once_before_any_host_passes_it() {
     let mut state = ResumeState::default();
     events.iter().for_each(|e| state.record(e));
     assert_eq!(state.run_once_done, vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_host_passes_a_run_once_stage_until_its_success_is_acknowledged_durable() {
+    let fake = Fake {
+        delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let mut spec = plan(
+        &["pre", "migrate", "post"],
+        &[],
+        Amount::Count(3),
+        3,
+        Amount::Count(0),
+    );
+    spec.stages[1].run_once = true;
+    let (_ctl, rx) = watch::channel(Control::Run);
+    let (etx, mut erx) = mpsc::channel(1000);
+    let consumer = async {
+        let mut seen = Vec::new();
+        while let Some(e) = erx.recv().await {
+            if let PlanEvent::Checkpoint { ack } = &e {
+                // a slow status write: no host may pass the stage meanwhile
+                let passed = || fake.log().iter().any(|l| l.starts_with("post "));
+                assert!(!passed(), "{:?}", fake.log());
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                assert!(!passed(), "{:?}", fake.log());
+                ack.done();
+            }
+            seen.push(e);
+        }
+        seen
+    };
+    let (out, events) = tokio::join!(
+        run_plan(&spec, hosts(3), &fake, ResumeState::default(), rx, etx),
+        consumer
+    );
+    assert_eq!(out.phase, Phase::Succeeded);
+    assert_eq!(fake.hosts_of("post").len(), 3);
+    // the checkpoint follows the runOnce success and precedes every later stage start
+    let at = |f: &dyn Fn(&PlanEvent) -> bool| events.iter().position(f).unwrap();
+    let migrated = at(&|e| {
+        matches!(
+            e,
+            PlanEvent::HostStageFinished {
+                stage_index: 1,
+                run_once: true,
+                result: Ok(_),
+                ..
+            }
+        )
+    });
+    let checkpoint = at(&|e| matches!(e, PlanEvent::Checkpoint { .. }));
+    let first_post = at(&|e| matches!(e, PlanEvent::HostStageStarted { stage_index: 2, .. }));
+    assert!(
+        migrated < checkpoint && checkpoint < first_post,
+        "{events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, PlanEvent::Checkpoint { .. }))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_drops_the_checkpoint_does_not_stall_the_run() {
+    let fake = Fake::default();
+    let mut spec = plan(
+        &["migrate", "post"],
+        &[],
+        Amount::Count(2),
+        2,
+        Amount::Count(0),
+    );
+    spec.stages[0].run_once = true;
+    let (_ctl, rx) = watch::channel(Control::Run);
+    let (etx, mut erx) = mpsc::channel(1000);
+    let drain = async { while erx.recv().await.is_some() {} };
+    let (out, ()) = tokio::join!(
+        run_plan(&spec, hosts(2), &fake, ResumeState::default(), rx, etx),
+        drain
+    );
+    assert_eq!(out.phase, Phase::Succeeded);
+    assert_eq!(fake.hosts_of("post").len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
