@@ -32,7 +32,8 @@ image:
 
 ## crds: regenerate crds/ from the types (the test suite fails when they differ)
 crds:
-	$(CARGO) run --quiet --locked -- crd > crds/outrider.dev.yaml
+	$(CARGO) run --quiet --locked -- crd > crds/outrider.dev.yaml.tmp
+	mv crds/outrider.dev.yaml.tmp crds/outrider.dev.yaml
 	cp crds/outrider.dev.yaml charts/outrider/crds/outrider.dev.yaml
 
 lint:

@@ -250,3 +250,298 @@ fn cross_field_rules_accept_and_reject_the_edge_cases() {
         }
     }
 }
+
+/// A duration field: where it is in an object, the path the API server names, the name
+/// its messages use, and its bounds.
+struct Bounded {
+    pointer: &'static str,
+    path: &'static str,
+    name: &'static str,
+    min: Option<&'static str>,
+    max: &'static str,
+}
+
+const fn bounded(
+    pointer: &'static str,
+    path: &'static str,
+    name: &'static str,
+    min: Option<&'static str>,
+    max: &'static str,
+) -> Bounded {
+    Bounded {
+        pointer,
+        path,
+        name,
+        min,
+        max,
+    }
+}
+
+/// `object` with `value` at `pointer`.
+fn with(object: &Value, pointer: &str, value: &str) -> Value {
+    let mut changed = object.clone();
+    *changed
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{pointer} not in {object}")) = json!(value);
+    changed
+}
+
+/// One millisecond less than `d`, e.g. `5s` -> `4999ms`.
+fn just_under(d: &str) -> String {
+    format!("{}ms", common::parse_duration(d).unwrap().as_millis() - 1)
+}
+
+/// For every duration field of `object` (which sets each of them): the largest value and
+/// the smallest pass; one millisecond past either bound, and `9999999999999999h` (too large
+/// for Go's duration, which the API server's `duration()` parses into), fail with exactly
+/// one error naming the field and the bound. `minimal` (no duration field set) passes with
+/// the defaults.
+fn assert_duration_bounds(minimal: Value, object: Value, fields: &[Bounded]) {
+    assert_eq!(cel_errors(&minimal), Vec::<String>::new(), "defaults");
+    assert_eq!(cel_errors(&object), Vec::<String>::new(), "{object}");
+    for f in fields {
+        let at_most = format!("{}: {} must be at most {}", f.path, f.name, f.max);
+        for too_long in ["9999999999999999h".to_string(), format!("{}1ms", f.max)] {
+            assert_eq!(
+                cel_errors(&with(&object, f.pointer, &too_long)),
+                std::slice::from_ref(&at_most),
+                "{} = {too_long}",
+                f.path
+            );
+        }
+        assert_eq!(
+            cel_errors(&with(&object, f.pointer, f.max)),
+            Vec::<String>::new(),
+            "{} = {}",
+            f.path,
+            f.max
+        );
+        let Some(min) = f.min else {
+            assert_eq!(
+                cel_errors(&with(&object, f.pointer, "0s")),
+                Vec::<String>::new(),
+                "{} = 0s",
+                f.path
+            );
+            continue;
+        };
+        assert_eq!(
+            cel_errors(&with(&object, f.pointer, min)),
+            Vec::<String>::new(),
+            "{} = {min}",
+            f.path
+        );
+        assert_eq!(
+            cel_errors(&with(&object, f.pointer, &just_under(min))),
+            [format!("{}: {} must be at least {min}", f.path, f.name)],
+            "{} = {}",
+            f.path,
+            just_under(min)
+        );
+    }
+}
+
+#[test]
+fn deployment_plan_durations_past_their_bounds_or_overflowing_are_rejected_at_the_field() {
+    let targets = json!({"inventoryRef": {"name": "web"}});
+    assert_duration_bounds(
+        object(
+            "DeploymentPlan",
+            json!({"targets": targets, "stages": [{"name": "a", "script": "true"}],
+                "rollback": [{"name": "r", "script": "true"}]}),
+        ),
+        object(
+            "DeploymentPlan",
+            json!({"targets": targets, "strategy": {"pauseBetweenBatches": "2s"},
+                "stages": [{"name": "a", "script": "true", "timeout": "5m"}],
+                "rollback": [{"name": "r", "script": "true", "timeout": "1m"}]}),
+        ),
+        &[
+            bounded(
+                "/spec/strategy/pauseBetweenBatches",
+                "spec.strategy.pauseBetweenBatches",
+                "pauseBetweenBatches",
+                None,
+                "24h",
+            ),
+            bounded(
+                "/spec/stages/0/timeout",
+                "spec.stages[0].timeout",
+                "timeout",
+                None,
+                "24h",
+            ),
+            bounded(
+                "/spec/rollback/0/timeout",
+                "spec.rollback[0].timeout",
+                "timeout",
+                None,
+                "24h",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn health_check_durations_past_their_bounds_or_overflowing_are_rejected_at_the_field() {
+    let targets = json!({"inventoryRef": {"name": "web"}});
+    let remediation = json!({"deploymentPlanRef": {"name": "fix"}});
+    assert_duration_bounds(
+        object(
+            "HealthCheck",
+            json!({"targets": targets, "remediation": remediation,
+                "checks": [{"name": "mem", "memory": {"maxUsedPercent": 90}}],
+                "endpoints": [{"name": "api", "http": {"url": "http://api/healthz"}},
+                    {"name": "cert", "tls": {"address": "api:443"}}]}),
+        ),
+        object(
+            "HealthCheck",
+            json!({"interval": "30s", "targets": targets,
+                "remediation": {"deploymentPlanRef": {"name": "fix"}, "cooldown": "15m"},
+                "checks": [{"name": "mem", "memory": {"maxUsedPercent": 90}, "timeout": "10s"}],
+                "endpoints": [
+                    {"name": "api", "http": {"url": "http://api/healthz", "maxLatency": "300ms"},
+                        "timeout": "2s"},
+                    {"name": "cert", "tls": {"address": "api:443", "minValidFor": "336h"}}]}),
+        ),
+        &[
+            bounded(
+                "/spec/interval",
+                "spec.interval",
+                "interval",
+                Some("5s"),
+                "24h",
+            ),
+            bounded(
+                "/spec/checks/0/timeout",
+                "spec.checks[0].timeout",
+                "timeout",
+                None,
+                "5m",
+            ),
+            bounded(
+                "/spec/endpoints/0/timeout",
+                "spec.endpoints[0].timeout",
+                "timeout",
+                None,
+                "5m",
+            ),
+            bounded(
+                "/spec/endpoints/0/http/maxLatency",
+                "spec.endpoints[0].http.maxLatency",
+                "maxLatency",
+                None,
+                "5m",
+            ),
+            bounded(
+                "/spec/endpoints/1/tls/minValidFor",
+                "spec.endpoints[1].tls.minValidFor",
+                "minValidFor",
+                None,
+                "8760h",
+            ),
+            bounded(
+                "/spec/remediation/cooldown",
+                "spec.remediation.cooldown",
+                "cooldown",
+                None,
+                "24h",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn inventory_durations_past_their_bounds_or_overflowing_are_rejected_at_the_field() {
+    let hosts = json!([{"name": "web-1", "address": "192.0.2.11"}]);
+    assert_duration_bounds(
+        object(
+            "Inventory",
+            json!({"ssh": {"user": "deploy", "secretRef": {"name": "s"}}, "hosts": hosts}),
+        ),
+        object(
+            "Inventory",
+            json!({"ssh": {"user": "deploy", "secretRef": {"name": "s"}, "connectTimeout": "5s"},
+                "probe": {"interval": "30s"}, "hosts": hosts}),
+        ),
+        &[
+            bounded(
+                "/spec/probe/interval",
+                "spec.probe.interval",
+                "interval",
+                Some("1s"),
+                "24h",
+            ),
+            bounded(
+                "/spec/ssh/connectTimeout",
+                "spec.ssh.connectTimeout",
+                "connectTimeout",
+                None,
+                "5m",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn log_pipeline_durations_past_their_bounds_or_overflowing_are_rejected_at_the_field() {
+    let outputs = json!([{"name": "o", "stdout": {}}]);
+    assert_duration_bounds(
+        object(
+            "LogPipeline",
+            json!({"inputs": [{"name": "app", "paths": ["/var/log/a.log"],
+                "multiline": {"startPattern": "^\\S"}}], "outputs": outputs}),
+        ),
+        object(
+            "LogPipeline",
+            json!({"inputs": [{"name": "app", "paths": ["/var/log/a.log"],
+                    "multiline": {"startPattern": "^\\S", "flushTimeout": "2s"}}],
+                "outputs": outputs, "delivery": {"batch": {"maxWait": "1s"}}}),
+        ),
+        &[
+            bounded(
+                "/spec/inputs/0/multiline/flushTimeout",
+                "spec.inputs[0].multiline.flushTimeout",
+                "flushTimeout",
+                None,
+                "5m",
+            ),
+            bounded(
+                "/spec/delivery/batch/maxWait",
+                "spec.delivery.batch.maxWait",
+                "maxWait",
+                None,
+                "5m",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn security_policy_durations_past_their_bounds_or_overflowing_are_rejected_at_the_field() {
+    let spec = json!({"targets": {"inventoryRef": {"name": "web"}}, "defaultInput": "drop",
+        "failsafe": {"ports": [22]}});
+    let mut full = spec.clone();
+    full["apply"] = json!({"confirmTimeout": "30s"});
+    full["driftCheckInterval"] = json!("1m");
+    assert_duration_bounds(
+        object("SecurityPolicy", spec),
+        object("SecurityPolicy", full),
+        &[
+            bounded(
+                "/spec/apply/confirmTimeout",
+                "spec.apply.confirmTimeout",
+                "confirmTimeout",
+                Some("3s"),
+                "1h",
+            ),
+            bounded(
+                "/spec/driftCheckInterval",
+                "spec.driftCheckInterval",
+                "driftCheckInterval",
+                Some("10s"),
+                "24h",
+            ),
+        ],
+    );
+}

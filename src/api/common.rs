@@ -26,7 +26,69 @@ pub const POSITIVE_INT_OR_PERCENT_RULE: &str =
 pub const NON_NEGATIVE_INT_OR_PERCENT_RULE: &str =
     "type(self) == int ? self >= 0 : self.matches('^([0-9]|[1-9][0-9]|100)%$')";
 
-/// A string duration validated by the schema (see [`DURATION_PATTERN`]).
+/// Matches a [`DURATION_PATTERN`] duration with a part of at least `100000h`, `1000000m`,
+/// `100000000s` or `100000000000ms` (significant digits; a part starts the string or follows
+/// a unit). Such a duration is at least [`OVERSIZED_DURATION_FLOOR`], and a duration with no
+/// such part is under ~444444h (32 characters hold at most 16 parts), far inside Go's
+/// `time.Duration` (~2562047h). The bound rules reject a match without parsing it: the API
+/// server's `duration()` is Go's `time.ParseDuration`, which fails on `9999999999999999h`;
+/// a failed evaluation does reject the object, but as `Invalid value: "string": type
+/// conversion error from 'string' to 'google.protobuf.Duration' evaluating rule: <message>`,
+/// without the value and with an error users cannot act on.
+pub const OVERSIZED_DURATION_PATTERN: &str = "(^|[hms])0*([1-9][0-9]{5,}([.][0-9]+)?h|[1-9][0-9]{6,}([.][0-9]+)?m([0-9]|$)|[1-9][0-9]{8,}([.][0-9]+)?s|[1-9][0-9]{11,}([.][0-9]+)?ms)";
+/// The smallest duration [`OVERSIZED_DURATION_PATTERN`] matches (`1000000m`, 16666h40m):
+/// every maximum given to [`duration_at_most`] is below it.
+pub const OVERSIZED_DURATION_FLOOR: std::time::Duration =
+    std::time::Duration::from_secs(60_000_000);
+
+/// `s` as a single-quoted CEL string literal.
+fn cel_string(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// CEL for a [`DurationString`] field, for `#[x_kube(validation = ...)]`: the duration is at
+/// most `max` (e.g. `"24h"`), or the API server rejects the object with
+/// `<path>: Invalid value: "<value>": <field> must be at most <max>`. Values too large for
+/// Go's duration get the same message (see [`OVERSIZED_DURATION_PATTERN`]); a value
+/// [`DURATION_PATTERN`] rejects is left to the pattern's own message.
+///
+/// Panics (when the schema is generated, so any test catches it) unless `max` is a duration
+/// below [`OVERSIZED_DURATION_FLOOR`].
+pub fn duration_at_most(field: &str, max: &str) -> kube::core::Rule {
+    let bound = parse_duration(max).unwrap_or_else(|e| panic!("{field}: maximum {e}"));
+    assert!(
+        bound < OVERSIZED_DURATION_FLOOR,
+        "{field}: maximum {max} is not below OVERSIZED_DURATION_FLOOR"
+    );
+    kube::core::Rule::new(format!(
+        "!self.matches({pattern}) || (!self.matches({oversized}) && duration(self) <= duration({max}))",
+        pattern = cel_string(DURATION_PATTERN),
+        oversized = cel_string(OVERSIZED_DURATION_PATTERN),
+        max = cel_string(max),
+    ))
+    .message(kube::core::Message::Message(format!(
+        "{field} must be at most {max}"
+    )))
+}
+
+/// CEL for a [`DurationString`] field: the duration is at least `min` (e.g. `"5s"`), with the
+/// message `<field> must be at least <min>`. Oversized values pass this rule (they are far
+/// above any minimum; [`duration_at_most`] rejects them) without being parsed.
+pub fn duration_at_least(field: &str, min: &str) -> kube::core::Rule {
+    parse_duration(min).unwrap_or_else(|e| panic!("{field}: minimum {e}"));
+    kube::core::Rule::new(format!(
+        "!self.matches({pattern}) || self.matches({oversized}) || duration(self) >= duration({min})",
+        pattern = cel_string(DURATION_PATTERN),
+        oversized = cel_string(OVERSIZED_DURATION_PATTERN),
+        min = cel_string(min),
+    ))
+    .message(kube::core::Message::Message(format!(
+        "{field} must be at least {min}"
+    )))
+}
+
+/// A string duration validated by the schema (see [`DURATION_PATTERN`]); each field adds
+/// its bounds next to it with [`duration_at_most`] (every field) and [`duration_at_least`].
 ///
 /// Kept as the user wrote it so status and `kubectl get -o yaml` round-trip unchanged;
 /// [`DurationString::to_std`] parses it when the engine needs a value.
@@ -213,5 +275,113 @@ mod duration_tests {
             parse_duration("5124095576030431h").is_ok(),
             "the most whole hours in u64 seconds"
         );
+    }
+
+    /// Go's `time.Duration` limit: `1<<63 - 1` nanoseconds (~2562047h).
+    const GO_MAX: Duration = Duration::from_nanos(i64::MAX as u64);
+
+    /// Durations the schema accepts (pattern, at most 32 characters), built from parts of
+    /// every unit with 1 to 17 digits, leading zeros and fractions, alone and after other parts.
+    fn schema_valid_durations() -> Vec<String> {
+        let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+        let mut parts = Vec::new();
+        for unit in ["h", "m", "s", "ms"] {
+            for digits in 1..=17 {
+                for lead in ["", "0", "000"] {
+                    for frac in ["", ".5", ".999999999"] {
+                        for first in ['1', '9'] {
+                            let rest = if first == '1' { '0' } else { '9' };
+                            let whole: String = std::iter::once(first)
+                                .chain(std::iter::repeat_n(rest, digits - 1))
+                                .collect();
+                            parts.push(format!("{lead}{whole}{frac}{unit}"));
+                        }
+                    }
+                }
+            }
+        }
+        let mut all = parts.clone();
+        for prefix in ["1h", "59m", "1ms", "99999h", "999999m", "99999999s"] {
+            all.extend(parts.iter().map(|p| format!("{prefix}{p}")));
+            all.extend(parts.iter().map(|p| format!("{p}{prefix}")));
+        }
+        all.extend(
+            [
+                "99999h99999h99999h99999h99999h",
+                "99999999s99999999s99999999s",
+            ]
+            .map(String::from),
+        );
+        all.retain(|d| d.len() <= 32 && pattern.is_match(d));
+        all
+    }
+
+    #[test]
+    fn oversized_durations_are_exactly_past_every_bound_and_the_rest_fit_go() {
+        let oversized = regex::Regex::new(OVERSIZED_DURATION_PATTERN).unwrap();
+        let all = schema_valid_durations();
+        assert!(all.len() > 2000, "{}", all.len());
+        let (mut big, mut small) = (0, 0);
+        for d in &all {
+            if oversized.is_match(d) {
+                big += 1;
+                // never a false rejection: each match is past every maximum
+                if let Ok(v) = parse_duration(d) {
+                    assert!(v >= OVERSIZED_DURATION_FLOOR, "{d} is {v:?}");
+                }
+            } else {
+                small += 1;
+                // never an evaluation error: what is parsed fits Go's duration
+                let v = parse_duration(d).unwrap();
+                assert!(v < GO_MAX / 4, "{d} is {v:?}");
+            }
+        }
+        assert!(big > 500 && small > 500, "{big} oversized, {small} not");
+        for (d, expect) in [
+            ("9999999999999999h", true),
+            ("100000h", true),
+            ("0099999h", false),
+            ("1000000m", true),
+            ("999999m", false),
+            ("1000000ms", false),
+            ("99999999999ms", false),
+            ("100000000000ms", true),
+            ("100000000s", true),
+            ("1.100000000s", false),
+            ("1ms100000h", true),
+            ("1h30m", false),
+        ] {
+            assert_eq!(oversized.is_match(d), expect, "{d}");
+        }
+        assert_eq!(
+            parse_duration("1000000m").unwrap(),
+            OVERSIZED_DURATION_FLOOR
+        );
+    }
+
+    #[test]
+    fn bound_rules_name_the_field_and_refuse_maxima_past_the_oversized_floor() {
+        let rule = duration_at_most("timeout", "24h");
+        assert_eq!(
+            rule.message,
+            Some(kube::core::Message::Message(
+                "timeout must be at most 24h".into()
+            ))
+        );
+        assert!(rule.rule.ends_with("duration(self) <= duration('24h'))"));
+        assert!(
+            rule.rule
+                .starts_with(r"!self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$')")
+        );
+        let rule = duration_at_least("interval", "5s");
+        assert_eq!(
+            rule.message,
+            Some(kube::core::Message::Message(
+                "interval must be at least 5s".into()
+            ))
+        );
+        assert!(rule.rule.ends_with("duration(self) >= duration('5s')"));
+        assert!(std::panic::catch_unwind(|| duration_at_most("x", "16666h40m")).is_err());
+        assert!(std::panic::catch_unwind(|| duration_at_most("x", "1 day")).is_err());
     }
 }

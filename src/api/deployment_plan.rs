@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{
     DNS1123_LABEL_PATTERN, DurationString, LocalObjectReference, NON_NEGATIVE_INT_OR_PERCENT_RULE,
-    POSITIVE_INT_OR_PERCENT_RULE, Targets, conditions_schema,
+    POSITIVE_INT_OR_PERCENT_RULE, Targets, conditions_schema, duration_at_most,
 };
 
 /// Annotation whose new value starts a new run of a plan without a spec change.
@@ -107,8 +107,10 @@ pub struct Strategy {
     #[x_kube(validation = Rule::new(NON_NEGATIVE_INT_OR_PERCENT_RULE)
         .message("maxUnavailable must be an integer >= 0 or a percentage between 0% and 100%"))]
     pub max_unavailable: IntOrString,
-    /// Wait between two batches, e.g. to watch the canary.
+    /// Wait between two batches, e.g. to watch the canary (at most 24h; `paused` holds a run
+    /// for longer).
     #[serde(default = "default_pause")]
+    #[x_kube(validation = duration_at_most("pauseBetweenBatches", "24h"))]
     pub pause_between_batches: DurationString,
     /// What to do with a host whose stage was running when the controller was interrupted
     /// (restart, lost leadership): run the stage again, or count the host as failed.
@@ -221,8 +223,9 @@ pub struct Stage {
     #[schemars(length(max = 32))]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
     pub secret_env: Vec<SecretEnvVar>,
-    /// Time limit of one attempt on one host; the process is killed after it.
+    /// Time limit of one attempt on one host (at most 24h); the process is killed after it.
     #[serde(default = "default_stage_timeout")]
+    #[x_kube(validation = duration_at_most("timeout", "24h"))]
     pub timeout: DurationString,
     /// Extra attempts after a failed one (0: a failure is final).
     #[serde(default)]

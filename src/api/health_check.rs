@@ -8,15 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{
     DNS1123_LABEL_PATTERN, DurationString, LocalObjectReference, Targets, URL_PATTERN,
-    conditions_schema,
+    conditions_schema, duration_at_least, duration_at_most,
 };
 
 /// `host:port` or `[ipv6]:port` with a port 1-65535, for TCP and TLS probes.
 pub const HOST_PORT_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
-
-/// `interval >= 5s`; a value the pattern rejects is reported by the pattern alone.
-pub const INTERVAL_RULE: &str =
-    r"!self.matches('^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$') || duration(self) >= duration('5s')";
 
 /// Probes run every `interval`: `checks` on every target host over SSH, `endpoints` from
 /// the controller. A target turns Unhealthy after `failureThreshold` consecutive failures.
@@ -76,9 +72,12 @@ pub const INTERVAL_RULE: &str =
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheckSpec {
-    /// How often every check and endpoint is probed (at least 5s).
+    /// How often every check and endpoint is probed (5s to 24h).
     #[serde(default = "default_interval")]
-    #[x_kube(validation = Rule::new(INTERVAL_RULE).message("interval must be at least 5s"))]
+    #[x_kube(
+        validation = duration_at_least("interval", "5s"),
+        validation = duration_at_most("interval", "24h")
+    )]
     pub interval: DurationString,
     /// Inventory hosts the `checks` run on; required when `checks` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,8 +175,9 @@ pub struct Check {
     /// A command or script whose exit code decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecProbe>,
-    /// Time limit of the probe on one host; a timeout counts as a failure.
+    /// Time limit of the probe on one host (at most 5m); a timeout counts as a failure.
     #[serde(default = "default_probe_timeout")]
+    #[x_kube(validation = duration_at_most("timeout", "5m"))]
     pub timeout: DurationString,
 }
 
@@ -270,8 +270,9 @@ pub struct Endpoint {
     /// TLS handshake and certificate expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsProbe>,
-    /// Time limit of one probe; a timeout counts as a failure.
+    /// Time limit of one probe (at most 5m); a timeout counts as a failure.
     #[serde(default = "default_probe_timeout")]
+    #[x_kube(validation = duration_at_most("timeout", "5m"))]
     pub timeout: DurationString,
 }
 
@@ -297,7 +298,7 @@ impl Maintenance {
 }
 
 /// HTTP probe.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpProbe {
     /// URL fetched with GET.
@@ -307,8 +308,9 @@ pub struct HttpProbe {
     #[serde(default = "default_expect_status")]
     #[schemars(length(min = 1, max = 16), inner(range(min = 100, max = 599)))]
     pub expect_status: Vec<u16>,
-    /// Slowest healthy response (time to the full body).
+    /// Slowest healthy response (time to the full body), at most 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("maxLatency", "5m"))]
     pub max_latency: Option<DurationString>,
     /// Substring the body must contain (the first 64 KiB are read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,14 +343,15 @@ pub struct TcpProbe {
 }
 
 /// TLS certificate probe.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsProbe {
     /// `host:port` to handshake with; the host is also the expected server name.
     #[schemars(length(min = 1, max = 260), regex(pattern = HOST_PORT_PATTERN))]
     pub address: String,
-    /// Unhealthy when the certificate expires sooner than this.
+    /// Unhealthy when the certificate expires sooner than this (at most 8760h, a year).
     #[serde(default = "default_min_valid_for")]
+    #[x_kube(validation = duration_at_most("minValidFor", "8760h"))]
     pub min_valid_for: DurationString,
     /// Name the certificate must be valid for; the address's host when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -393,13 +396,14 @@ fn default_warmup() -> u32 {
 }
 
 /// Automatic remediation.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Remediation {
     /// DeploymentPlan (same namespace) rerun for the unhealthy hosts only.
     pub deployment_plan_ref: LocalObjectReference,
-    /// Quiet time after a remediation before the next one.
+    /// Quiet time after a remediation before the next one (at most 24h).
     #[serde(default = "default_cooldown")]
+    #[x_kube(validation = duration_at_most("cooldown", "24h"))]
     pub cooldown: DurationString,
     /// Most remediations started in any hour.
     #[serde(default = "default_max_per_hour")]

@@ -7,7 +7,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{DurationString, LocalObjectReference, conditions_schema};
+use super::common::{
+    DurationString, LocalObjectReference, conditions_schema, duration_at_least, duration_at_most,
+};
 
 /// The hosts a team operates and the SSH settings they share.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -53,11 +55,15 @@ pub struct InventorySpec {
 }
 
 /// Reachability probing.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProbeSettings {
-    /// Interval between probes of the whole inventory.
+    /// Interval between probes of the whole inventory (1s to 24h).
     #[serde(default = "default_probe_interval")]
+    #[x_kube(
+        validation = duration_at_least("interval", "1s"),
+        validation = duration_at_most("interval", "24h")
+    )]
     pub interval: DurationString,
     /// Hosts probed at once.
     #[serde(default = "default_probe_concurrency")]
@@ -83,7 +89,7 @@ fn default_probe_concurrency() -> u32 {
 }
 
 /// SSH connection settings shared by all hosts of an inventory.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SshSettings {
     /// Remote login user.
@@ -98,8 +104,9 @@ pub struct SshSettings {
     pub port: u16,
     /// Secret in this namespace with keys `ssh-privatekey`, `known_hosts` and optionally `passphrase`.
     pub secret_ref: LocalObjectReference,
-    /// TCP connect plus handshake timeout per host.
+    /// TCP connect plus handshake timeout per host (at most 5m).
     #[serde(default = "default_connect_timeout")]
+    #[x_kube(validation = duration_at_most("connectTimeout", "5m"))]
     pub connect_timeout: DurationString,
     /// What to do with a host key that is not in `known_hosts`. A changed key is always refused.
     #[serde(default)]

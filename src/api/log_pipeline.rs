@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{
     BYTE_SIZE_PATTERN, DNS1123_LABEL_PATTERN, DurationString, LocalObjectReference, URL_PATTERN,
-    conditions_schema,
+    conditions_schema, duration_at_most,
 };
 
 /// Log shipping from node files to Loki, Elasticsearch, HTTP or files, with no silent loss:
@@ -127,14 +127,15 @@ pub struct Input {
 }
 
 /// Multiline joining.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Multiline {
     /// Regular expression matching the first line of a record.
     #[schemars(length(min = 1, max = 1024))]
     pub start_pattern: String,
-    /// A pending record is emitted when no line followed for this long.
+    /// A pending record is emitted when no line followed for this long (at most 5m).
     #[serde(default = "default_flush_timeout")]
+    #[x_kube(validation = duration_at_most("flushTimeout", "5m"))]
     pub flush_timeout: DurationString,
 }
 
@@ -312,7 +313,7 @@ pub struct Delivery {
 }
 
 /// Batch limits.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchSettings {
     /// Most records per batch.
@@ -323,8 +324,9 @@ pub struct BatchSettings {
     #[serde(default = "default_max_bytes")]
     #[schemars(length(min = 1, max = 16), regex(pattern = BYTE_SIZE_PATTERN))]
     pub max_bytes: String,
-    /// Longest a record waits for its batch to fill.
+    /// Longest a record waits for its batch to fill (at most 5m).
     #[serde(default = "default_max_wait")]
+    #[x_kube(validation = duration_at_most("maxWait", "5m"))]
     pub max_wait: DurationString,
 }
 

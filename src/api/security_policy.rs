@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{
     CIDR_PATTERN, DurationString, NON_NEGATIVE_INT_OR_PERCENT_RULE, POSITIVE_INT_OR_PERCENT_RULE,
-    Targets, conditions_schema,
+    Targets, conditions_schema, duration_at_least, duration_at_most,
 };
 
 /// What rule and zone names look like: DNS-1123 label characters plus `_`
@@ -96,8 +96,12 @@ pub struct SecurityPolicySpec {
     /// How a new ruleset is rolled out.
     #[serde(default)]
     pub apply: ApplySettings,
-    /// How often the live ruleset is compared with the rendered one.
+    /// How often the live ruleset is compared with the rendered one (10s to 24h).
     #[serde(default = "default_drift_interval")]
+    #[x_kube(
+        validation = duration_at_least("driftCheckInterval", "10s"),
+        validation = duration_at_most("driftCheckInterval", "24h")
+    )]
     pub drift_check_interval: DurationString,
     /// What to do when a host's ruleset differs from the rendered one.
     #[serde(default)]
@@ -221,8 +225,12 @@ pub struct Failsafe {
 #[serde(rename_all = "camelCase")]
 pub struct ApplySettings {
     /// A host restores its previous ruleset by itself unless Outrider reconnects and
-    /// confirms within this time (protects against locking Outrider out).
+    /// confirms within this time (protects against locking Outrider out); 3s to 1h.
     #[serde(default = "default_confirm_timeout")]
+    #[x_kube(
+        validation = duration_at_least("confirmTimeout", "3s"),
+        validation = duration_at_most("confirmTimeout", "1h")
+    )]
     pub confirm_timeout: DurationString,
     /// Hosts per batch after the canary (one host, always first): an integer >= 1 or a
     /// percentage ('10%').

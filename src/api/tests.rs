@@ -400,6 +400,72 @@ fn cross_field_rules_are_in_the_schema() {
     assert_eq!(at("LogPipeline.spec.filters[]").len(), 1);
 }
 
+/// Paths of the duration fields (schema nodes with [`common::DURATION_PATTERN`]) and the
+/// messages of their rules, e.g. `HealthCheck.spec.interval: [interval must be at least 5s, ..]`.
+fn duration_fields(node: &Value, path: &str, out: &mut BTreeMap<String, Vec<String>>) {
+    let Some(obj) = node.as_object() else { return };
+    if obj.get("pattern").and_then(Value::as_str) == Some(common::DURATION_PATTERN) {
+        let messages = obj
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|r| r["message"].as_str().unwrap_or_default().to_string())
+            .collect();
+        out.insert(path.to_string(), messages);
+    }
+    if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+        for (name, prop) in props {
+            duration_fields(prop, &format!("{path}.{name}"), out);
+        }
+    }
+    if let Some(items) = obj.get("items") {
+        duration_fields(items, &format!("{path}[]"), out);
+    }
+}
+
+#[test]
+fn every_duration_field_has_a_maximum_named_in_its_message() {
+    let mut fields = BTreeMap::new();
+    for crd in crds() {
+        duration_fields(&schema_of(&crd), &crd.spec.names.kind, &mut fields);
+    }
+    let bounds: Vec<String> = fields
+        .iter()
+        .map(|(path, messages)| format!("{path}: {}", messages.join(", ")))
+        .collect();
+    assert_eq!(
+        bounds,
+        [
+            "DeploymentPlan.spec.rollback[].timeout: timeout must be at most 24h",
+            "DeploymentPlan.spec.stages[].timeout: timeout must be at most 24h",
+            "DeploymentPlan.spec.strategy.pauseBetweenBatches: pauseBetweenBatches must be at most 24h",
+            "HealthCheck.spec.checks[].timeout: timeout must be at most 5m",
+            "HealthCheck.spec.endpoints[].http.maxLatency: maxLatency must be at most 5m",
+            "HealthCheck.spec.endpoints[].timeout: timeout must be at most 5m",
+            "HealthCheck.spec.endpoints[].tls.minValidFor: minValidFor must be at most 8760h",
+            "HealthCheck.spec.interval: interval must be at least 5s, interval must be at most 24h",
+            "HealthCheck.spec.remediation.cooldown: cooldown must be at most 24h",
+            "Inventory.spec.probe.interval: interval must be at least 1s, interval must be at most 24h",
+            "Inventory.spec.ssh.connectTimeout: connectTimeout must be at most 5m",
+            "LogPipeline.spec.delivery.batch.maxWait: maxWait must be at most 5m",
+            "LogPipeline.spec.inputs[].multiline.flushTimeout: flushTimeout must be at most 5m",
+            "SecurityPolicy.spec.apply.confirmTimeout: confirmTimeout must be at least 3s, confirmTimeout must be at most 1h",
+            "SecurityPolicy.spec.driftCheckInterval: driftCheckInterval must be at least 10s, driftCheckInterval must be at most 24h",
+        ]
+    );
+    // a field added later gets a maximum too, in a message that starts with its own name
+    for (path, messages) in &fields {
+        let field = path.rsplit('.').next().unwrap().trim_end_matches("[]");
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with(&format!("{field} must be at most "))),
+            "{path}: {messages:?}"
+        );
+    }
+}
+
 #[test]
 fn invalid_testdata_is_well_formed_and_covers_every_kind() {
     let files = yaml_files("e2e/testdata/invalid");
