@@ -87,6 +87,25 @@ struct ControllerArgs {
     /// controller creates the Job with its own rights).
     #[arg(long, env = "OUTRIDER_ALLOW_PRIVILEGED_JOBS")]
     allow_privileged_jobs: bool,
+    /// Namespaces that opted in (comma-separated): Secrets are read and Jobs run only there,
+    /// and objects elsewhere are reported `NamespaceNotOptedIn`. Unset: every namespace.
+    #[arg(long, env = "OUTRIDER_TENANT_NAMESPACES", value_delimiter = ',', value_parser = namespace_name)]
+    tenant_namespaces: Vec<String>,
+}
+
+/// A namespace name (DNS-1123 label): it becomes part of API paths.
+fn namespace_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a namespace name (a DNS-1123 label)"))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -213,6 +232,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         args.lease_namespace.clone(),
     );
     ctx.allow_privileged_jobs = args.allow_privileged_jobs;
+    ctx.tenants = controller::Tenants::from_list(args.tenant_namespaces);
     let ctx = Arc::new(ctx);
 
     if !args.leader_elect {
@@ -273,4 +293,30 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutdown requested: finishing in-flight work");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_namespaces_must_be_namespace_names_before_they_reach_api_paths() {
+        let parsed =
+            Cli::try_parse_from(["outrider", "controller", "--tenant-namespaces=shop,web-2"])
+                .unwrap();
+        let Command::Controller(args) = parsed.command else {
+            panic!("not the controller")
+        };
+        assert_eq!(args.tenant_namespaces, ["shop", "web-2"]);
+        for bad in ["../kube-system", "a/b", "Shop", "-a", ""] {
+            let err = Cli::try_parse_from([
+                "outrider",
+                "controller",
+                &format!("--tenant-namespaces=shop,{bad}"),
+            ])
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(err.to_string().contains("not a namespace name"), "{err}");
+        }
+    }
 }

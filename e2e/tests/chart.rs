@@ -178,7 +178,13 @@ fn can_i(kubeconfig: &Path, verb: &str, resource: &str, ns: &str) -> bool {
 /// stage and an SSH stage) Succeeded, and a LogPipeline rendered into the agents' ConfigMap
 /// in `release_ns`, counting the chart's agent Pods there (Ready reason `RollingOut`: kwok runs
 /// them, so none reports the config hash). Anything the RBAC lacks fails.
-async fn controller_works_under_the_chart_rbac(sa_config: &Path, watched: &str, release_ns: &str) {
+async fn controller_works_under_the_chart_rbac(
+    sa_config: &Path,
+    release: &str,
+    watched: &str,
+    release_ns: &str,
+    extra: &[&str],
+) {
     let kc = kubeconfig();
     let client = client().await;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), release_ns);
@@ -186,8 +192,9 @@ async fn controller_works_under_the_chart_rbac(sa_config: &Path, watched: &str, 
         maps.get_opt(AGENT_CONFIGMAP).await.expect("get").is_none(),
         "the agents' ConfigMap does not exist before the controller creates it"
     );
+    // the chart's Lease Role names the release's Lease only
     let controller =
-        ControllerProcess::start_with(sa_config, watched, release_ns, "outrider-sa", "sa", &[]);
+        ControllerProcess::start_with(sa_config, watched, release_ns, release, "sa", extra);
     let plan = format!(
         "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: rollout, namespace: {watched}}}\nspec:\n  targets: {{inventoryRef: {{name: fleet}}}}\n  strategy: {{batchSize: 100%}}\n  stages:\n    - name: migrate\n      runOnce: true\n      timeout: 2m\n      job:\n        template: {{spec: {{containers: [{{name: m, image: example.com/migrate:42}}], restartPolicy: Never}}}}\n    - name: rollout\n      command: [\"true\"]\n      timeout: 60s\n"
     );
@@ -322,7 +329,7 @@ async fn chart_installs_and_its_rbac_is_enough_for_the_controller() {
     );
 
     let sa_config = service_account_kubeconfig(&release_ns, &release);
-    controller_works_under_the_chart_rbac(&sa_config, &watched, &release_ns).await;
+    controller_works_under_the_chart_rbac(&sa_config, &release, &watched, &release_ns, &[]).await;
     users_get_the_kinds_through_view_and_edit_but_never_status(&watched).await;
 
     uninstall(&release, &release_ns);
@@ -428,6 +435,7 @@ async fn scoped_chart_grants_the_watched_namespace_and_only_the_agents_objects_i
     );
 
     let sa = service_account_kubeconfig(&release_ns, &release);
+    let lease = format!("leases.coordination.k8s.io/{release}");
     // in the release namespace: the agents' ConfigMap by name (create included: a
     // server-side apply that creates it is authorized as create of that name), their Pods
     let agent_cm = format!("configmaps/{AGENT_CONFIGMAP}");
@@ -446,7 +454,15 @@ async fn scoped_chart_grants_the_watched_namespace_and_only_the_agents_objects_i
         ("get", "pods", &release_ns, false),
         ("get", "secrets", &release_ns, false),
         ("list", "inventories.outrider.dev", &release_ns, false),
-        ("update", "leases.coordination.k8s.io", &release_ns, true),
+        // its own Lease only (creating one cannot be limited by name)
+        ("update", &lease, &release_ns, true),
+        (
+            "update",
+            "leases.coordination.k8s.io/another",
+            &release_ns,
+            false,
+        ),
+        ("create", "leases.coordination.k8s.io", &release_ns, true),
         // the watched namespace: the resources, their ConfigMaps (pinned host keys), Jobs
         ("list", "inventories.outrider.dev", &watched, true),
         (
@@ -502,8 +518,114 @@ async fn scoped_chart_grants_the_watched_namespace_and_only_the_agents_objects_i
         stderr(&out)
     );
 
-    controller_works_under_the_chart_rbac(&sa, &watched, &release_ns).await;
+    controller_works_under_the_chart_rbac(&sa, &release, &watched, &release_ns, &[]).await;
 
+    uninstall(&release, &release_ns);
+}
+
+#[tokio::test]
+async fn opted_in_namespaces_alone_grant_secrets_jobs_and_configmaps_and_others_are_refused() {
+    let kc = kubeconfig();
+    let release_ns = namespace("chart-optin");
+    let tenant = namespace("chart-optin-tenant");
+    let outsider = namespace("chart-optin-outsider");
+    let release = format!("outrider-optin-{}", std::process::id() % 100_000);
+    install(
+        &release,
+        &release_ns,
+        &[&format!("rbac.tenantNamespaces={{{tenant}}}")],
+    );
+    let sa = service_account_kubeconfig(&release_ns, &release);
+    let agent_cm = format!("configmaps/{AGENT_CONFIGMAP}");
+    let lease = format!("leases.coordination.k8s.io/{release}");
+    for (verb, resource, ns, want) in [
+        // the namespace that opted in: its Secrets, Jobs, Pods and ConfigMaps
+        ("get", "secrets", tenant.as_str(), true),
+        ("watch", "secrets", &tenant, true),
+        ("create", "jobs.batch", &tenant, true),
+        ("list", "pods", &tenant, true),
+        ("create", "configmaps", &tenant, true),
+        // one that did not: the resources and their status, nothing else
+        ("get", "secrets", &outsider, false),
+        ("list", "secrets", &outsider, false),
+        ("create", "jobs.batch", &outsider, false),
+        ("list", "pods", &outsider, false),
+        ("create", "configmaps", &outsider, false),
+        ("patch", "configmaps/fleet", &outsider, false),
+        ("list", "inventories.outrider.dev", &outsider, true),
+        // the release namespace: the agents' ConfigMap and Pods, its own Lease
+        ("patch", &agent_cm, &release_ns, true),
+        ("create", "configmaps", &release_ns, false),
+        ("patch", "configmaps/other", &release_ns, false),
+        ("get", "secrets", &release_ns, false),
+        ("list", "pods", &release_ns, true),
+        ("update", &lease, &release_ns, true),
+        (
+            "update",
+            "leases.coordination.k8s.io/another",
+            &release_ns,
+            false,
+        ),
+        // and no cluster-wide Secret list
+        ("list", "secrets", "default", false),
+    ] {
+        assert_eq!(
+            can_i(&sa, verb, resource, ns),
+            want,
+            "the chart's ServiceAccount: can-i {verb} {resource} -n {ns}"
+        );
+    }
+    // for real, under its token: another namespace's Secret stays unreadable
+    apply(&kc, &secret_yaml("fleet-ssh", &outsider));
+    let out = kubectl(&sa, &["get", "secret", "fleet-ssh", "-n", &outsider]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("forbidden"),
+        "reading a Secret of a namespace that did not opt in: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    // a controller told the same, watching the outsider: Ready=False/NamespaceNotOptedIn,
+    // and it never even asks for what it may not read
+    let tenants = format!("--tenant-namespaces={tenant}");
+    let refused = ControllerProcess::start_with(
+        &sa,
+        &outsider,
+        &release_ns,
+        &release,
+        "refused",
+        &["--leader-elect=false", &tenants],
+    );
+    apply(&kc, &inventory_yaml("fleet", &outsider, "fleet-ssh", 1));
+    let inventories: Api<Inventory> = Api::namespaced(client().await, &outsider);
+    let message = eventually(
+        Duration::from_secs(60),
+        "Inventory of the outsider Ready=False/NamespaceNotOptedIn",
+        || async {
+            let inv = inventories.get_opt("fleet").await.ok().flatten()?;
+            inv.status?
+                .conditions
+                .iter()
+                .find(|c| {
+                    c.type_ == "Ready" && c.status == "False" && c.reason == "NamespaceNotOptedIn"
+                })
+                .map(|c| c.message.clone())
+        },
+    )
+    .await;
+    assert!(
+        message.contains(&outsider) && message.contains("rbac.tenantNamespaces"),
+        "{message}"
+    );
+    let log = refused.log_text();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "the controller asked for what the chart does not grant:\n{log}"
+    );
+    drop(refused);
+
+    // the tenant's objects work under exactly these rights
+    controller_works_under_the_chart_rbac(&sa, &release, &tenant, &release_ns, &[&tenants]).await;
     uninstall(&release, &release_ns);
 }
 

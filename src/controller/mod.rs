@@ -44,6 +44,43 @@ impl WatchNamespace {
     }
 }
 
+/// The namespaces whose Secrets the controller may read and where it may run Jobs: all
+/// (`--tenant-namespaces` unset), or only those that opted in (the chart binds its
+/// `<release>-tenant` ClusterRole in each). Objects elsewhere are reported
+/// `Ready=False/NamespaceNotOptedIn` and left alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tenants {
+    All,
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl Tenants {
+    pub fn from_list(namespaces: Vec<String>) -> Self {
+        if namespaces.is_empty() {
+            Tenants::All
+        } else {
+            Tenants::Only(namespaces.into_iter().collect())
+        }
+    }
+
+    /// May the controller act for objects of `namespace`?
+    pub fn admits(&self, namespace: &str) -> bool {
+        match self {
+            Tenants::All => true,
+            Tenants::Only(set) => set.contains(namespace),
+        }
+    }
+
+    /// Why an object of `namespace` is left alone; `None` when it is admitted.
+    pub fn refusal(&self, namespace: &str) -> Option<String> {
+        (!self.admits(namespace)).then(|| {
+            format!(
+                "namespace {namespace:?} has not opted in to Outrider: the controller may not read its Secrets or run Jobs in it (an admin adds it to the chart's rbac.tenantNamespaces)"
+            )
+        })
+    }
+}
+
 /// Everything a reconciler needs, built once in `main` and shared. Kind-specific state
 /// lives with the kind (captured by its reconcile closure), not here.
 pub struct Context {
@@ -61,6 +98,8 @@ pub struct Context {
     /// Job stages may ask for host access or another ServiceAccount
     /// (`--allow-privileged-jobs`); refused by default.
     pub allow_privileged_jobs: bool,
+    /// Where Secrets are read and Jobs run (`--tenant-namespaces`).
+    pub tenants: Tenants,
 }
 
 impl Context {
@@ -85,6 +124,7 @@ impl Context {
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             tasks: tasks::Registry::default(),
             allow_privileged_jobs: false,
+            tenants: Tenants::All,
         }
     }
 
@@ -96,6 +136,25 @@ impl Context {
         match &self.scope {
             WatchNamespace::All => Api::all(self.client.clone()),
             WatchNamespace::One(ns) => Api::namespaced(self.client.clone(), ns),
+        }
+    }
+
+    /// One Api per namespace the tenants allow, for the kinds only tenants grant
+    /// (Secrets, Jobs): a single Api over the watched scope when every namespace is allowed.
+    pub fn tenant_apis<K>(&self) -> Vec<Api<K>>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        match (&self.tenants, &self.scope) {
+            (Tenants::Only(set), WatchNamespace::All) => {
+                set.iter().map(|ns| self.api_in(ns)).collect()
+            }
+            (Tenants::Only(set), WatchNamespace::One(ns)) => set
+                .contains(ns)
+                .then(|| self.api_in(ns))
+                .into_iter()
+                .collect(),
+            (Tenants::All, _) => vec![self.api()],
         }
     }
 
@@ -193,4 +252,62 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         log_pipeline::run(ctx.clone(), &shared, stop),
     );
     ctx.tasks.shutdown(tasks::SHUTDOWN_GRACE).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Secret;
+
+    fn context(scope: WatchNamespace, tenants: Tenants) -> Context {
+        // never connects: only request URLs are looked at
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let mut ctx = Context::new(client, metrics, None, scope, "ops".into());
+        ctx.tenants = tenants;
+        ctx
+    }
+
+    fn urls(ctx: &Context) -> Vec<String> {
+        ctx.tenant_apis::<Secret>()
+            .iter()
+            .map(|a| a.resource_url().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn secrets_are_watched_only_in_opted_in_namespaces_never_cluster_wide() {
+        let only = |v: &[&str]| Tenants::from_list(v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            urls(&context(WatchNamespace::All, only(&["b", "a"]))),
+            [
+                "/api/v1/namespaces/a/secrets",
+                "/api/v1/namespaces/b/secrets"
+            ]
+        );
+        assert_eq!(
+            urls(&context(WatchNamespace::All, only(&[]))),
+            ["/api/v1/secrets"]
+        );
+        // watching one namespace: it, if it opted in; else nothing at all
+        assert_eq!(
+            urls(&context(WatchNamespace::One("a".into()), only(&["a"]))),
+            ["/api/v1/namespaces/a/secrets"]
+        );
+        assert!(urls(&context(WatchNamespace::One("c".into()), only(&["a"]))).is_empty());
+    }
+
+    #[test]
+    fn only_listed_namespaces_are_admitted_and_the_refusal_says_how_to_opt_in() {
+        let t = Tenants::from_list(vec!["shop".into()]);
+        assert!(t.admits("shop") && !t.admits("other"));
+        assert!(t.refusal("shop").is_none());
+        let why = t.refusal("other").unwrap();
+        assert!(
+            why.contains("\"other\"") && why.contains("rbac.tenantNamespaces"),
+            "{why}"
+        );
+        assert!(Tenants::All.admits("anything"));
+    }
 }

@@ -214,11 +214,64 @@ where
     }
 }
 
+/// Caches of one kind, one per watched namespace: lookups go to the one holding the key.
+#[derive(Clone)]
+pub struct Stores<K>(Vec<Store<K>>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static;
+
+impl<K> Stores<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    pub fn new(stores: Vec<Store<K>>) -> Self {
+        Self(stores)
+    }
+
+    pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
+        self.0.iter().find_map(|s| s.get(key))
+    }
+}
+
+/// A shared watch per tenant namespace (or one over the watched scope): what only tenants
+/// grant (Secret metadata) is never listed cluster-wide when they must opt in.
+pub struct TenantWatch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    parts: Vec<SharedWatch<K>>,
+}
+
+impl<K> TenantWatch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    fn start(
+        apis: Vec<Api<K>>,
+        modify: impl FnMut(&mut K) + Clone + Send + 'static,
+    ) -> (Self, Vec<BoxFuture<'static, ()>>) {
+        let (parts, drivers) = apis
+            .into_iter()
+            .map(|api| SharedWatch::start(api, modify.clone()))
+            .unzip();
+        (Self { parts }, drivers)
+    }
+
+    /// Every change in any of the namespaces.
+    pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        futures::stream::select_all(self.parts.iter().map(|p| p.subscribe().boxed()))
+    }
+
+    pub fn stores(&self) -> Stores<K> {
+        Stores::new(self.parts.iter().map(|p| p.store.clone()).collect())
+    }
+}
+
 /// The streams every kind that needs them shares: one watch of Inventories and one of
-/// Secret metadata (Secret data never enters this process's cache).
+/// Secret metadata per tenant namespace (Secret data never enters this process's cache).
 pub struct Shared {
     pub inventories: SharedWatch<DeserializeGuard<Inventory>>,
-    pub secrets: SharedWatch<PartialObjectMeta<Secret>>,
+    pub secrets: TenantWatch<PartialObjectMeta<Secret>>,
     drivers: Mutex<Vec<BoxFuture<'static, ()>>>,
 }
 
@@ -228,14 +281,15 @@ impl Shared {
             SharedWatch::start(ctx.api::<DeserializeGuard<Inventory>>(), |obj| {
                 obj.managed_fields_mut().clear()
             });
-        let (secrets, secret_driver) =
-            SharedWatch::start(ctx.api::<PartialObjectMeta<Secret>>(), |obj| {
+        let (secrets, mut drivers) =
+            TenantWatch::start(ctx.tenant_apis::<PartialObjectMeta<Secret>>(), |obj| {
                 obj.managed_fields_mut().clear()
             });
+        drivers.push(inv_driver);
         Self {
             inventories,
             secrets,
-            drivers: Mutex::new(vec![inv_driver, secret_driver]),
+            drivers: Mutex::new(drivers),
         }
     }
 
@@ -314,6 +368,10 @@ where
                 report_unreadable(&ctx, guard.as_ref()).await?;
                 return Ok(Action::await_change());
             }
+            if let Some(why) = guard.namespace().and_then(|ns| ctx.tenants.refusal(&ns)) {
+                report_refused(&ctx, guard.as_ref(), "NamespaceNotOptedIn", why).await?;
+                return Ok(Action::await_change());
+            }
             let action = isolate(f(Obj(guard), ctx.clone())).await?;
             ctx.backoff.reset(&key);
             Ok(action)
@@ -351,20 +409,31 @@ where
         return Ok(());
     };
     let message = format!("cannot read this {}: {}", K::kind(&()), invalid.error);
-    publish_event(
-        ctx,
-        guard,
-        EventType::Warning,
-        "InvalidObject",
-        message.clone(),
-    )
-    .await;
+    report_refused(ctx, guard, "InvalidObject", message).await
+}
+
+/// An object the controller will not act on: a Warning Event and `Ready=False/<reason>`,
+/// written through its metadata only (so it works whether or not the object reads).
+async fn report_refused<K>(
+    ctx: &Context,
+    guard: &DeserializeGuard<K>,
+    reason: &'static str,
+    message: String,
+) -> Result<(), Error>
+where
+    K: Kind,
+{
+    publish_event(ctx, guard, EventType::Warning, reason, message.clone()).await;
     let ns = guard.namespace().ok_or(Error::NoNamespace)?;
+    let generation = match &guard.0 {
+        Ok(obj) => obj.meta().generation,
+        Err(invalid) => invalid.metadata.generation,
+    };
     let status = serde_json::json!({
         "conditions": conditions::merge(
             &[],
-            &[Desired::new(conditions::READY, false, "InvalidObject", message)],
-            invalid.metadata.generation,
+            &[Desired::new(conditions::READY, false, reason, message)],
+            generation,
             &Time(Timestamp::now()),
         ),
     });

@@ -63,3 +63,32 @@ privileged: false
 capabilities: {drop: [ALL]}
 seccompProfile: {type: RuntimeDefault}
 {{- end -}}
+
+{{/*
+What only a tenant grants the controller: its Jobs, Pods, ConfigMaps and Secrets. In the
+cluster-wide role unless rbac.tenantNamespaces lists the namespaces that opted in; then in
+the "<fullname>-tenant" ClusterRole, bound in each of them.
+*/}}
+{{- define "outrider.tenantRules" }}
+# Job stages of DeploymentPlans: Jobs owned by the plan, in its namespace.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, delete, deletecollection]
+# A failed Job's pods (exit code for the plan's status). Cluster-wide this also covers the
+# node agents' Pods in the release namespace (otherwise: the "-agents" Role).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# ConfigMaps the controller owns beside the resources (an Inventory's pinned SSH host keys,
+# named after it; a HealthCheck's baselines: names not known in advance, so not
+# name-limited). Cluster-wide this also covers the node agents' ConfigMap in the release
+# namespace (otherwise: the "-agents" Role). Written by server-side apply (PATCH), so no
+# update.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+# SSH credentials: watched by metadata, read one at a time when a resource refers to one.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch]
+{{- end }}

@@ -3,36 +3,50 @@
 //! `outrider.dev/plan`) feeds both the controller (`owns`) and the runs waiting on a Job.
 
 use futures::StreamExt;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 
 use super::*;
+use crate::controller::runtime::Stores;
 use k8s_openapi::api::core::v1::{EnvVarSource, SecretKeySelector};
 
 /// The plans' Jobs as one shared watch sees them: a cache, and a counter bumped on every
 /// change so a waiting stage wakes up instead of polling the API server.
 #[derive(Clone)]
 pub(super) struct JobWatch {
-    store: Store<Job>,
+    store: Stores<Job>,
     changed: watch::Receiver<u64>,
 }
 
 impl JobWatch {
-    /// The watch's cache and the stream of touched Jobs, for `Controller::owns_stream`.
+    /// The watches' caches and the stream of touched Jobs, for `Controller::owns_stream`:
+    /// one watch per Api (per tenant namespace, or one over the watched scope).
     pub(super) fn start(
-        jobs: Api<Job>,
+        apis: Vec<Api<Job>>,
     ) -> (
         Self,
         impl futures::Stream<Item = Result<Job, watcher::Error>> + Send + 'static,
     ) {
-        let (store, writer) = reflector::store();
         let (tx, changed) = watch::channel(0u64);
-        let config = watcher::Config::default().labels(PLAN_LABEL).any_semantic();
-        let stream = reflector::reflector(writer, watcher(jobs, config))
-            .default_backoff()
-            .touched_objects()
-            .inspect(move |_| tx.send_modify(|n| *n = n.wrapping_add(1)));
-        (Self { store, changed }, stream)
+        let tx = Arc::new(tx);
+        let mut stores = Vec::new();
+        let mut streams = Vec::new();
+        for jobs in apis {
+            let (store, writer) = reflector::store();
+            let config = watcher::Config::default().labels(PLAN_LABEL).any_semantic();
+            let tx = tx.clone();
+            let stream = reflector::reflector(writer, watcher(jobs, config))
+                .default_backoff()
+                .touched_objects()
+                .inspect(move |_| tx.send_modify(|n| *n = n.wrapping_add(1)));
+            stores.push(store);
+            streams.push(stream.boxed());
+        }
+        let store = Stores::new(stores);
+        (
+            Self { store, changed },
+            futures::stream::select_all(streams),
+        )
     }
 }
 

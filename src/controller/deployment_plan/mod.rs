@@ -189,7 +189,7 @@ fn terminal(phase: Option<PlanPhase>) -> bool {
 
 /// Runs the DeploymentPlan controller until `stop` fires.
 pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
-    let (jobs, job_changes) = JobWatch::start(ctx.api::<Job>());
+    let (jobs, job_changes) = JobWatch::start(ctx.tenant_apis::<Job>());
     let state = Arc::new(PlanState {
         jobs,
         keys: Mutex::new(HashMap::new()),

@@ -31,8 +31,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, Desired, READY};
-use super::runtime::{self, Obj, Shared};
-use super::{At, Context, Error, Stage, WatchNamespace};
+use super::runtime::{self, Obj, Shared, Stores};
+use super::{At, Context, Error, Stage, Tenants, WatchNamespace};
 use crate::agent::config::{AgentConfigFile, PipelineEntry, validate};
 use crate::agent::report::{CONFIG_HASH_ANNOTATION, config_hash};
 use crate::api::FIELD_MANAGER;
@@ -148,7 +148,7 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     let renderer = render_loop(
         ctx.clone(),
         pipelines.clone(),
-        shared.secrets.store.clone(),
+        shared.secrets.stores(),
         render_needed,
         rendered_tx,
         stop.clone(),
@@ -184,7 +184,7 @@ fn changes_of<T: Send + Sync + 'static>(
 async fn render_loop(
     ctx: Arc<Context>,
     pipelines: Store<DeserializeGuard<LogPipeline>>,
-    secrets: Store<PartialObjectMeta<Secret>>,
+    secrets: Stores<PartialObjectMeta<Secret>>,
     needed: Arc<Notify>,
     out: watch::Sender<Option<Rendered>>,
     stop: CancellationToken,
@@ -201,7 +201,7 @@ async fn render_loop(
         if pipelines.wait_until_ready().await.is_err() {
             return;
         }
-        let rendered = render(&pipelines, &secrets);
+        let rendered = render(&pipelines, &secrets, &ctx.tenants);
         match write_config(&ctx, &rendered.1, &rendered.0.hash, &written).await {
             Ok(()) => {
                 failures = 0;
@@ -227,8 +227,15 @@ async fn render_loop(
 
 /// Why a pipeline is left out of the agent config; `None` when it is valid. Secrets are
 /// checked for existence from the shared metadata cache (their values are the agent's).
-fn problem(lp: &LogPipeline, secrets: &Store<PartialObjectMeta<Secret>>) -> Option<Desired> {
+fn problem(
+    lp: &LogPipeline,
+    secrets: &Stores<PartialObjectMeta<Secret>>,
+    tenants: &Tenants,
+) -> Option<Desired> {
     let ns = lp.namespace().unwrap_or_default();
+    if let Some(why) = tenants.refusal(&ns) {
+        return Some(Desired::new(READY, false, "NamespaceNotOptedIn", why));
+    }
     let entry = PipelineEntry {
         namespace: ns.clone(),
         name: lp.name_any(),
@@ -271,7 +278,8 @@ fn secret_refs(spec: &LogPipelineSpec) -> Vec<(String, String)> {
 /// Renders every valid pipeline of the cache: the result and the config text.
 fn render(
     pipelines: &Store<DeserializeGuard<LogPipeline>>,
-    secrets: &Store<PartialObjectMeta<Secret>>,
+    secrets: &Stores<PartialObjectMeta<Secret>>,
+    tenants: &Tenants,
 ) -> (Rendered, String) {
     // a pipeline that does not deserialize is skipped (its own reconcile reports it)
     let mut all: Vec<LogPipeline> = pipelines
@@ -284,7 +292,7 @@ fn render(
     let mut problems = HashMap::new();
     for lp in &all {
         let key = format!("{}/{}", lp.namespace().unwrap_or_default(), lp.name_any());
-        match problem(lp, secrets) {
+        match problem(lp, secrets, tenants) {
             Some(p) => {
                 problems.insert(key, p);
             }
