@@ -483,3 +483,214 @@ fn local_example_is_a_valid_ssh_only_plan_for_its_inventory() {
     let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     assert_eq!(names, ["web-1", "web-2"]);
 }
+
+/// A runner logged in as the unprivileged test user, and one host of `server` at `addr`.
+fn nosudo_runner(server: &sshd::Sshd, addr: &str, keys: &Path) -> (SshRunner, Endpoint) {
+    let (private_key, public_key) = sshd::user_key(keys, "ed25519", None, "openssh");
+    server.authorize("outrider-nosudo", &public_key);
+    let credentials = Credentials::new(&private_key, None, &server.known_hosts_for(&[addr]))
+        .expect("credentials");
+    let runner = SshRunner::new(Fleet::new(
+        ClientConfig::new("outrider-nosudo"),
+        credentials,
+    ));
+    (runner, Endpoint::new("h1", addr, server.port))
+}
+
+fn script_stage(name: &str, script: &str, dir: &Path, timeout_secs: u64) -> plan::StageSpec {
+    plan::StageSpec {
+        name: name.into(),
+        action: plan::StageAction::Script(script.into()),
+        env: BTreeMap::from([("DIR".into(), dir.display().to_string())]),
+        secret_env: Vec::new(),
+        timeout: std::time::Duration::from_secs(timeout_secs),
+        retries: 0,
+        run_once: false,
+    }
+}
+
+async fn run_one(runner: &SshRunner, stage: plan::StageSpec, host: Endpoint) -> plan::PlanOutcome {
+    let (_control, control_rx) = watch::channel(Control::Run);
+    let (events_tx, mut events_rx) = mpsc::channel(10_000);
+    let drain = async { while events_rx.recv().await.is_some() {} };
+    let spec = plan::PlanSpec::new(vec![stage]);
+    let (outcome, ()) = tokio::join!(
+        plan::run_plan(
+            &spec,
+            vec![host],
+            runner,
+            ResumeState::default(),
+            control_rx,
+            events_tx
+        ),
+        drain
+    );
+    outcome
+}
+
+/// Processes whose command line is exactly `sleep <secs>` (a duration no one else uses).
+fn sleepers(secs: u32) -> Vec<u32> {
+    let want = format!("sleep\0{secs}\0");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+async fn until_no_sleepers(secs: u32, within: std::time::Duration) -> Vec<u32> {
+    let end = std::time::Instant::now() + within;
+    loop {
+        let left = sleepers(secs);
+        if left.is_empty() || std::time::Instant::now() > end {
+            return left;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_outlives_its_timeout_leaves_no_process_behind_on_the_host() {
+    let server = sshd::Sshd::start();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (runner, host) = nosudo_runner(&server, "127.0.43.1", keys.path());
+    let work = tempfile::tempdir().expect("tempdir");
+    let secs = 4000 + std::process::id() % 1000;
+    // a background child and a foreground one, both far past the 2 s timeout
+    let script = format!("sleep {secs} &\necho started\nsleep {secs}\n");
+    let outcome = run_one(&runner, script_stage("hang", &script, work.path(), 2), host).await;
+    let failure = outcome.hosts[0]
+        .failure
+        .as_ref()
+        .unwrap_or_else(|| panic!("{outcome:#?}"));
+    assert_eq!(
+        failure.failure.reason,
+        FailureReason::TimedOut,
+        "{failure:#?}"
+    );
+    assert!(
+        failure.failure.output_tail.contains("started"),
+        "the output before the kill is kept: {failure:#?}"
+    );
+    let left = until_no_sleepers(secs, std::time::Duration::from_secs(5)).await;
+    assert!(
+        left.is_empty(),
+        "processes of the timed-out stage still run on the host: {left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_kills_its_stage_on_the_host() {
+    let server = sshd::Sshd::start();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (runner, host) = nosudo_runner(&server, "127.0.43.2", keys.path());
+    let work = tempfile::tempdir().expect("tempdir");
+    let secs = 5000 + std::process::id() % 1000;
+    let script = format!("sleep {secs} &\nsleep {secs}\n");
+    let stage = script_stage("long", &script, work.path(), 600);
+    // the plan is deleted mid-stage: the controller drops the run
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        run_one(&runner, stage, host),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the stage ended by itself: {cancelled:?}"
+    );
+    assert!(
+        !sleepers(secs).is_empty(),
+        "the stage was running when the run was dropped"
+    );
+    let left = until_no_sleepers(secs, std::time::Duration::from_secs(10)).await;
+    assert!(
+        left.is_empty(),
+        "processes of the cancelled stage still run on the host: {left:?}"
+    );
+}
+
+/// `(start, end)` pairs of seconds-since-epoch lines `start <t>` / `end <t>` in `path`.
+fn intervals(path: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut starts = Vec::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let (what, t) = line.split_once(' ').expect("a start or end line");
+        let t: f64 = t.parse().expect("a time");
+        match what {
+            "start" => starts.push(t),
+            _ => out.push((starts.remove(0), t)),
+        }
+    }
+    out
+}
+
+fn overlap(v: &[(f64, f64)]) -> bool {
+    v.iter()
+        .enumerate()
+        .any(|(i, a)| v[i + 1..].iter().any(|b| a.0 < b.1 && b.0 < a.1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_attempts_of_one_stage_of_one_run_never_overlap_on_a_host() {
+    let server = sshd::Sshd::start();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let work = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    const TIMED: &str = "echo \"start $(date +%s.%N)\" >> \"$DIR/$LOG\"\nsleep 1.5\necho \"end $(date +%s.%N)\" >> \"$DIR/$LOG\"\n";
+    let stage = |log: &str| {
+        let mut s = script_stage("deploy", TIMED, work.path(), 30);
+        s.env.insert("LOG".into(), log.into());
+        s
+    };
+    let addr = "127.0.43.3";
+    // one run resumed by another replica: the same lock scope on both runners
+    let (first, host) = nosudo_runner(&server, addr, keys.path());
+    let (second, _) = nosudo_runner(&server, addr, keys.path());
+    let (first, second) = (
+        first.with_lock_scope("ns/uid/1"),
+        second.with_lock_scope("ns/uid/1"),
+    );
+    let (a, b) = tokio::join!(run_one(&first, stage("same.log"), host.clone()), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        run_one(&second, stage("same.log"), host.clone()).await
+    });
+    assert_eq!(
+        (a.phase, b.phase),
+        (Phase::Succeeded, Phase::Succeeded),
+        "{a:#?} {b:#?}"
+    );
+    let same = intervals(&work.path().join("same.log"));
+    assert_eq!(same.len(), 2, "{same:?}");
+    assert!(
+        !overlap(&same),
+        "two attempts of one stage ran at once: {same:?}"
+    );
+
+    // the control: different runs are not serialised, so the check above can see overlap
+    let (other, _) = nosudo_runner(&server, addr, keys.path());
+    let other = other.with_lock_scope("ns/uid/2");
+    let (a, b) = tokio::join!(run_one(&first, stage("diff.log"), host.clone()), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        run_one(&other, stage("diff.log"), host.clone()).await
+    });
+    assert_eq!((a.phase, b.phase), (Phase::Succeeded, Phase::Succeeded));
+    let diff = intervals(&work.path().join("diff.log"));
+    assert!(
+        overlap(&diff),
+        "stages of different runs ran one after the other: {diff:?}"
+    );
+}

@@ -37,8 +37,16 @@ impl PlanRun {
             runner,
             inventory,
         } = resolved;
+        // the same for every attempt of this run, by whichever replica: a resumed run's
+        // stages wait on the host for its attempts still running there
+        let lock_scope = format!(
+            "{}/{}/{}",
+            self.api_namespace(),
+            self.plan.uid().unwrap_or_else(|| self.plan.name_any()),
+            self.run_id
+        );
         let runner = ClusterRunner {
-            ssh: runner,
+            ssh: runner.with_lock_scope(lock_scope),
             jobs: Api::namespaced(self.ctx.client.clone(), &self.api_namespace()),
             watch: Some(self.jobs.clone()),
             namespace: self.api_namespace(),

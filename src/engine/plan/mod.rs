@@ -8,6 +8,7 @@ pub mod batches;
 pub mod resume;
 pub mod run;
 pub mod ssh_runner;
+pub mod supervise;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -6,21 +6,37 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use super::supervise::{self, LOCK_BUSY_EXIT, TIMED_OUT_EXIT, TIMED_OUT_MARK};
 use super::{
     FailureReason, OUTPUT_TAIL_MAX, StageAction, StageFailure, StageOutcome, StageRunner, StageSpec,
 };
 use crate::ssh::{self, Command, Endpoint, ExecOutput, Fleet, Session};
 
-/// Runs script and command stages over SSH; Job stages need the controller's runner.
-/// Handshakes are bounded by the [`Fleet`] (they cost the servers far more than commands,
-/// and a stock sshd drops handshakes past `MaxStartups`).
+/// Runs script and command stages over SSH, each under the host-side supervisor of
+/// [`supervise`]; Job stages need the controller's runner. Handshakes are bounded by the
+/// [`Fleet`] (they cost the servers far more than commands, and a stock sshd drops
+/// handshakes past `MaxStartups`).
 pub struct SshRunner {
     fleet: Fleet,
+    /// What names this run in the host-side stage locks: the same for every attempt of the
+    /// run, whichever controller makes it.
+    lock_scope: String,
 }
 
 impl SshRunner {
+    /// A runner whose stage locks are its own (a local `plan run`).
     pub fn new(fleet: Fleet) -> Self {
-        Self { fleet }
+        Self {
+            fleet,
+            lock_scope: format!("local/{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    /// Names the run in the host-side locks (the controller: the plan and its run id), so
+    /// a resumed or taken-over run waits for its own attempts still running on a host.
+    pub fn with_lock_scope(mut self, scope: impl Into<String>) -> Self {
+        self.lock_scope = scope.into();
+        self
     }
 
     async fn connect(&self, endpoint: &Endpoint) -> Result<Session, StageFailure> {
@@ -90,11 +106,22 @@ fn output_tail(out: &ExecOutput) -> String {
     crate::text::tail(&both, OUTPUT_TAIL_MAX)
 }
 
-/// The transport command for a stage.
-fn command(stage: &StageSpec) -> Result<Command, StageFailure> {
-    let cmd = match &stage.action {
-        StageAction::Script(s) => Command::script(s.clone()),
-        StageAction::Command(argv) => Command::argv(argv.clone()),
+/// The transport command for a stage: its script or argv under the host-side supervisor.
+fn command(stage: &StageSpec, lock_key: &str) -> Result<Command, StageFailure> {
+    let bad = |what: String| StageFailure::new(FailureReason::Other, what);
+    let body = match &stage.action {
+        StageAction::Script(s) if s.contains('\0') => {
+            return Err(bad(format!(
+                "stage {:?}: the script contains a NUL byte",
+                stage.name
+            )));
+        }
+        StageAction::Script(s) => s.clone(),
+        StageAction::Command(argv) => {
+            let line = ssh::quote::command_line(&Default::default(), argv)
+                .map_err(|e| bad(format!("stage {:?}: {e}", stage.name)))?;
+            format!("exec {line}")
+        }
         StageAction::Job(_) => {
             return Err(StageFailure::new(
                 FailureReason::Other,
@@ -105,7 +132,10 @@ fn command(stage: &StageSpec) -> Result<Command, StageFailure> {
             ));
         }
     };
-    let mut cmd = cmd.timeout(stage.timeout).capture(512, OUTPUT_TAIL_MAX);
+    let script = supervise::wrap(lock_key, &body, stage.timeout);
+    let mut cmd = Command::script(script)
+        .timeout(stage.timeout.saturating_add(supervise::BACKSTOP))
+        .capture(512, OUTPUT_TAIL_MAX);
     cmd.env = stage.env.clone();
     for v in &stage.secret_env {
         let Some(value) = &v.value else {
@@ -144,8 +174,15 @@ impl StageRunner for SshRunner {
         stage: &StageSpec,
         _attempt: u32,
     ) -> Result<StageOutcome, StageFailure> {
-        let cmd = command(stage)?;
+        let key = supervise::lock_key(&self.lock_scope, &host.endpoint.name, &stage.name);
+        let cmd = command(stage, &key)?;
         let session = self.session(host).await?;
+        // dropped before the supervisor reported back (the run was cancelled, or the
+        // controller's backstop fired): kill the stage's process group on the host
+        let mut cancel = KillOnDrop {
+            session: Some(session.clone()),
+            key,
+        };
         let out = match session.exec(&cmd).await {
             Ok(out) => out,
             Err(e) => {
@@ -156,6 +193,20 @@ impl StageRunner for SshRunner {
                 return Err(failure(e));
             }
         };
+        cancel.session = None;
+        if let Some(reason) = supervisor_failure(&out) {
+            return Err(StageFailure {
+                reason,
+                exit_code: None,
+                signal: None,
+                message: format!(
+                    "{}: {}",
+                    host.endpoint.name,
+                    crate::text::tail(out.stderr.to_string_lossy().trim(), 256)
+                ),
+                output_tail: output_tail(&out),
+            });
+        }
         if out.success() {
             return Ok(StageOutcome {
                 duration: out.duration,
@@ -181,3 +232,42 @@ impl StageRunner for SshRunner {
         })
     }
 }
+
+/// A failure the supervisor reported rather than the stage: the watchdog's timeout, or an
+/// earlier attempt that held the lock for the whole timeout.
+fn supervisor_failure(out: &ExecOutput) -> Option<FailureReason> {
+    let stderr = out.stderr.to_string_lossy();
+    match out.exit_status {
+        Some(TIMED_OUT_EXIT) if stderr.contains(TIMED_OUT_MARK) => Some(FailureReason::TimedOut),
+        Some(LOCK_BUSY_EXIT) if stderr.contains("outrider: the earlier attempt") => {
+            Some(FailureReason::TimedOut)
+        }
+        _ => None,
+    }
+}
+
+/// Kills the stage's process group on the host when dropped with a session still set.
+struct KillOnDrop {
+    session: Option<Arc<Session>>,
+    key: String,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let cmd = Command::script(supervise::kill_script(&self.key)).timeout(KILL_TIMEOUT);
+        runtime.spawn(async move {
+            if let Err(e) = session.exec(&cmd).await {
+                tracing::warn!(host = %session.endpoint.name, error = %e, "could not kill a cancelled stage on its host; its watchdog will");
+            }
+        });
+    }
+}
+
+/// How long the kill of a cancelled stage may take.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
