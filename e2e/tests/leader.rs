@@ -1,6 +1,6 @@
 //! Fencing: a leader cut off from the API server (a loopback proxy in front of the API server
 //! that the test blackholes) stops by itself before the standby may take the Lease, so two
-//! replicas never lead at once.
+//! replicas never lead at once, and a stage the old leader started is never run beside it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
+use outrider::api::deployment_plan::{DeploymentPlan, PlanPhase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -185,5 +186,84 @@ async fn a_leader_cut_off_from_the_api_server_exits_before_the_standby_takes_the
         exited < acquired,
         "the old leader was seen running until {exited}, the standby acquired the Lease at {acquired}"
     );
+    drop(partition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_partitioned_mid_stage_hands_over_without_two_attempts_on_a_host() {
+    const NAME: &str = "outrider-fence-plan";
+    let kc = kubeconfig();
+    let ns = namespace("fence-plan");
+    let leases: Api<Lease> = Api::namespaced(client().await, &ns);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, upstream) = kubeconfig_via("127.0.0.1:1".parse().expect("addr"), dir.path());
+    let partition = Partition::start(upstream).await;
+    let (via_proxy, _) = kubeconfig_via(partition.addr, dir.path());
+    let extra = ["--lease-duration", "6"];
+    let mut leader = ControllerProcess::start_with(&via_proxy, &ns, &ns, NAME, "replica-a", &extra);
+    eventually(
+        Duration::from_secs(60),
+        "replica-a holds the Lease",
+        || async {
+            lease(&leases, NAME)
+                .await
+                .filter(|(h, _)| h == "replica-a")
+                .map(|_| ())
+        },
+    )
+    .await;
+    let _standby = ControllerProcess::start(&ns, NAME, "replica-b", &extra);
+
+    let out = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        out.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    // the stage outlives the takeover (fence < 6 s, Lease 6 s): the standby's attempt
+    // would start beside it if nothing on the host stopped it
+    let plan = format!(
+        "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: rollout, namespace: {ns}}}\nspec:\n  targets: {{inventoryRef: {{name: fleet}}}}\n  strategy: {{batchSize: 100%, maxParallel: 2}}\n  stages:\n{}",
+        timed_stage_yaml(out.path(), 15)
+    );
+    let manifest = format!(
+        "{}---\n{}---\n{plan}",
+        secret_yaml("fleet-ssh", &ns),
+        inventory_yaml("fleet", &ns, "fleet-ssh", 2),
+    );
+    apply(&kc, &manifest);
+    let first_host = out.path().join(host_addr(0));
+    eventually(Duration::from_secs(60), "the stage to start", || async {
+        first_host.exists().then_some(())
+    })
+    .await;
+    partition.cut();
+    let cut_at = Instant::now();
+    while leader.child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(30),
+            "the partitioned leader still runs:\n{}",
+            leader.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let plans: Api<DeploymentPlan> = Api::namespaced(client().await, &ns);
+    eventually(
+        Duration::from_secs(120),
+        "the standby finishes the run",
+        || async {
+            let dp = plans.get_opt("rollout").await.ok().flatten()?;
+            (dp.status?.phase == Some(PlanPhase::Succeeded)).then_some(())
+        },
+    )
+    .await;
+    for i in 0..2 {
+        let log: Vec<String> = std::fs::read_to_string(out.path().join(host_addr(i)))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_attempts_never_overlap(&host_addr(i), &log);
+    }
     drop(partition);
 }

@@ -433,10 +433,7 @@ async fn a_controller_killed_mid_stage_and_resumed_never_runs_two_attempts_at_on
     setup(&ns, 2);
     let dir = out_dir();
     // long enough that the successor (a 3 s Lease away) would start beside it if it could
-    let stages = format!(
-        "    - name: deploy\n      env: {{OUT: \"{out}\"}}\n      script: |\n        h=$(echo $SSH_CONNECTION | cut -d' ' -f3)\n        echo \"start $(date +%s.%N)\" >> \"$OUT/$h\"\n        sleep 8\n        echo \"end $(date +%s.%N)\" >> \"$OUT/$h\"\n      timeout: 60s\n",
-        out = dir.path().display()
-    );
+    let stages = timed_stage_yaml(dir.path(), 8);
     apply(
         &kc,
         &plan_yaml(
@@ -456,30 +453,7 @@ async fn a_controller_killed_mid_stage_and_resumed_never_runs_two_attempts_at_on
     let _second = ControllerProcess::start(&ns, "outrider", "second", &extra);
     wait_phase(&api, "slow", PlanPhase::Succeeded).await;
     for i in 0..2 {
-        let log = lines(&dir.path().join(host_addr(i)));
-        let mut spans: Vec<(f64, Option<f64>)> = Vec::new();
-        for line in &log {
-            let (what, t) = line.split_once(' ').expect("start/end line");
-            let t: f64 = t.parse().expect("time");
-            if what == "start" {
-                spans.push((t, None));
-            } else if let Some(open) = spans.iter_mut().rev().find(|s| s.1.is_none()) {
-                open.1 = Some(t);
-            }
-        }
-        assert!(!spans.is_empty(), "{} never ran the stage", host_addr(i));
-        // the killed controller's attempt runs on to its end; the successor's waits for it
-        for (a, b) in spans.iter().zip(spans.iter().skip(1)) {
-            let end = a.1.unwrap_or(f64::INFINITY);
-            assert!(
-                end <= b.0,
-                "{}: an attempt started at {} while the one from {} ran (ended {:?}): {log:?}",
-                host_addr(i),
-                b.0,
-                a.0,
-                a.1
-            );
-        }
+        assert_attempts_never_overlap(&host_addr(i), &lines(&dir.path().join(host_addr(i))));
     }
 }
 

@@ -389,3 +389,37 @@ pub fn metric(body: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A stage (YAML list item) that appends `start <t>`, sleeps `secs`, then appends `end <t>`
+/// to `<dir>/<host address>`: what [`assert_attempts_never_overlap`] reads.
+pub fn timed_stage_yaml(dir: &Path, secs: u32) -> String {
+    format!(
+        "    - name: deploy\n      env: {{OUT: \"{out}\"}}\n      script: |\n        h=$(echo $SSH_CONNECTION | cut -d' ' -f3)\n        echo \"start $(date +%s.%N)\" >> \"$OUT/$h\"\n        sleep {secs}\n        echo \"end $(date +%s.%N)\" >> \"$OUT/$h\"\n      timeout: 120s\n",
+        out = dir.display()
+    )
+}
+
+/// The `start`/`end` lines one host recorded never show an attempt starting while another
+/// ran (an attempt with no `end` ran on until the next one started, at least).
+pub fn assert_attempts_never_overlap(host: &str, log: &[String]) {
+    let mut spans: Vec<(f64, Option<f64>)> = Vec::new();
+    for line in log {
+        let (what, t) = line.split_once(' ').expect("start/end line");
+        let t: f64 = t.parse().expect("time");
+        if what == "start" {
+            spans.push((t, None));
+        } else if let Some(open) = spans.iter_mut().rev().find(|s| s.1.is_none()) {
+            open.1 = Some(t);
+        }
+    }
+    assert!(!spans.is_empty(), "{host} never ran the stage");
+    for (a, b) in spans.iter().zip(spans.iter().skip(1)) {
+        assert!(
+            a.1.unwrap_or(f64::INFINITY) <= b.0,
+            "{host}: an attempt started at {} while the one from {} ran (ended {:?}): {log:?}",
+            b.0,
+            a.0,
+            a.1
+        );
+    }
+}
