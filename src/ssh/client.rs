@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
+use russh::Preferred;
 use russh::client::{self, AuthResult, Handle};
-use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 
-use super::known_hosts::{self, HostKeyVerdict, KnownHosts};
+use super::known_hosts::{self, CertVerdict, HostKeyVerdict, KnownHosts};
 use super::pins::{PinVerdict, Pins};
 use super::{ClientConfig, Endpoint, Error, HostKeyPolicy};
 
@@ -80,14 +81,11 @@ impl client::Handler for Verifier {
     ) -> Result<bool, Self::Error> {
         let key = match server_key {
             PublicKeyOrCertificate::PublicKey { key, .. } => key,
-            PublicKeyOrCertificate::Certificate(_) => {
-                self.set(Verdict::Refused(Error::Protocol {
-                    host: self.host.clone(),
-                    message:
-                        "the server offered a host certificate; only plain host keys are supported"
-                            .into(),
-                }));
-                return Ok(false);
+            PublicKeyOrCertificate::Certificate(cert) => {
+                let verdict = self.certificate(cert);
+                let ok = !matches!(verdict, Verdict::Refused(_));
+                self.set(verdict);
+                return Ok(ok);
             }
         };
         let fingerprint = known_hosts::fingerprint(key);
@@ -127,6 +125,35 @@ impl client::Handler for Verifier {
 }
 
 impl Verifier {
+    /// A host certificate: trusted only through a `@cert-authority` line (never pinned or
+    /// trusted on first use).
+    fn certificate(&self, cert: &russh::keys::Certificate) -> Verdict {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let fingerprint = cert.public_key().fingerprint(HashAlg::Sha256).to_string();
+        match self
+            .credentials
+            .known_hosts
+            .verify_certificate(&self.address, self.port, cert, now)
+        {
+            CertVerdict::Trusted => Verdict::Trusted,
+            CertVerdict::Revoked => Verdict::Refused(Error::HostKeyRevoked {
+                host: self.host.clone(),
+                fingerprint,
+            }),
+            CertVerdict::NoAuthority => Verdict::Refused(Error::HostKeyUnknown {
+                host: self.host.clone(),
+                fingerprint,
+            }),
+            CertVerdict::Invalid(reason) => Verdict::Refused(Error::HostKeyMismatch {
+                host: self.host.clone(),
+                presented: format!("a host certificate for key {fingerprint}: {reason}"),
+                expected: "a valid host certificate from a @cert-authority key".into(),
+            }),
+        }
+    }
+
     /// A key neither `known_hosts` nor a pin knows: trusted once under `AcceptNew`.
     fn unknown(&self, key: &russh::keys::PublicKey, fingerprint: String) -> Verdict {
         if self.policy == HostKeyPolicy::AcceptNew {
@@ -166,14 +193,47 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn russh_config(config: &ClientConfig) -> Arc<client::Config> {
+fn russh_config(config: &ClientConfig, preferred: Preferred) -> Arc<client::Config> {
     Arc::new(client::Config {
         keepalive_interval: Some(config.keepalive),
         keepalive_max: 3,
         inactivity_timeout: None,
         nodelay: true,
+        preferred,
         ..Default::default()
     })
+}
+
+/// Host key algorithms for one host, as OpenSSH orders them: the types `known_hosts`
+/// holds for it first (a host pinned by its RSA key is asked for that key even if the
+/// server prefers ed25519, instead of failing as a mismatch), and certificates first
+/// when a `@cert-authority` line names it.
+fn preferred_for(known: &KnownHosts, address: &str, port: u16) -> Preferred {
+    let mut preferred = Preferred::default();
+    let known_types = known.known_algorithms(address, port);
+    let same_type = |a: &Algorithm, b: &Algorithm| match (a, b) {
+        (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+        _ => a == b,
+    };
+    if !known_types.is_empty() {
+        let (first, rest): (Vec<Algorithm>, Vec<Algorithm>) = preferred
+            .key
+            .iter()
+            .cloned()
+            .partition(|a| known_types.iter().any(|k| same_type(k, a)));
+        preferred.key = first.into_iter().chain(rest).collect::<Vec<_>>().into();
+    }
+    if known.has_authority(address, port) {
+        // not ssh-rsa-cert (SHA-1 signatures)
+        preferred.host_key_certificates = preferred
+            .key
+            .iter()
+            .filter(|a| !matches!(a, Algorithm::Rsa { hash: None }))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+    }
+    preferred
 }
 
 /// Errors worth another handshake attempt: the server dropped us before auth (MaxStartups).
@@ -237,6 +297,7 @@ impl Session {
             host: host.clone(),
             reason,
         };
+        let preferred = preferred_for(&credentials.known_hosts, &endpoint.address, endpoint.port);
         // Ok(Err(_)) is a transport failure before SSH started; Err(_) from SSH itself.
         let handshake = async {
             let stream = match &jump {
@@ -245,7 +306,12 @@ impl Session {
                     match tokio::net::TcpStream::connect(addr).await {
                         Ok(tcp) => {
                             let _ = tcp.set_nodelay(true);
-                            client::connect_stream(russh_config(config), tcp, verifier).await
+                            client::connect_stream(
+                                russh_config(config, preferred.clone()),
+                                tcp,
+                                verifier,
+                            )
+                            .await
                         }
                         Err(e) => {
                             return Ok(Err(unreachable(format!(
@@ -268,7 +334,7 @@ impl Session {
                     match tunnel {
                         Ok(channel) => {
                             client::connect_stream(
-                                russh_config(config),
+                                russh_config(config, preferred.clone()),
                                 channel.into_stream(),
                                 verifier,
                             )

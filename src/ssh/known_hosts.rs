@@ -11,7 +11,9 @@ use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{KeyInit as _, Mac as _};
-use russh::keys::{HashAlg, PublicKey};
+use russh::keys::ssh_key::Certificate;
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::{Algorithm, HashAlg, PublicKey};
 
 /// Standard base64, as OpenSSH writes it, also accepting a missing `=` padding.
 const B64: GeneralPurpose = GeneralPurpose::new(
@@ -85,6 +87,20 @@ pub enum HostKeyVerdict {
     Revoked,
 }
 
+/// Outcome of checking a host certificate against the `@cert-authority` lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertVerdict {
+    /// Signed by an authority trusted for this host, in its validity window, naming the
+    /// host as a principal.
+    Trusted,
+    /// No `@cert-authority` line names this host.
+    NoAuthority,
+    /// An `@revoked` line lists the certificate's key or its authority.
+    Revoked,
+    /// Why the certificate cannot be trusted for this host.
+    Invalid(String),
+}
+
 /// A line that parsed but is ignored, kept so callers can say why a host is still unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedLine {
@@ -102,6 +118,8 @@ pub struct KnownHosts {
 #[derive(Debug, Clone)]
 struct Entry {
     revoked: bool,
+    /// `@cert-authority`: `key` signs host certificates for these hosts.
+    authority: bool,
     hosts: HostSpec,
     key: PublicKey,
 }
@@ -122,7 +140,7 @@ struct Pattern {
 
 impl KnownHosts {
     /// Parses `known_hosts` text. Blank lines and `#` comments are ignored; lines with an
-    /// unsupported key type or `@cert-authority` are skipped (see [`KnownHosts::skipped`]);
+    /// unsupported key type are skipped (see [`KnownHosts::skipped`]);
     /// any other malformed line is an error naming its line number, so a typo cannot
     /// silently turn a pinned host into an unknown one.
     pub fn parse(text: &str) -> Result<KnownHosts, KnownHostsError> {
@@ -136,18 +154,11 @@ impl KnownHosts {
             let mut fields: Vec<&str> = content.split_ascii_whitespace().collect();
 
             let mut revoked = false;
+            let mut authority = false;
             if let Some(marker) = fields.first().filter(|f| f.starts_with('@')) {
                 match *marker {
                     "@revoked" => revoked = true,
-                    "@cert-authority" => {
-                        known.skipped.push(SkippedLine {
-                            line,
-                            reason: "@cert-authority entries are not supported (host \
-                                     certificates are not accepted)"
-                                .to_owned(),
-                        });
-                        continue;
-                    }
+                    "@cert-authority" => authority = true,
                     other => {
                         return Err(KnownHostsError::UnknownMarker {
                             line,
@@ -184,6 +195,7 @@ impl KnownHosts {
             let key = parse_key(key_type, key_b64, line)?;
             known.entries.push(Entry {
                 revoked,
+                authority,
                 hosts,
                 key,
             });
@@ -197,7 +209,12 @@ impl KnownHosts {
         let names = lookup_names(host, port);
         let mut trusted = false;
         let mut expected: Vec<String> = Vec::new();
-        for entry in self.entries.iter().filter(|e| e.hosts.matches(&names)) {
+        // an authority's key is not a host key: it only signs certificates
+        for entry in self
+            .entries
+            .iter()
+            .filter(|e| !e.authority && e.hosts.matches(&names))
+        {
             let same = entry.key.key_data() == key.key_data();
             if entry.revoked {
                 if same {
@@ -221,6 +238,110 @@ impl KnownHosts {
         }
     }
 
+    /// Checks a host certificate `host:port` presented at `now` (Unix seconds): signed by
+    /// a `@cert-authority` key listed for the host, a host certificate, inside its validity
+    /// window, naming `host` (as written in the inventory) among its principals, with no
+    /// critical options; neither its key nor its authority `@revoked`.
+    pub fn verify_certificate(
+        &self,
+        host: &str,
+        port: u16,
+        cert: &Certificate,
+        now: u64,
+    ) -> CertVerdict {
+        let names = lookup_names(host, port);
+        let matching: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| e.hosts.matches(&names))
+            .collect();
+        if matching.iter().any(|e| {
+            e.revoked
+                && (e.key.key_data() == cert.public_key()
+                    || e.key.key_data() == cert.signature_key())
+        }) {
+            return CertVerdict::Revoked;
+        }
+        let authorities: Vec<_> = matching
+            .iter()
+            .filter(|e| e.authority && !e.revoked)
+            .map(|e| e.key.fingerprint(HashAlg::Sha256))
+            .collect();
+        if authorities.is_empty() {
+            return CertVerdict::NoAuthority;
+        }
+        let signer = cert.signature_key().fingerprint(HashAlg::Sha256);
+        if !authorities.contains(&signer) {
+            return CertVerdict::Invalid(format!(
+                "signed by {signer}, which is not a @cert-authority for this host"
+            ));
+        }
+        if cert.cert_type() != CertType::Host {
+            return CertVerdict::Invalid("a user certificate, not a host certificate".into());
+        }
+        if now < cert.valid_after() {
+            return CertVerdict::Invalid(format!(
+                "not valid before {} (Unix time; now {now})",
+                cert.valid_after()
+            ));
+        }
+        if now >= cert.valid_before() {
+            return CertVerdict::Invalid(format!(
+                "expired at {} (Unix time; now {now})",
+                cert.valid_before()
+            ));
+        }
+        if let Err(e) = cert.validate_at(now, authorities.iter()) {
+            return CertVerdict::Invalid(format!("its signature does not verify: {e}"));
+        }
+        if !cert
+            .valid_principals()
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(host))
+        {
+            let listed: Vec<String> = cert
+                .valid_principals()
+                .iter()
+                .take(8)
+                .map(|p| crate::text::head(p, 64).to_string())
+                .collect();
+            return CertVerdict::Invalid(format!("issued for {listed:?}, not for {host:?}"));
+        }
+        if !cert.critical_options().is_empty() {
+            return CertVerdict::Invalid(
+                "carries critical options, which no host certificate may".into(),
+            );
+        }
+        CertVerdict::Trusted
+    }
+
+    /// The key algorithms of the plain keys known for `host:port`, in file order, so the
+    /// key exchange asks the server for one of those (as OpenSSH orders its
+    /// HostKeyAlgorithms) instead of whatever it prefers.
+    pub fn known_algorithms(&self, host: &str, port: u16) -> Vec<Algorithm> {
+        let names = lookup_names(host, port);
+        let mut out: Vec<Algorithm> = Vec::new();
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| !e.revoked && !e.authority && e.hosts.matches(&names))
+        {
+            let algorithm = e.key.algorithm();
+            if !out.contains(&algorithm) {
+                out.push(algorithm);
+            }
+        }
+        out
+    }
+
+    /// Does a `@cert-authority` line name `host:port`? Then its certificate is asked for.
+    pub fn has_authority(&self, host: &str, port: u16) -> bool {
+        let names = lookup_names(host, port);
+        self.entries
+            .iter()
+            .any(|e| e.authority && !e.revoked && e.hosts.matches(&names))
+    }
+
     /// Number of usable entries.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -231,7 +352,7 @@ impl KnownHosts {
         self.entries.is_empty()
     }
 
-    /// Lines that were ignored and why (unsupported key types, `@cert-authority`).
+    /// Lines that were ignored and why (unsupported key types).
     pub fn skipped(&self) -> &[SkippedLine] {
         &self.skipped
     }
@@ -763,19 +884,29 @@ mod tests {
     }
 
     #[test]
-    fn cert_authority_lines_are_skipped() {
+    fn cert_authority_keys_trust_no_plain_key_and_mark_the_hosts_that_want_certificates() {
         let known = kh(&format!(
             "@cert-authority *.example.com {ED25519}\nweb1 {P256}\n"
         ));
-        assert_eq!(known.len(), 1);
-        assert_eq!(known.skipped().len(), 1);
-        assert_eq!(known.skipped()[0].line, 1);
+        assert_eq!(known.len(), 2);
+        assert!(known.skipped().is_empty());
+        // the authority's key is no host key of the hosts it signs for
         assert_eq!(
             known.verify("a.example.com", 22, &key(ED25519)),
             HostKeyVerdict::Unknown
         );
-        // Not validated further either: a CA line with odd content does not break parsing.
-        assert!(KnownHosts::parse("@cert-authority * ssh-ed25519 !!!notbase64\n").is_ok());
+        assert!(known.has_authority("a.example.com", 22));
+        assert!(!known.has_authority("web1", 22));
+        assert_eq!(
+            known.known_algorithms("web1", 22),
+            vec![key(P256).algorithm()]
+        );
+        assert!(known.known_algorithms("a.example.com", 22).is_empty());
+        // a CA line is checked like any other: a typo is an error, not a silent skip
+        assert!(matches!(
+            KnownHosts::parse("@cert-authority * ssh-ed25519 !!!notbase64\n"),
+            Err(KnownHostsError::BadKey { line: 1, .. })
+        ));
     }
 
     #[test]

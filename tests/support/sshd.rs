@@ -318,6 +318,62 @@ impl Sshd {
         ticks as f64 / clock_ticks_per_second()
     }
 
+    /// Signs this server's ed25519 host key with the CA private key at `ca` for
+    /// `principals` (comma-separated) and `validity` (`ssh-keygen -V`, e.g. `-5m:+1h`), and
+    /// has sshd present that certificate (config reloaded with SIGHUP). Call again to
+    /// replace the certificate.
+    #[allow(dead_code)]
+    pub fn present_host_certificate(&self, ca: &Path, principals: &str, validity: &str) {
+        let public = self.dir.path().join("host_keys/ssh_host_ed25519_key.pub");
+        let status = Command::new(SSH_KEYGEN)
+            .args(["-q", "-s"])
+            .arg(ca)
+            .args([
+                "-I",
+                "outrider-test-host",
+                "-h",
+                "-n",
+                principals,
+                "-V",
+                validity,
+            ])
+            .arg(&public)
+            .stdin(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("run {SSH_KEYGEN}: {e}: {INSTALL_HINT}"));
+        assert!(
+            status.success(),
+            "ssh-keygen -s (host certificate) failed: {status}"
+        );
+        let cert = self
+            .dir
+            .path()
+            .join("host_keys/ssh_host_ed25519_key-cert.pub");
+        let config_path = self.dir.path().join("sshd_config");
+        let config = read_to_string(&config_path);
+        if !config.contains("HostCertificate") {
+            // before any Match block: a global keyword
+            let line = format!("HostCertificate {}\n", cert.display());
+            fs::write(&config_path, format!("{line}{config}")).expect("write sshd_config");
+        }
+        let listening = |log: &str| log.matches("Server listening on").count();
+        let before = listening(&self.log());
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("kill -HUP sshd");
+        assert!(status.success(), "SIGHUP to sshd failed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while listening(&self.log()) <= before || !banner_ok(Ipv4Addr::LOCALHOST, self.port) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sshd did not come back after SIGHUP:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The pid of the sshd listener.
     pub fn pid(&self) -> u32 {
         self.child.id()
