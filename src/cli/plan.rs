@@ -104,14 +104,16 @@ async fn run_plan(args: RunArgs) -> anyhow::Result<bool> {
                 bail!("Secret {:?} key {:?}: not a plain name", v.secret, v.key);
             }
             let path = dir.join(&v.secret).join(&v.key);
-            v.value = Some(std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "reading {} (stage {:?} secretEnv {})",
-                    path.display(),
-                    stage.name,
-                    v.name
-                )
-            })?);
+            v.value = Some(zeroize::Zeroizing::new(
+                std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "reading {} (stage {:?} secretEnv {})",
+                        path.display(),
+                        stage.name,
+                        v.name
+                    )
+                })?,
+            ));
         }
     }
     if let Some(s) = spec

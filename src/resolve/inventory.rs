@@ -9,6 +9,7 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
 
 use super::ResolveError;
 use crate::api::inventory::{HostKeyPolicy, Inventory};
@@ -16,10 +17,10 @@ use crate::engine::inventory as checks;
 use crate::ssh::{self, ClientConfig, Credentials, Endpoint, Fleet, Pins};
 
 /// The SSH material a Secret (or a directory of files named like its keys) carries.
-/// Lives only in memory; never logged.
+/// Lives only in memory, wiped when dropped; never logged.
 pub struct SshMaterial {
-    pub private_key: String,
-    pub passphrase: Option<String>,
+    pub private_key: Zeroizing<String>,
+    pub passphrase: Option<Zeroizing<String>>,
     pub known_hosts: String,
 }
 
@@ -38,13 +39,17 @@ pub fn ssh_material(
     checks::check_secret(secret, policy == HostKeyPolicy::Strict, |k| {
         lookup(k).map(|v| v.len())
     })?;
-    let text = |key: &'static str| -> Result<Option<String>, ResolveError> {
+    // what the lookup hands over is wiped here whether or not it is text
+    let text = |key: &'static str| -> Result<Option<Zeroizing<String>>, ResolveError> {
         lookup(key)
             .map(|v| {
-                String::from_utf8(v).map_err(|_| ResolveError::NotText {
-                    secret: secret.to_string(),
-                    key,
-                })
+                let v = Zeroizing::new(v);
+                std::str::from_utf8(&v)
+                    .map(|s| Zeroizing::new(s.to_string()))
+                    .map_err(|_| ResolveError::NotText {
+                        secret: secret.to_string(),
+                        key,
+                    })
             })
             .transpose()
     };
@@ -52,8 +57,10 @@ pub fn ssh_material(
         private_key: text(checks::KEY_PRIVATE_KEY)?.unwrap_or_default(),
         passphrase: text(checks::KEY_PASSPHRASE)?
             .filter(|p| !p.trim().is_empty())
-            .map(|p| p.trim_end().to_string()),
-        known_hosts: text(checks::KEY_KNOWN_HOSTS)?.unwrap_or_default(),
+            .map(|p| Zeroizing::new(p.trim_end().to_string())),
+        known_hosts: text(checks::KEY_KNOWN_HOSTS)?
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
     })
 }
 
@@ -200,7 +207,7 @@ pub fn fleet(inv: &Inventory, input: FleetInput<'_>) -> Result<Targets, ResolveE
     )?;
     let credentials = Credentials::new(
         &material.private_key,
-        material.passphrase.as_deref(),
+        material.passphrase.as_deref().map(String::as_str),
         &material.known_hosts,
     )
     .map_err(|source| ResolveError::Credentials {
@@ -300,7 +307,10 @@ spec:
         ));
         let m = ssh_material("s", HostKeyPolicy::AcceptNew, lookup).unwrap();
         assert_eq!(
-            (m.private_key.as_str(), m.passphrase.as_deref()),
+            (
+                m.private_key.as_str(),
+                m.passphrase.as_deref().map(String::as_str)
+            ),
             ("KEY", Some("pw"))
         );
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use russh::{ChannelMsg, Sig};
+use zeroize::Zeroizing;
 
 use super::capture::{CappedBuffer, Captured};
 use super::client::Session;
@@ -115,16 +116,27 @@ impl Command {
 
     /// What the remote side reads on stdin: the script (after the `env` exports), an argv
     /// with `env` as `exports; exec argv`, or the caller's stdin.
-    pub fn input(&self) -> Result<Option<Vec<u8>>, Error> {
+    pub fn input(&self) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
         let bad = |e: quote::QuoteError| Error::BadCommand(e.to_string());
         let exports = quote::env_exports(&self.env).map_err(bad)?;
+        let exports = Zeroizing::new(exports);
         Ok(match &self.program {
-            Program::Script(script) => Some(format!("{exports}{script}").into_bytes()),
+            Program::Script(script) => Some(format!("{}{script}", *exports).into_bytes()),
             Program::Argv(argv) if !self.env.is_empty() => {
-                Some(format!("{exports}exec {}\n", quote::shell_join(argv)).into_bytes())
+                Some(format!("{}exec {}\n", *exports, quote::shell_join(argv)).into_bytes())
             }
             Program::Argv(_) => self.stdin.clone(),
-        })
+        }
+        .map(Zeroizing::new))
+    }
+}
+
+/// `env` may hold Secret values (a plan's `secretEnv`): wiped when the command is dropped.
+impl Drop for Command {
+    fn drop(&mut self) {
+        for value in self.env.values_mut() {
+            zeroize::Zeroize::zeroize(value);
+        }
     }
 }
 
@@ -337,12 +349,12 @@ mod tests {
             "sudo -n -u root -- sh -s"
         );
         assert_eq!(
-            String::from_utf8(cmd.input().unwrap().unwrap()).unwrap(),
+            String::from_utf8(cmd.input().unwrap().unwrap().to_vec()).unwrap(),
             "RELEASE=42\nexport RELEASE\nexec echo '$(rm -rf /)' 'it'\\''s'\n"
         );
         let plain = Command::argv(["echo", "hi"]);
         assert_eq!(plain.command_line(None).unwrap(), "echo hi");
-        assert_eq!(plain.input().unwrap(), None);
+        assert!(plain.input().unwrap().is_none());
         assert_eq!(
             Command::script("echo hi").command_line(None).unwrap(),
             "sh -s"

@@ -155,14 +155,13 @@ fn repair_short_ecdsa_scalar(text: &str, passphrase: Option<&str>) -> Repair {
     }
 }
 
-/// Key material that is overwritten with zeros when dropped.
+/// Key material that is overwritten with zeros when dropped (its whole capacity, with
+/// writes the optimizer may not remove: `zeroize`).
 struct Secret(Vec<u8>);
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        self.0.fill(0);
-        // keeps the writes from being optimized away as dead stores
-        std::hint::black_box(&self.0);
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 

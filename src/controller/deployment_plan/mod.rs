@@ -318,8 +318,11 @@ async fn secret_env_values(
                     format!("Secret {:?} has no key {:?} ({field})", v.secret, v.key),
                 )));
             };
-            match String::from_utf8(bytes) {
-                Ok(text) if !text.contains('\0') => v.value = Some(text),
+            let bytes = zeroize::Zeroizing::new(bytes);
+            match std::str::from_utf8(&bytes) {
+                Ok(text) if !text.contains('\0') => {
+                    v.value = Some(zeroize::Zeroizing::new(text.to_string()))
+                }
                 _ => {
                     return Ok(Err(NotReady::new(
                         "SecretInvalid",

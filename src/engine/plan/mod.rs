@@ -61,8 +61,9 @@ pub struct SecretEnv {
     pub name: String,
     pub secret: String,
     pub key: String,
-    /// Filled in by whoever can read Secrets; a stage whose value is missing fails.
-    pub value: Option<String>,
+    /// Filled in by whoever can read Secrets (wiped when dropped); a stage whose value is
+    /// missing fails.
+    pub value: Option<zeroize::Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for SecretEnv {

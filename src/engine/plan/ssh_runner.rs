@@ -147,7 +147,7 @@ fn command(stage: &StageSpec, lock_key: &str) -> Result<Command, StageFailure> {
                 ),
             ));
         };
-        cmd.env.insert(v.name.clone(), value.clone());
+        cmd.env.insert(v.name.clone(), value.to_string());
     }
     Ok(cmd)
 }
