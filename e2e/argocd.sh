@@ -254,14 +254,8 @@ apply_objects() {
   log "applying the Argo CD CRDs, namespace $NS, argocd-cm (Outrider health checks), argocd-secret, AppProject default"
   kc apply --server-side --force-conflicts --field-manager=$MANAGER \
     -f "$ARGOCD_DIR/crds/application-crd.yaml" -f "$ARGOCD_DIR/crds/appproject-crd.yaml" >/dev/null
-  # retried: right after creation .status.conditions is null and `kubectl wait` fails at once
-  local try
-  for try in $(seq 30); do
-    kc wait --for=condition=Established --timeout=10s \
-      crd/applications.argoproj.io crd/appprojects.argoproj.io >/dev/null 2>&1 && break
-    [ "$try" = 30 ] && die "the Argo CD CRDs were not Established within 30 tries"
-    sleep 1
-  done
+  "$here/cluster.sh" wait-crds crd/applications.argoproj.io crd/appprojects.argoproj.io ||
+    die "the Argo CD CRDs were not Established"
   kc create namespace "$NS" --dry-run=client -o yaml | kc apply --server-side --field-manager=$MANAGER -f - >/dev/null
 
   # the health checks exactly as the chart renders them for users (argocd.healthChecks=true)

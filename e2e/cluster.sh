@@ -4,7 +4,7 @@
 #   kubelet of two fake nodes (kwok-node-0, kwok-node-1), so Job and DaemonSet pods progress.
 # Binaries come from e2e/bin/ (built and cached by e2e/tools.sh, called here if links are missing).
 #
-# usage: e2e/cluster.sh up|down|status|env
+# usage: e2e/cluster.sh up|down|status|env|wait-crds TARGET...
 #   up      start everything and wait until usable; a no-op if this state dir's cluster already runs;
 #           a half-dead previous cluster is stopped, wiped and started fresh
 #   down    stop exactly the processes `up` started (pid files; TERM, then KILL) and remove the
@@ -638,6 +638,20 @@ cmd_status() {
   return $up
 }
 
+# `wait-crds TARGET...`: waits until the CRDs (`crd/<name>` or `-f FILE|DIR`, as for
+# `kubectl wait`) are Established. Retried: right after creation .status.conditions is null
+# and `kubectl wait` fails at once instead of waiting.
+cmd_wait_crds() {
+  [ $# -gt 0 ] || { echo "usage: $0 wait-crds crd/NAME...|-f FILE" >&2; return 2; }
+  local try out
+  for try in $(seq 30); do
+    out=$("$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" wait --for=condition=Established --timeout=10s "$@" 2>&1) && return 0
+    sleep 1
+  done
+  echo "the CRDs were not Established within 30 tries ($*): $out" >&2
+  return 1
+}
+
 cmd_env() {
   [ -f "$KUBECONFIG_ADMIN" ] || log "warning: $KUBECONFIG_ADMIN does not exist yet (run e2e/cluster.sh up)"
   printf 'export KUBECONFIG=%q\n' "$KUBECONFIG_ADMIN"
@@ -658,5 +672,6 @@ case ${1:-} in
   down) with_lock cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  wait-crds) shift; cmd_wait_crds "$@" ;;
+  *) echo "usage: $0 up|down|status|env|wait-crds" >&2; exit 2 ;;
 esac

@@ -323,13 +323,7 @@ up() {
 
   "$repo/e2e/fleet.sh" up
   kubectl apply --server-side --force-conflicts --field-manager=outrider-demo -f "$repo/crds/" >/dev/null
-  # retried: right after creation .status.conditions is null and `kubectl wait` fails at once
-  local try
-  for try in $(seq 30); do
-    kubectl wait --for=condition=Established --timeout=10s -f "$repo/crds/" >/dev/null 2>&1 && break
-    [ "$try" = 30 ] && die "the CRDs were not Established within 30 tries"
-    sleep 1
-  done
+  "$repo/e2e/cluster.sh" wait-crds -f "$repo/crds/" || die "the CRDs were not Established"
   PORT=$(store_port)
   start_store
   kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null

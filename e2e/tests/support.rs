@@ -60,20 +60,13 @@ pub fn kubeconfig() -> PathBuf {
             .iter()
             .map(|c| format!("crd/{}", c.metadata.name.as_deref().unwrap_or_default()))
             .collect();
-        let mut args = vec!["wait", "--for=condition=Established", "--timeout=10s"];
-        args.extend(names.iter().map(String::as_str));
-        // retried: right after creation .status.conditions is null and `kubectl wait` fails
-        // at once instead of waiting
-        let mut tries = 0;
-        loop {
-            let out = kubectl(&path, &args);
-            if out.status.success() {
-                break;
-            }
-            tries += 1;
-            assert!(tries < 30, "CRDs not established: {}", stderr(&out));
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
+        let out = Command::new(repo().join("e2e/cluster.sh"))
+            .arg("wait-crds")
+            .args(&names)
+            .current_dir(repo())
+            .output()
+            .expect("running e2e/cluster.sh wait-crds");
+        assert!(out.status.success(), "CRDs not established: {}", stderr(&out));
         path
     })
     .clone()
