@@ -311,33 +311,7 @@ impl HealthTask {
                 message: crate::text::clip(t.last.message.clone(), 1024),
             })
             .collect();
-        let worst = ev
-            .tracked()
-            .map(|(_, _, t)| t.state)
-            .max_by_key(|s| match s {
-                State::Unhealthy => 2,
-                State::Unknown => 1,
-                _ => 0,
-            });
-        let degraded = match worst {
-            Some(State::Unhealthy) => Desired::new(
-                DEGRADED,
-                true,
-                "TargetsUnhealthy",
-                format!(
-                    "{} of {} targets unhealthy",
-                    s.unhealthy,
-                    s.healthy + s.unhealthy + s.unknown + s.anomalous
-                ),
-            ),
-            Some(State::Unknown) => Desired::new(
-                DEGRADED,
-                true,
-                "TargetsUnknown",
-                format!("{} targets could not be probed", s.unknown),
-            ),
-            _ => Desired::new(DEGRADED, false, "AllHealthy", "no target is unhealthy"),
-        };
+        let degraded = degraded_condition(ev);
         let spec = &self.hc.spec;
         let ready = Desired::new(
             READY,
@@ -613,9 +587,90 @@ pub fn in_maintenance(m: Option<&Maintenance>, now: SystemTime) -> bool {
     m.is_some_and(|m| m.is_open(now))
 }
 
+/// `Degraded` from the tracked results: the worst state wins; targets not decided yet (or
+/// no result at all) are not reported as all healthy.
+fn degraded_condition(ev: &Evaluator) -> Desired {
+    let s = ev.summary();
+    let pending = ev
+        .tracked()
+        .filter(|(_, _, t)| t.state == State::Pending)
+        .count();
+    let worst = ev
+        .tracked()
+        .map(|(_, _, t)| t.state)
+        .max_by_key(|s| match s {
+            State::Unhealthy => 2,
+            State::Unknown => 1,
+            _ => 0,
+        });
+    match worst {
+        Some(State::Unhealthy) => Desired::new(
+            DEGRADED,
+            true,
+            "TargetsUnhealthy",
+            format!(
+                "{} of {} targets unhealthy",
+                s.unhealthy,
+                s.healthy + s.unhealthy + s.unknown + s.anomalous
+            ),
+        ),
+        Some(State::Unknown) => Desired::new(
+            DEGRADED,
+            true,
+            "TargetsUnknown",
+            format!("{} targets could not be probed", s.unknown),
+        ),
+        // targets not decided yet are not healthy either: say so
+        None => Desired::new(DEGRADED, false, "TargetsPending", "no target probed yet"),
+        _ if pending > 0 => Desired::new(
+            DEGRADED,
+            false,
+            "TargetsPending",
+            format!("{pending} targets not decided yet; none unhealthy"),
+        ),
+        _ => Desired::new(DEGRADED, false, "AllHealthy", "no target is unhealthy"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn degraded_says_pending_until_every_target_is_decided_and_the_worst_state_wins() {
+        let reason = |states: &[State]| {
+            let policy = Policy {
+                failure_threshold: 3,
+                success_threshold: 1,
+                baseline: None,
+            };
+            let mut ev = Evaluator::new(policy, Default::default());
+            for (i, state) in states.iter().enumerate() {
+                ev.seed(&format!("h{i}"), "disk", true, *state, SystemTime::now());
+            }
+            let d = degraded_condition(&ev);
+            (d.status, d.reason, d.message)
+        };
+        use State::*;
+        assert_eq!(
+            reason(&[]),
+            (false, "TargetsPending", "no target probed yet".into())
+        );
+        assert_eq!(
+            reason(&[Healthy, Pending, Pending]),
+            (
+                false,
+                "TargetsPending",
+                "2 targets not decided yet; none unhealthy".into()
+            )
+        );
+        assert_eq!(reason(&[Healthy, Anomalous]).1, "AllHealthy");
+        assert_eq!(reason(&[Healthy, Unknown, Pending]).1, "TargetsUnknown");
+        assert_eq!(
+            reason(&[Unhealthy, Unknown, Pending]),
+            (true, "TargetsUnhealthy", "1 of 3 targets unhealthy".into())
+        );
+    }
 
     #[test]
     fn maintenance_is_open_inside_a_window_or_while_suspended() {
