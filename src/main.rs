@@ -193,9 +193,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
+    let mut config = kube::Config::infer()
         .await
         .context("loading Kubernetes client configuration")?;
+    // the API server names a request's field manager (and the audit log its client) after
+    // the User-Agent: without one, the finalizer's patches were recorded as "unknown"
+    config.headers.push((
+        reqwest::header::USER_AGENT,
+        reqwest::header::HeaderValue::from_static(concat!("outrider/", env!("CARGO_PKG_VERSION"))),
+    ));
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
     let mut registry = Registry::default();
     let mut metrics = Metrics::new(&mut registry);
     metrics.liveness = telemetry::Liveness::new(args.stuck_reconcile_after);

@@ -112,6 +112,32 @@ async fn ssh_plan_runs_to_completion_with_correct_counts() {
         ),
     );
     let dp = wait_phase(&api, "rollout", PlanPhase::Succeeded).await;
+    // every write the controller made is recorded under its own name: the finalizer too
+    let managers: Vec<(String, String, String)> = dp
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+                serde_json::to_string(&m.fields_v1).unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        managers
+            .iter()
+            .any(|(who, _, fields)| who == "outrider" && fields.contains("f:finalizers")),
+        "the finalizer is written as outrider: {managers:?}"
+    );
+    assert!(
+        managers
+            .iter()
+            .all(|(who, _, _)| who != "unknown" && !who.is_empty()),
+        "{managers:?}"
+    );
     let status = dp.status.clone().expect("status");
     assert_eq!(status.observed_generation, dp.metadata.generation);
     assert_eq!(status.run.as_deref(), Some("1"));
