@@ -66,7 +66,11 @@ pub fn kubeconfig() -> PathBuf {
             .current_dir(repo())
             .output()
             .expect("running e2e/cluster.sh wait-crds");
-        assert!(out.status.success(), "CRDs not established: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "CRDs not established: {}",
+            stderr(&out)
+        );
         path
     })
     .clone()
