@@ -431,3 +431,68 @@ fn a_later_batch_acknowledged_first_never_moves_the_checkpoint_past_an_unacknowl
         &not_resent[..not_resent.len().min(10)]
     );
 }
+
+#[test]
+fn a_sink_answering_302_to_a_200_page_gets_nothing_counted_delivered_and_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let agent = start(
+        dir.path(),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        "  delivery: {batch: {maxEvents: 100, maxWait: 300ms}}\n",
+    );
+    rx.redirect_next(1);
+    append(dir.path(), &["moved-a", "moved-b"]);
+    wait_for("the redirected batch dead-lettered", LONG, || {
+        dead_letters(dir.path()).len() >= 2
+    });
+    let dead = dead_letters(dir.path());
+    let text = serde_json::to_string(&dead).unwrap();
+    assert!(
+        text.contains("moved-a") && text.contains("moved-b") && text.contains("redirect"),
+        "{text}"
+    );
+    rx.with(|s| {
+        assert_eq!(s.redirects, 1);
+        assert_eq!(s.landings, 0, "the redirect was followed");
+        assert!(s.records.is_empty());
+    });
+    assert_eq!(
+        agent.metric("outrider_agent_records_dead_lettered_total", &[]),
+        2.0
+    );
+    // the next batch flows normally
+    append(dir.path(), &["after"]);
+    wait_for("the batch after the redirect", LONG, || {
+        rx.record_count() >= 1
+    });
+    assert_eq!(rx.messages(), ["after"]);
+}
+
+#[test]
+fn a_sink_answering_200_with_an_endless_body_is_read_only_up_to_a_cap_and_delivers_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let agent = start(
+        dir.path(),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        "  delivery: {batch: {maxEvents: 100, maxWait: 300ms}}\n",
+    );
+    rx.endless_next(1);
+    append(dir.path(), &["first"]);
+    wait_for("the first batch checkpointed", LONG, || {
+        rx.record_count() >= 1 && agent.metric("outrider_agent_checkpoint_lag_bytes", &[]) == 0.0
+    });
+    append(dir.path(), &["second"]);
+    wait_for("the second batch", LONG, || rx.record_count() >= 2);
+    // done with at the cap: not retried, so stored once
+    assert_eq!(rx.messages(), ["first", "second"]);
+    // the answer was read up to its 16 MiB cap (without it: 256 MiB and counting)
+    let peak = agent.peak_rss_kib();
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+    rx.with(|s| assert_eq!(s.endless, 1));
+    assert_eq!(
+        agent.metric("outrider_agent_records_dead_lettered_total", &[]),
+        0.0
+    );
+}

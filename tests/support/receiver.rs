@@ -55,6 +55,12 @@ pub struct Seen {
     pub slow_messages: Vec<String>,
     /// Requests answered with a connection reset (see [`Receiver::reset_next`]).
     pub resets: usize,
+    /// Requests answered `302 Found` to `/landing` (see [`Receiver::redirect_next`]).
+    pub redirects: usize,
+    /// Requests that reached `/landing`, the 200 page redirects point at.
+    pub landings: usize,
+    /// Requests answered 200 with a body that never ends (see [`Receiver::endless_next`]).
+    pub endless: usize,
 }
 
 #[derive(Default)]
@@ -73,6 +79,10 @@ struct Inner {
     slow_delay: Duration,
     /// Reset the connection of the next N requests instead of answering them.
     reset_next: usize,
+    /// Answer the next N requests `302 Found`, Location `/landing`, storing nothing.
+    redirect_next: usize,
+    /// Store the next N requests and answer 200 with a body that never ends.
+    endless_next: usize,
 }
 
 /// The running receiver; dropped with the test.
@@ -99,6 +109,7 @@ impl Receiver {
                     .route("/ingest", post(ingest))
                     .route("/_bulk", post(bulk))
                     .route("/loki/api/v1/push", post(loki))
+                    .route("/landing", axum::routing::any(landing))
                     .with_state(state);
                 let service = app.into_make_service_with_connect_info::<Conn>();
                 axum::serve(ResettableListener(listener), service)
@@ -126,6 +137,18 @@ impl Receiver {
     /// Fails the next requests with these statuses, one each.
     pub fn fail_next(&self, statuses: &[u16]) {
         self.inner.lock().unwrap().fail_next = statuses.to_vec();
+    }
+
+    /// Answers the next `n` requests `302 Found` to a page that answers 200 (`/landing`),
+    /// storing nothing: a client that follows it would count the records delivered.
+    pub fn redirect_next(&self, n: usize) {
+        self.inner.lock().unwrap().redirect_next = n;
+    }
+
+    /// Stores the next `n` requests and answers each 200 with a body that never ends: a
+    /// client that reads the whole answer never finishes.
+    pub fn endless_next(&self, n: usize) {
+        self.inner.lock().unwrap().endless_next = n;
     }
 
     /// Processes (and stores) the next `n` requests at once but answers each only after
@@ -219,6 +242,21 @@ async fn with_faults<R: IntoResponse>(
             conn.reset();
             return StatusCode::OK.into_response();
         }
+        if inner.redirect_next > 0 {
+            inner.redirect_next -= 1;
+            inner.seen.requests += 1;
+            inner.seen.redirects += 1;
+            inner.seen.statuses.push(302);
+            return (StatusCode::FOUND, [("Location", "/landing")]).into_response();
+        }
+        if inner.endless_next > 0 {
+            inner.endless_next -= 1;
+            inner.seen.endless += 1;
+            let _ = handle(&mut inner).into_response();
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures::stream::repeat_with(move || Ok::<_, io::Error>(chunk.clone()));
+            return (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response();
+        }
         let delay = (inner.slow_next > 0).then(|| {
             inner.slow_next -= 1;
             inner.seen.slow += 1;
@@ -239,6 +277,12 @@ async fn with_faults<R: IntoResponse>(
         tokio::time::sleep(d).await;
     }
     response
+}
+
+/// The page redirects point at: 200 to anything.
+async fn landing(State(s): State<Shared>) -> StatusCode {
+    s.lock().unwrap().seen.landings += 1;
+    StatusCode::OK
 }
 
 async fn ingest(

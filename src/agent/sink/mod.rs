@@ -264,8 +264,16 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
     client_builder(timeout).build()
 }
 
+/// The most of a sink's answer the agent reads (a `_bulk` answer for a full batch fits):
+/// a sink answering without end can neither hold a batch until its timeout nor grow the
+/// agent's memory.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
 fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
+        // a redirect is an answer, not a delivery: following a 302 to some 200 page would
+        // count records as delivered that no sink stored
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .timeout(timeout)
         .pool_max_idle_per_host(4)
@@ -302,9 +310,23 @@ impl HttpOptions {
         }
         let resp = req.body(body).send().await.map_err(|e| error_chain(&e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| error_chain(&e))?;
-        Ok((status, bytes.to_vec()))
+        let bytes = read_capped(resp, MAX_RESPONSE_BYTES).await?;
+        Ok((status, bytes))
     }
+}
+
+/// The start of an answer's body, at most `cap` bytes; the rest is never read.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
+        let room = cap.saturating_sub(out.len());
+        if chunk.len() >= room {
+            out.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn gzip(parts: &[&[u8]]) -> std::io::Result<Vec<u8>> {
@@ -396,6 +418,12 @@ pub enum SinkError {
 pub fn classify(status: reqwest::StatusCode, body: &[u8]) -> Result<(), SinkError> {
     if status.is_success() {
         return Ok(());
+    }
+    if status.is_redirection() {
+        return Err(SinkError::Rejected(format!(
+            "HTTP {}: a redirect, which is never followed (point the output at the sink itself)",
+            status.as_u16()
+        )));
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
     let msg = format!("HTTP {}: {text}", status.as_u16());
