@@ -103,3 +103,31 @@ bench-policy: deps
 	e2e/bench/aerleon_install.sh >/dev/null
 	$(CARGO) build --release --locked
 	$(CARGO) bench --locked --bench policy
+
+## fuzz: each cargo-fuzz target (fuzz/fuzz_targets/) for FUZZ_SECONDS (default 60) under libFuzzer,
+##       starting from fuzz/seeds and fuzz/regressions; needs nightly Rust, installs cargo-fuzz if
+##       missing. FUZZ_TARGETS picks targets, FUZZ_FLAGS passes cargo-fuzz options (default: no
+##       sanitizer; `-s address` for ASan), OUTRIDER_FUZZ_SHELLS=/path/zsh:... adds shells for
+##       `quote`. New inputs go to fuzz/corpus/ (ignored), crashes to fuzz/artifacts/. `make test`
+##       replays the seeds and regressions on stable (tests/fuzz_corpus.rs). See fuzz/README.md.
+## fuzz-smoke: the same for 10 s per target
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= known_hosts quote duration agent_parse spool
+FUZZ_FLAGS ?= --sanitizer none
+.PHONY: fuzz fuzz-smoke
+fuzz:
+	@cargo +nightly --version >/dev/null 2>&1 || { \
+		echo "make fuzz needs a nightly Rust toolchain (libFuzzer's instrumentation is nightly-only):" >&2; \
+		echo "    rustup toolchain install nightly --profile minimal" >&2; exit 1; }
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		regressions=""; [ -d fuzz/regressions/$$t ] && regressions=fuzz/regressions/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		cargo +nightly fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t fuzz/seeds/$$t $$regressions \
+			-- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz targets that failed:$$failed (inputs in fuzz/artifacts/)" >&2; exit 1; fi
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=10

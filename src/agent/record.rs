@@ -363,9 +363,13 @@ pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// Reads a timestamp the way log records usually carry one.
+/// Reads a timestamp the way log records usually carry one. Times outside Unix nanoseconds
+/// (1677..2262) count as none: their record would ship `ts_nanos` 0 and, past year 0 or
+/// 9999 in UTC, a timestamp that is not RFC 3339 (`-0001-12-31T23:00:00Z`).
 pub fn parse_time(s: &str) -> Option<DateTime<FixedOffset>> {
-    DateTime::parse_from_rfc3339(s).ok()
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .filter(|t| t.timestamp_nanos_opt().is_some())
 }
 
 /// Text of a field for filters and label templates (`""` when missing; JSON for non-strings).
@@ -437,6 +441,20 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_outside_unix_nanoseconds_count_as_none() {
+        // found by fuzzing: they shipped ts_nanos 0 and a timestamp that is not RFC 3339
+        for t in [
+            "0000-01-01T00:00:00+01:00",
+            "1000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59-23:59",
+        ] {
+            assert_eq!(parse_time(t), None, "{t}");
+        }
+        let t = parse_time("2026-12-07T12:00:00.5+01:00").expect("a normal time");
+        assert_eq!(t.timestamp_nanos_opt(), Some(1_796_641_200_500_000_000));
+    }
 
     #[test]
     fn pod_metadata_comes_from_kubelet_log_paths() {

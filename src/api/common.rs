@@ -161,15 +161,16 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, DurationError> {
             return Err(invalid());
         };
         let whole: u128 = whole.parse().map_err(|_| too_large())?;
-        let mut part = whole.checked_mul(unit_ns).ok_or_else(too_large)?;
-        // fraction digits past nanosecond precision of the unit add nothing
-        let mut scale = unit_ns;
-        for d in frac.bytes().take(20) {
-            scale /= 10;
-            part = part
-                .checked_add(u128::from(d - b'0') * scale)
-                .ok_or_else(too_large)?;
+        // floor(unit × 0.d1d2…), last digit first: floor((a + y) / 10) equals
+        // floor((a + floor(y)) / 10), so no digit is lost (0.000000000009h is 32ns, not 27ns)
+        let mut frac_ns: u128 = 0;
+        for d in frac.bytes().rev() {
+            frac_ns = (u128::from(d - b'0') * unit_ns + frac_ns) / 10;
         }
+        let part = whole
+            .checked_mul(unit_ns)
+            .and_then(|p| p.checked_add(frac_ns))
+            .ok_or_else(too_large)?;
         total = total.checked_add(part).ok_or_else(too_large)?;
     }
     let secs = u64::try_from(total / 1_000_000_000).map_err(|_| too_large())?;
@@ -255,6 +256,11 @@ mod duration_tests {
         assert_eq!(ok("1.5s"), Duration::from_millis(1500));
         assert_eq!(ok("0.001ms"), Duration::from_nanos(1000));
         assert_eq!(ok("2m0.5s"), Duration::from_millis(120_500));
+        // a fraction digit below the unit's nanosecond weight still counts (found by fuzzing:
+        // 0.000000000009h is 32.4ns, it parsed as 27ns)
+        assert_eq!(ok("0.000000000009h"), Duration::from_nanos(32));
+        assert_eq!(ok("0.0000000001s"), Duration::ZERO);
+        assert_eq!(ok("1.999999999999s"), Duration::from_nanos(1_999_999_999));
         for bad in ["", "5", "s", "1.s", "1x", "-1s", "1 s", "1d"] {
             assert!(
                 matches!(parse_duration(bad), Err(DurationError::Invalid(_))),

@@ -203,6 +203,14 @@ pub fn command_line(
             program: program.as_ref().to_owned(),
         });
     }
+    // bash reads a command word starting with `%` as a job spec and runs `fg`, quoted or not:
+    // `env` looks the program up on PATH instead (by the absolute path every shebang relies
+    // on, so the user's PATH need not hold it; with variables set, `env` already runs it)
+    let prefix = if prefix.is_empty() && program.as_ref().starts_with('%') {
+        String::from("/usr/bin/env ")
+    } else {
+        prefix
+    };
     Ok(prefix + &shell_join(argv))
 }
 
@@ -447,7 +455,7 @@ mod tests {
         std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let out = Command::new(shell)
             .arg("-c")
-            .arg(shell_join(argv))
+            .arg(command_line(&BTreeMap::new(), argv).expect("valid argv"))
             .env("PATH", dir.path())
             .env("HOME", "/nonexistent-home")
             .output()
@@ -465,7 +473,7 @@ mod tests {
     fn hostile_program_names_run_that_program_and_nothing_else() {
         let names = [
             "x=';id;'", "x=$(id)", "a=b", "=ls", "~root", "if", "!", "it's", "x='", "a b", "*",
-            "-n",
+            "-n", "%1", "%%", "%x y",
         ];
         for shell in shells() {
             for name in names {
