@@ -27,6 +27,30 @@ pub struct PipelineLabels {
     pub pipeline: String,
 }
 
+/// Labels of dead-letter metrics: the pipeline and the file's name (one per output, and
+/// `<pipeline>.spool.ndjson` for the disk buffer's bad frames).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    pub pipeline: String,
+    pub file: String,
+}
+
+/// Labels of disk-buffer frame checks: `reason` is `checksum` (CRC32C mismatch or a
+/// length that cannot be right), `record` (the payload is not a record) or `too_large`
+/// (a record bigger than the maximum frame, never written).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpoolFrameLabels {
+    pub pipeline: String,
+    pub reason: String,
+}
+
+/// Labels of disk-buffer task restarts: `task` is `writer` or `reader`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpoolTaskLabels {
+    pub pipeline: String,
+    pub task: String,
+}
+
 /// Label of config reload results (`ok`, `invalid`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -51,6 +75,10 @@ pub struct AgentMetrics {
     pub buffer_bytes: Family<PipelineLabels, Gauge>,
     pub buffer_capacity_bytes: Family<PipelineLabels, Gauge>,
     pub config_reloads: Family<ResultLabel, Counter>,
+    pub dead_letter_dropped: Family<DeadLetterLabels, Counter>,
+    pub spool_bad_frames: Family<SpoolFrameLabels, Counter>,
+    pub spool_bad_bytes: Family<PipelineLabels, Counter>,
+    pub spool_restarts: Family<SpoolTaskLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -129,6 +157,26 @@ impl AgentMetrics {
             "Configuration reloads, per result (ok, invalid)",
             m.config_reloads.clone(),
         );
+        r.register(
+            "dead_letter_dropped",
+            "Records not written to a dead-letter file: it and its .1 are at --dead-letter-max-bytes, or the write failed",
+            m.dead_letter_dropped.clone(),
+        );
+        r.register(
+            "spool_bad_frames",
+            "Disk buffer frames skipped (dead-lettered to <pipeline>.spool.ndjson), per reason (checksum, record, too_large)",
+            m.spool_bad_frames.clone(),
+        );
+        r.register(
+            "spool_bad_bytes",
+            "Disk buffer bytes skipped as bad frames",
+            m.spool_bad_bytes.clone(),
+        );
+        r.register(
+            "spool_restarts",
+            "Disk buffer writer/reader restarts after an I/O error, per task",
+            m.spool_restarts.clone(),
+        );
         m
     }
 
@@ -143,6 +191,27 @@ impl AgentMetrics {
         OutputLabels {
             pipeline: pipeline.into(),
             output: output.into(),
+        }
+    }
+
+    pub fn dead_letter(pipeline: &str, file: &str) -> DeadLetterLabels {
+        DeadLetterLabels {
+            pipeline: pipeline.into(),
+            file: file.into(),
+        }
+    }
+
+    pub fn spool_frame(pipeline: &str, reason: &str) -> SpoolFrameLabels {
+        SpoolFrameLabels {
+            pipeline: pipeline.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn spool_task(pipeline: &str, task: &str) -> SpoolTaskLabels {
+        SpoolTaskLabels {
+            pipeline: pipeline.into(),
+            task: task.into(),
         }
     }
 

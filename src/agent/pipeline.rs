@@ -29,8 +29,8 @@ use super::config::{BatchConfig, OutputKind, Pipeline};
 use super::discover;
 use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
-use super::sink::{self, Backoff, Delivered, Output, SecretMaterial, Sink};
-use super::spool::{self, SpoolReader, SpoolWriter};
+use super::sink::{self, Backoff, DeadLetter, Delivered, Output, SecretMaterial, Sink};
+use super::spool::{self, BadFrameHandler, SpoolReader, SpoolWriter};
 use super::tail::{GroupLimits, InputShared, TailOptions, TruncatedFiles};
 
 /// What every pipeline of the agent shares.
@@ -47,6 +47,8 @@ pub struct AgentEnv {
     /// Batches of a pipeline delivered at once (1 for file and stdout outputs, which must
     /// stay in order).
     pub batches_in_flight: usize,
+    /// Size cap of each dead-letter file (one rotation to `.1`, then drops are counted).
+    pub dead_letter_max_bytes: u64,
 }
 
 /// A started pipeline.
@@ -69,7 +71,7 @@ impl RunningPipeline {
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
         let checkpoints = Checkpoints::load(cp_path)?;
         let saved_all = checkpoints.entries().clone();
-        let outputs = build_outputs(&pipeline, env)?;
+        let outputs = build_outputs(&pipeline, env, metrics)?;
         // With a disk buffer, memory only holds what waits to be spooled.
         let memory_bytes = if pipeline.disk_buffer {
             pipeline
@@ -96,6 +98,7 @@ impl RunningPipeline {
             let dir = spool_dir;
             let (writer, reader) = spool::open(&dir, pipeline.buffer_bytes as u64)
                 .map_err(|source| AgentError::StateDir { path: dir, source })?;
+            reader.report_bad_frames(spool_bad_frames(&key, env, metrics));
             let write = spool_write_loop(SpoolWriteTask {
                 key: key.clone(),
                 rx,
@@ -128,13 +131,14 @@ impl RunningPipeline {
                         source,
                     })?;
                 drop(writer);
+                reader.report_bad_frames(spool_bad_frames(&key, env, metrics));
                 if reader.used() > 0 {
                     tracing::info!(pipeline = %key, bytes = reader.used(), "shipping the leftover disk buffer");
                     drain = Some(SpoolShipTask {
                         key: key.clone(),
                         limits: pipeline.batch,
                         reader,
-                        outputs: build_outputs(&pipeline, env)?,
+                        outputs: build_outputs(&pipeline, env, metrics)?,
                         metrics: metrics.clone(),
                         abort: abort.clone(),
                         stop: stop.clone(),
@@ -238,7 +242,38 @@ impl RunningPipeline {
     }
 }
 
-fn build_outputs(p: &Pipeline, env: &AgentEnv) -> Result<Vec<Output>, AgentError> {
+/// Counts the disk buffer's bad frames and writes them to its dead-letter file,
+/// `<state>/dead-letter/<pipeline>.spool.ndjson`.
+fn spool_bad_frames(key: &Arc<str>, env: &AgentEnv, metrics: &AgentMetrics) -> BadFrameHandler {
+    let name = format!("{}.spool.ndjson", key.replace('/', "_"));
+    let file = DeadLetter::new(
+        env.state_dir.join("dead-letter").join(&name),
+        env.dead_letter_max_bytes,
+        metrics
+            .dead_letter_dropped
+            .get_or_create(&AgentMetrics::dead_letter(key, &name))
+            .clone(),
+    );
+    let metrics = metrics.clone();
+    let key = key.clone();
+    Arc::new(move |bad: &spool::BadFrame| {
+        metrics
+            .spool_bad_frames
+            .get_or_create(&AgentMetrics::spool_frame(&key, bad.reason.label()))
+            .inc();
+        metrics
+            .spool_bad_bytes
+            .get_or_create(&AgentMetrics::pipeline(&key))
+            .inc_by(bad.bytes);
+        file.write(&[bad.dead_letter_line()]);
+    })
+}
+
+fn build_outputs(
+    p: &Pipeline,
+    env: &AgentEnv,
+    metrics: &AgentMetrics,
+) -> Result<Vec<Output>, AgentError> {
     let client = sink::http_client(env.request_timeout).map_err(AgentError::HttpClient)?;
     let namespace = p.key.split('/').next().unwrap_or_default();
     let mut out = Vec::new();
@@ -272,11 +307,17 @@ fn build_outputs(p: &Pipeline, env: &AgentEnv) -> Result<Vec<Output>, AgentError
         out.push(Output {
             name: o.name.clone(),
             sink: Sink::new(o, output_client, auth, env.gzip),
-            dead_letter: env.state_dir.join("dead-letter").join(format!(
-                "{}_{}.ndjson",
-                p.key.replace('/', "_"),
-                o.name
-            )),
+            dead_letter: {
+                let name = format!("{}_{}.ndjson", p.key.replace('/', "_"), o.name);
+                Arc::new(DeadLetter::new(
+                    env.state_dir.join("dead-letter").join(&name),
+                    env.dead_letter_max_bytes,
+                    metrics
+                        .dead_letter_dropped
+                        .get_or_create(&AgentMetrics::dead_letter(&p.key, &name))
+                        .clone(),
+                ))
+            },
             backoff: env.backoff,
         });
     }
@@ -534,18 +575,10 @@ async fn spool_write_loop(mut w: SpoolWriteTask) {
                 None => break,
             }
         }
-        let written = taken
-            .iter()
-            .try_for_each(|t| match &t.item {
-                Item::Event(e) => e.records.iter().try_for_each(|r| w.writer.append(r)),
-                Item::Forget(_) => Ok(()),
-            })
-            .and_then(|()| w.writer.commit());
-        if let Err(e) = written {
-            // The spool's state is unknown: stop this pipeline rather than checkpoint
-            // records that may not be on disk. They are read again after a restart.
-            tracing::error!(pipeline = %w.key, error = %e, "writing the disk buffer failed; pipeline stops");
-            return;
+        if !spool_group(&mut w, &taken).await {
+            // Stopping while the disk fails: these records are neither spooled nor
+            // checkpointed, and are read again from their files next time.
+            break;
         }
         let (weight, consumed) = advance(&mut w.checkpoints, &taken);
         persist(&mut w.checkpoints, &w.key, false).await;
@@ -565,6 +598,43 @@ async fn spool_write_loop(mut w: SpoolWriteTask) {
     // Dropping the writer tells the shipper that nothing more will come.
 }
 
+/// Spools one group of items, supervised: after a failed append or commit the writer
+/// restarts (what was not committed is discarded and the segment is cut back to its
+/// durable end) and the group is appended again, with backoff, until it is durable.
+/// Never checkpoints what may not be on disk. False when `stop` came first.
+async fn spool_group(w: &mut SpoolWriteTask, taken: &[Taken]) -> bool {
+    let mut attempt = 0u32;
+    loop {
+        let written = taken
+            .iter()
+            .try_for_each(|t| match &t.item {
+                Item::Event(e) => e.records.iter().try_for_each(|r| w.writer.append(r)),
+                Item::Forget(_) => Ok(()),
+            })
+            .and_then(|()| w.writer.commit());
+        let Err(mut error) = written else {
+            return true;
+        };
+        loop {
+            w.metrics
+                .spool_restarts
+                .get_or_create(&AgentMetrics::spool_task(&w.key, "writer"))
+                .inc();
+            let delay = sink::SINK_BACKOFF.delay(attempt);
+            attempt = attempt.saturating_add(1);
+            tracing::error!(pipeline = %w.key, %error, retry_in = ?delay, "writing the disk buffer failed; the writer restarts");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = w.stop.cancelled() => return false,
+            }
+            match w.writer.restart() {
+                Ok(()) => break,
+                Err(e) => error = e,
+            }
+        }
+    }
+}
+
 /// Ships records from the disk spool in batches and acknowledges them in the spool.
 struct SpoolShipTask {
     key: Arc<str>,
@@ -582,6 +652,8 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
     let mut bytes = 0usize;
     let mut end = 0u64;
     let mut started: Option<tokio::time::Instant> = None;
+    // Read failures in a row: the reader restarts after each, with backoff.
+    let mut failures = 0u32;
     loop {
         let deadline = started.map(|t| t + s.limits.max_wait);
         let sleep = async {
@@ -593,9 +665,11 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
         let mut ship_now = false;
         let mut last = false;
         let mut carry = None;
+        let mut failed = false;
         tokio::select! {
             r = s.reader.next() => match r {
                 Ok(Some((rec, e))) => {
+                    failures = 0;
                     let len = rec.json.len() + 1;
                     if !batch.is_empty() && bytes + len > s.limits.max_bytes {
                         ship_now = true;
@@ -610,8 +684,17 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
                 }
                 Ok(None) => last = true,
                 Err(e) => {
-                    tracing::error!(pipeline = %s.key, error = %e, "reading the disk buffer failed; shipping stops");
-                    last = true;
+                    let delay = sink::SINK_BACKOFF.delay(failures);
+                    failures = failures.saturating_add(1);
+                    s.metrics
+                        .spool_restarts
+                        .get_or_create(&AgentMetrics::spool_task(&s.key, "reader"))
+                        .inc();
+                    tracing::error!(pipeline = %s.key, error = %e, retry_in = ?delay, "reading the disk buffer failed; the reader restarts");
+                    s.reader.restart();
+                    failed = true;
+                    // What was read is shipped first; the next read waits for the backoff.
+                    ship_now = true;
                 }
             },
             _ = sleep => ship_now = true,
@@ -642,6 +725,12 @@ async fn spool_ship_loop(mut s: SpoolShipTask) {
             .set(s.reader.used() as i64);
         if last {
             return;
+        }
+        if failed {
+            tokio::select! {
+                _ = tokio::time::sleep(sink::SINK_BACKOFF.delay(failures.saturating_sub(1))) => {}
+                _ = s.stop.cancelled() => return,
+            }
         }
     }
 }

@@ -77,6 +77,11 @@ pub struct AgentArgs {
     /// Longest retry delay.
     #[arg(long, default_value = "30s", value_parser = duration)]
     retry_max: Duration,
+    /// Size cap of each dead-letter file: when full it is renamed to `<file>.1` once, then
+    /// further rejected records are dropped and counted
+    /// (`outrider_agent_dead_letter_dropped_total`).
+    #[arg(long, env = "OUTRIDER_DEAD_LETTER_MAX_BYTES", default_value = "64Mi", value_parser = size)]
+    dead_letter_max_bytes: usize,
 }
 
 /// A `1m30s`-style duration flag.
@@ -146,6 +151,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
             request_timeout: args.request_timeout,
             batches_in_flight: usize::from(args.batches_in_flight),
             backoff: Backoff::new(args.retry_initial, args.retry_max),
+            dead_letter_max_bytes: args.dead_letter_max_bytes as u64,
         },
         reload_interval: args.reload_interval,
         shutdown_grace: args.shutdown_grace,

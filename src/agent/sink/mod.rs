@@ -3,6 +3,7 @@
 //! the retry loop (exponential backoff with jitter) and the dead-letter file, so every
 //! sink gets the same rules: retry only what can succeed later, never drop silently.
 
+pub mod dead_letter;
 pub mod elasticsearch;
 pub mod file;
 pub mod http;
@@ -10,6 +11,7 @@ pub mod loki;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{OutputConfig, OutputKind};
 use super::metrics::AgentMetrics;
 use super::record::Encoded;
+pub use dead_letter::DeadLetter;
 
 /// Credentials for an HTTP sink, read from the referenced Secret's mounted files.
 #[derive(Clone)]
@@ -496,7 +499,7 @@ pub const SINK_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Durat
 pub struct Output {
     pub name: String,
     pub sink: Sink,
-    pub dead_letter: PathBuf,
+    pub dead_letter: Arc<DeadLetter>,
     pub backoff: Backoff,
 }
 
@@ -598,39 +601,23 @@ pub async fn deliver(
     Delivered::Done
 }
 
-/// Appends rejected records with their reasons (one write and one fsync per call). A
-/// failing dead-letter write is logged: the records are still counted, so the loss is
-/// visible in metrics.
-fn dead_letter(path: &Path, rejected: &[(&Encoded, &str)]) {
-    if rejected.is_empty() {
-        return;
-    }
-    let mut buf = Vec::new();
-    for (rec, reason) in rejected {
-        let mut line = serde_json::json!({
-            "reason": reason,
-            "record": String::from_utf8_lossy(&rec.json),
-        });
-        if !rec.id.is_empty() {
-            line["id"] = rec.id.as_str().into();
-        }
-        buf.extend_from_slice(line.to_string().as_bytes());
-        buf.push(b'\n');
-    }
-    let res = (|| -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        f.write_all(&buf)?;
-        f.sync_data()
-    })();
-    if let Err(e) = res {
-        tracing::error!(path = %path.display(), error = %e, "cannot write the dead-letter file");
-    }
+/// Appends rejected records with their reasons to the output's bounded dead-letter file
+/// (see [`DeadLetter`]: what does not fit is dropped and counted there).
+fn dead_letter(file: &DeadLetter, rejected: &[(&Encoded, &str)]) {
+    let lines: Vec<serde_json::Value> = rejected
+        .iter()
+        .map(|(rec, reason)| {
+            let mut line = serde_json::json!({
+                "reason": reason,
+                "record": String::from_utf8_lossy(&rec.json),
+            });
+            if !rec.id.is_empty() {
+                line["id"] = rec.id.as_str().into();
+            }
+            line
+        })
+        .collect();
+    file.write(&lines);
 }
 
 /// Joins records as NDJSON.
