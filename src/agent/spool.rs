@@ -513,7 +513,9 @@ pub fn open_with(
             file.set_len(tail)?;
             file.sync_all()?;
             drop(file);
-            if tail == 0 {
+            if tail < SEGMENT_HEADER {
+                // Too short to hold a record (or to be told from a torn version-1
+                // segment later): started afresh.
                 (new_segment(dir, start)?, 0)
             } else {
                 // Never append to a version-0 segment: a version-1 one starts after it.
