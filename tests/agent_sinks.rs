@@ -496,3 +496,59 @@ fn a_sink_answering_200_with_an_endless_body_is_read_only_up_to_a_cap_and_delive
         0.0
     );
 }
+
+#[test]
+fn a_sink_always_answering_400_stops_the_dead_letter_file_at_its_cap_and_counts_drops() {
+    const CAP: u64 = 16 * 1024;
+    const N: u64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    rx.fail_all(400);
+    let agent = start_with(
+        dir.path(),
+        &format!("{{name: rx, http: {{url: \"{}/ingest\"}}}}", rx.url()),
+        "  delivery: {batch: {maxEvents: 100, maxBytes: 64Ki, maxWait: 50ms}}\n",
+        &["--dead-letter-max-bytes", "16Ki"],
+    );
+    append_paced(dir.path(), 0..N);
+    wait_for("every record rejected", LONG, || {
+        agent.metric("outrider_agent_records_dead_lettered_total", &[]) >= N as f64
+    });
+    let file = dir.path().join("state/dead-letter/test_sinks_rx.ndjson");
+    let rotated = dir.path().join("state/dead-letter/test_sinks_rx.ndjson.1");
+    let lines = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for p in [&file, &rotated] {
+        let size = std::fs::metadata(p).unwrap().len();
+        assert!(size <= CAP, "{} holds {size} bytes", p.display());
+        assert!(!lines(p).is_empty(), "{}", p.display());
+    }
+    let first = &lines(&rotated)[0];
+    assert!(first["reason"].as_str().unwrap().contains("400"), "{first}");
+    assert!(
+        first["record"].as_str().unwrap().contains("seq-"),
+        "{first}"
+    );
+    let kept = (lines(&file).len() + lines(&rotated).len()) as f64;
+    let dropped = agent.metric(
+        "outrider_agent_dead_letter_dropped_total",
+        &["file=\"test_sinks_rx.ndjson\""],
+    );
+    assert!(dropped > 0.0);
+    assert_eq!(
+        kept + dropped,
+        N as f64,
+        "every rejected record is kept or counted"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("state/dead-letter"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "one rotation only: {names:?}");
+}
