@@ -36,8 +36,9 @@ pub struct DeadLetterLabels {
 }
 
 /// Labels of disk-buffer frame checks: `reason` is `checksum` (CRC32C mismatch or a
-/// length that cannot be right), `record` (the payload is not a record) or `too_large`
-/// (a record bigger than the maximum frame, never written).
+/// length that cannot be right), `record` (the payload is not a record), `too_large`
+/// (a record bigger than the maximum frame, never written) or `missing` (a segment file
+/// is gone).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SpoolFrameLabels {
     pub pipeline: String,
@@ -164,7 +165,7 @@ impl AgentMetrics {
         );
         r.register(
             "spool_bad_frames",
-            "Disk buffer frames skipped (dead-lettered to <pipeline>.spool.ndjson), per reason (checksum, record, too_large)",
+            "Disk buffer frames skipped (dead-lettered to <pipeline>.spool.ndjson), per reason (checksum, record, too_large, missing)",
             m.spool_bad_frames.clone(),
         );
         r.register(

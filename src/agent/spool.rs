@@ -169,7 +169,7 @@ impl BadFrame {
                     line["id"] = rec.id.as_str().into();
                 }
             }
-            None => line["bytes"] = String::from_utf8_lossy(&self.sample).into(),
+            None => line["raw"] = String::from_utf8_lossy(&self.sample).into(),
         }
         line
     }
@@ -1162,5 +1162,25 @@ mod tests {
         w.append(&rec(3)).unwrap();
         w.commit().unwrap();
         assert_eq!(drain(&mut r, w).await, ["id-0", "id-3"]);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_reader_resumes_where_it_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(dir.path(), 1 << 20).unwrap();
+        for n in 0..3 {
+            w.append(&rec(n)).unwrap();
+        }
+        w.commit().unwrap();
+        assert_eq!(r.next().await.unwrap().unwrap().0.id, "id-0");
+        // The segment is gone for a while: the read fails, nothing is skipped.
+        let seg = segment_path(dir.path(), 0);
+        let aside = dir.path().join("aside");
+        std::fs::rename(&seg, &aside).unwrap();
+        r.restart();
+        assert!(r.next().await.is_err());
+        std::fs::rename(&aside, &seg).unwrap();
+        r.restart();
+        assert_eq!(drain(&mut r, w).await, ["id-1", "id-2"]);
     }
 }
