@@ -130,7 +130,7 @@ impl AgentMetrics {
         );
         r.register(
             "records_dead_lettered",
-            "Records the output rejected for good, written to the dead-letter file, per output",
+            "Records the output rejected for good, written to the dead-letter file (unless it is full: dead_letter_dropped), per output",
             m.records_dead_lettered.clone(),
         );
         r.register(
