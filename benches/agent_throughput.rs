@@ -235,6 +235,8 @@ fn start_agent(dir: &Path, lp: &Path) -> (Child, u16) {
         .arg("--state-dir")
         .arg(&state)
         .args(["--node-name", "bench-node"])
+        .arg("--allowed-root")
+        .arg(dir)
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -16,15 +16,31 @@ use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::Entry;
 use super::config::InputConfig;
+use super::confine::Refusal;
 use super::identity::{DevIno, Fingerprint, resume_offset};
+use super::metrics::RefusedLabels;
 use super::record::Item;
 use super::tail::{self, InputShared, Opened, TailerControl};
 
-/// Regular files matching the input's paths and none of its excludes, sorted by path.
-/// An exclude matches the file name or the whole path.
-pub fn scan(input: &InputConfig) -> Vec<(PathBuf, DevIno)> {
+/// What one scan of an input's globs found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Regular files matching the paths and none of the excludes, sorted by path.
+    pub files: Vec<(PathBuf, DevIno)>,
+    /// Matches that are symlinks: never followed (the confinement refuses them anyway).
+    pub symlinks: Vec<PathBuf>,
+    /// The scan stopped at `max` matches.
+    pub capped: bool,
+}
+
+/// Expands the input's globs, at most `max` matches (files and symlinks) per scan. An
+/// exclude matches the file name or the whole path. Globs were checked to start beneath an
+/// allowed root, so the walk never starts above one.
+pub fn scan(input: &InputConfig, max: usize) -> Found {
     let mut out: BTreeMap<PathBuf, DevIno> = BTreeMap::new();
-    for pattern in &input.paths {
+    let mut symlinks = Vec::new();
+    let mut capped = false;
+    'patterns: for pattern in &input.paths {
         let Ok(paths) = glob::glob(pattern) else {
             continue;
         };
@@ -32,18 +48,35 @@ pub fn scan(input: &InputConfig) -> Vec<(PathBuf, DevIno)> {
             if excluded(input, &path) {
                 continue;
             }
-            let Ok(meta) = std::fs::metadata(&path) else {
+            if out.len() + symlinks.len() >= max {
+                capped = true;
+                break 'patterns;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
+            if meta.file_type().is_symlink() {
+                symlinks.push(path);
+                continue;
+            }
             if !meta.is_file() {
                 continue;
             }
-            if let Ok(id) = DevIno::of_path(&path) {
-                out.insert(path, id);
-            }
+            use std::os::unix::fs::MetadataExt;
+            out.insert(
+                path,
+                DevIno {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                },
+            );
         }
     }
-    out.into_iter().collect()
+    Found {
+        files: out.into_iter().collect(),
+        symlinks,
+        capped,
+    }
 }
 
 fn excluded(input: &InputConfig, path: &Path) -> bool {
@@ -143,13 +176,34 @@ pub async fn run_input(
     let mut tailers: HashMap<DevIno, Running> = HashMap::new();
     let mut deferred: HashMap<DevIno, Instant> = HashMap::new();
     let mut first = true;
+    let mut refused: HashSet<PathBuf> = HashSet::new();
+    let mut warned_cap = false;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = watcher(&shared.input, wake_tx);
     loop {
         let input = shared.input.clone();
-        let found = tokio::task::spawn_blocking(move || scan(&input))
+        let max = shared.opts.max_files;
+        let scanned = tokio::task::spawn_blocking(move || scan(&input, max))
             .await
             .unwrap_or_default();
+        if scanned.capped {
+            shared
+                .metrics
+                .scans_capped
+                .get_or_create(&shared.labels)
+                .inc();
+            if !warned_cap {
+                warned_cap = true;
+                tracing::warn!(input = %shared.input.name, pipeline = %shared.pipeline, max, "the input's globs match more files than --max-files-per-input; the rest are not read");
+            }
+        }
+        for path in scanned.symlinks {
+            let refusal = Refusal::Symlink {
+                path: path.display().to_string(),
+            };
+            refuse(&shared, &mut refused, path, &refusal);
+        }
+        let found = scanned.files;
         tailers.retain(|_, t| !t.task.is_finished());
         let ids: HashSet<DevIno> = found.iter().map(|(_, id)| *id).collect();
         for (id, t) in &tailers {
@@ -160,7 +214,23 @@ pub async fn run_input(
             if tailers.contains_key(id) {
                 continue;
             }
-            let Some(opened) = open(&shared, &tailers, &mut saved, &mut deferred, path, *id) else {
+            let file = match shared.confine.open(path) {
+                Ok(file) => file,
+                Err(Refusal::Io { .. }) => continue, // gone since the scan: look again later
+                Err(refusal) => {
+                    refuse(&shared, &mut refused, path.clone(), &refusal);
+                    continue;
+                }
+            };
+            let Some(opened) = open(
+                &shared,
+                &tailers,
+                &mut saved,
+                &mut deferred,
+                file,
+                path,
+                *id,
+            ) else {
                 continue;
             };
             tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "tailing file");
@@ -233,17 +303,34 @@ fn take_truncated(shared: &InputShared, file: &File) -> Option<u64> {
     Some(m.remove(i).1)
 }
 
-/// Opens a newly found file and decides where to start reading it, or `None` to look
-/// again at the next scan.
+/// Logs and counts a path the input may not read, once per path.
+fn refuse(shared: &InputShared, refused: &mut HashSet<PathBuf>, path: PathBuf, why: &Refusal) {
+    if !refused.insert(path) {
+        return;
+    }
+    tracing::warn!(input = %shared.input.name, pipeline = %shared.pipeline, reason = why.reason(), "not reading: {why}");
+    shared
+        .metrics
+        .files_refused
+        .get_or_create(&RefusedLabels {
+            pipeline: shared.pipeline.to_string(),
+            input: shared.input.name.clone(),
+            reason: why.reason().into(),
+        })
+        .inc();
+}
+
+/// Decides where to start reading a newly found file (opened beneath its root), or
+/// `None` to look again at the next scan.
 fn open(
     shared: &InputShared,
     tailers: &HashMap<DevIno, Running>,
     saved: &mut BTreeMap<String, Entry>,
     deferred: &mut HashMap<DevIno, Instant>,
+    file: File,
     path: &Path,
     id: DevIno,
 ) -> Option<Opened> {
-    let file = File::open(path).ok()?;
     // The path may have been replaced between the scan and the open.
     if DevIno::of_file(&file).ok()? != id {
         return None;
@@ -343,11 +430,29 @@ mod tests {
         }
         std::fs::create_dir(d.join("sub.log")).unwrap();
         let pattern = format!("{}/*.log*", d.display());
-        let found = scan(&input(&[&pattern], &["*.gz"]));
+        let found = scan(&input(&[&pattern], &["*.gz"]), 100).files;
         let names: Vec<_> = found
             .iter()
             .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["a.log", "b.log"]);
+    }
+
+    #[test]
+    fn scan_stops_at_the_cap_and_reports_symlinks_without_following_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["a.log", "b.log", "c.log", "d.log"] {
+            std::fs::write(d.join(f), "x\n").unwrap();
+        }
+        std::os::unix::fs::symlink("/etc/passwd", d.join("e.log")).unwrap();
+        let pattern = format!("{}/*.log", d.display());
+        let all = scan(&input(&[&pattern], &[]), 100);
+        assert_eq!(all.files.len(), 4);
+        assert_eq!(all.symlinks, [d.join("e.log")]);
+        assert!(!all.capped);
+        let some = scan(&input(&[&pattern], &[]), 2);
+        assert_eq!(some.files.len(), 2);
+        assert!(some.capped);
     }
 }

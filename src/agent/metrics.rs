@@ -14,6 +14,14 @@ pub struct InputLabels {
     pub input: String,
 }
 
+/// Labels of refusals: the pipeline (and input, `""` for a whole pipeline) and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub pipeline: String,
+    pub input: String,
+    pub reason: String,
+}
+
 /// Labels of per-output metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutputLabels {
@@ -67,6 +75,9 @@ pub struct AgentMetrics {
     pub parse_errors: Family<InputLabels, Counter>,
     pub files_open: Family<InputLabels, Gauge>,
     pub truncations: Family<InputLabels, Counter>,
+    pub files_refused: Family<RefusedLabels, Counter>,
+    pub pipelines_refused: Family<RefusedLabels, Counter>,
+    pub scans_capped: Family<InputLabels, Counter>,
     pub records_shipped: Family<OutputLabels, Counter>,
     pub records_failed: Family<OutputLabels, Counter>,
     pub records_retried: Family<OutputLabels, Counter>,
@@ -88,6 +99,21 @@ impl AgentMetrics {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("outrider_agent");
         r.register("lines_read", "Lines read, per input", m.lines_read.clone());
+        r.register(
+            "files_refused",
+            "Paths an input matched but may not read (symlink, outside the allowed roots, not a regular file), each counted once",
+            m.files_refused.clone(),
+        );
+        r.register(
+            "pipelines_refused",
+            "Pipelines not started, per reason (a path outside the allowed roots, a bad Secret, ...)",
+            m.pipelines_refused.clone(),
+        );
+        r.register(
+            "scans_capped",
+            "Scans of an input that stopped at --max-files-per-input matches",
+            m.scans_capped.clone(),
+        );
         r.register(
             "bytes_read",
             "File bytes read, per input",

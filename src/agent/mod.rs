@@ -3,12 +3,14 @@
 //!
 //! Data flows one way: [`discover`] → [`tail`] (with [`reader`], [`multiline`],
 //! [`parse`], [`record`], [`filter`]) → [`buffer`] → [`batch`] → [`sink`] →
-//! [`checkpoint`]; [`pipeline`] wires one pipeline, [`run`] the whole agent.
+//! [`checkpoint`]; [`pipeline`] wires one pipeline, [`run`] the whole agent. [`confine`]
+//! keeps every read beneath the admin's allowed roots.
 
 pub mod batch;
 pub mod buffer;
 pub mod checkpoint;
 pub mod config;
+pub mod confine;
 pub mod discover;
 pub mod filter;
 pub mod identity;
@@ -38,6 +40,13 @@ pub enum AgentError {
         pipeline: String,
         field: String,
         message: String,
+    },
+    /// A path the pipeline names is not the agent's to read or write.
+    #[error("pipeline {pipeline}: {field}: {refusal}")]
+    Refused {
+        pipeline: String,
+        field: String,
+        refusal: confine::Refusal,
     },
     #[error("state directory {path}: {source}")]
     StateDir {

@@ -26,6 +26,7 @@ use super::batch::Batch;
 use super::buffer::{self, BufferRx, Taken};
 use super::checkpoint::{Checkpoints, write_atomic};
 use super::config::{BatchConfig, OutputKind, Pipeline};
+use super::confine::{Confinement, Refusal};
 use super::discover;
 use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
@@ -44,6 +45,10 @@ pub struct AgentEnv {
     pub gzip: bool,
     pub request_timeout: Duration,
     pub backoff: Backoff,
+    /// Where inputs may read (allowed roots, never-read paths).
+    pub confine: Arc<Confinement>,
+    /// The only directory `file:` outputs may write beneath (none: `file:` is refused).
+    pub file_output_dir: Option<PathBuf>,
     /// Batches of a pipeline delivered at once (1 for file and stdout outputs, which must
     /// stay in order).
     pub batches_in_flight: usize,
@@ -67,6 +72,7 @@ impl RunningPipeline {
         env: &AgentEnv,
         metrics: &AgentMetrics,
     ) -> Result<Self, AgentError> {
+        check_paths(&pipeline, env)?;
         let key: Arc<str> = Arc::from(pipeline.key.as_str());
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
         let checkpoints = Checkpoints::load(cp_path)?;
@@ -201,6 +207,7 @@ impl RunningPipeline {
                     .outputs
                     .iter()
                     .any(|o| matches!(o.kind, OutputKind::Elasticsearch { .. })),
+                confine: env.confine.clone(),
             });
             inputs.push(tokio::spawn(discover::run_input(
                 shared,
@@ -240,6 +247,42 @@ impl RunningPipeline {
         }
         tracing::info!(pipeline = %self.pipeline.key, "pipeline stopped");
     }
+}
+
+/// Refuses a pipeline that names a path the agent must not read or write, before it
+/// touches anything: every input glob beneath an allowed root, every `file:` output
+/// beneath `--file-output-dir`.
+fn check_paths(p: &Pipeline, env: &AgentEnv) -> Result<(), AgentError> {
+    let refused = |field: String, refusal: Refusal| AgentError::Refused {
+        pipeline: p.key.clone(),
+        field,
+        refusal,
+    };
+    for (i, input) in p.inputs.iter().enumerate() {
+        for (j, pattern) in input.paths.iter().enumerate() {
+            env.confine
+                .check_pattern(pattern)
+                .map_err(|r| refused(format!("spec.inputs[{i}].paths[{j}]"), r))?;
+        }
+    }
+    for (i, o) in p.outputs.iter().enumerate() {
+        if let OutputKind::File { path } = &o.kind {
+            let field = format!("spec.outputs[{i}].file.path");
+            let Some(dir) = &env.file_output_dir else {
+                return Err(refused(
+                    field,
+                    Refusal::OutsideRoots {
+                        path: path.display().to_string(),
+                        roots: "none: file outputs need --file-output-dir".into(),
+                    },
+                ));
+            };
+            Confinement::new(vec![dir.clone()], Vec::new())
+                .check_path(path)
+                .map_err(|r| refused(field, r))?;
+        }
+    }
+    Ok(())
 }
 
 /// Counts the disk buffer's bad frames and writes them to its dead-letter file,

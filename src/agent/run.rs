@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AgentError;
 use super::config::{self, Pipeline};
-use super::metrics::{AgentMetrics, ResultLabel};
+use super::metrics::{AgentMetrics, RefusedLabels, ResultLabel};
 use super::pipeline::{AgentEnv, RunningPipeline};
 use super::report::{PodRef, config_hash};
 use crate::telemetry::Readiness;
@@ -70,7 +70,8 @@ impl AgentOptions {
 }
 
 /// Runs the agent until `shutdown` fires. An invalid configuration at start is an error;
-/// an invalid configuration later keeps the running one and is logged and counted.
+/// an invalid configuration later keeps the running one and is logged and counted. A
+/// pipeline that cannot start never stops the others.
 pub async fn run(
     opts: AgentOptions,
     metrics: AgentMetrics,
@@ -93,14 +94,8 @@ pub async fn run(
     let mut running: BTreeMap<String, RunningPipeline> = BTreeMap::new();
     for p in pipelines {
         let key = p.key.clone();
-        match RunningPipeline::start(p, &opts.env, &metrics) {
-            Ok(r) => {
-                running.insert(key, r);
-            }
-            Err(e) => {
-                stop_all(running, opts.shutdown_grace).await;
-                return Err(e);
-            }
+        if let Some(r) = start(p, &opts.env, &metrics) {
+            running.insert(key, r);
         }
     }
     ready.set(true);
@@ -188,14 +183,39 @@ async fn swap(
         }
     }
     for (key, p) in wanted {
-        match RunningPipeline::start(p, &opts.env, metrics) {
-            Ok(r) => {
-                next.insert(key, r);
-            }
-            Err(e) => tracing::error!(pipeline = %key, error = %e, "cannot start pipeline"),
+        if let Some(r) = start(p, &opts.env, metrics) {
+            next.insert(key, r);
         }
     }
     next
+}
+
+/// Starts one pipeline; one that cannot start (a path it may not read, a bad Secret, its
+/// state) is logged and counted, and the others run.
+fn start(p: Pipeline, env: &AgentEnv, metrics: &AgentMetrics) -> Option<RunningPipeline> {
+    let key = p.key.clone();
+    match RunningPipeline::start(p, env, metrics) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let reason = match &e {
+                AgentError::Refused { refusal, .. } => refusal.reason(),
+                AgentError::Secret { .. } => "secret",
+                AgentError::Checkpoint(_) => "checkpoint",
+                AgentError::StateDir { .. } => "state_dir",
+                _ => "error",
+            };
+            tracing::error!(pipeline = %key, reason, error = %e, "cannot start pipeline; the others run");
+            metrics
+                .pipelines_refused
+                .get_or_create(&RefusedLabels {
+                    pipeline: key,
+                    input: String::new(),
+                    reason: reason.into(),
+                })
+                .inc();
+            None
+        }
+    }
 }
 
 async fn stop_all(running: BTreeMap<String, RunningPipeline>, grace: Duration) {

@@ -19,6 +19,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::buffer::BufferTx;
 use super::config::{FilterConfig, InputConfig, ParserConfig};
+use super::confine::Confinement;
 use super::filter;
 use super::identity::{self, Change, DevIno, Fingerprint};
 use super::metrics::{AgentMetrics, InputLabels};
@@ -42,6 +43,8 @@ pub struct TailOptions {
     /// A file that is no longer matched is released after it stayed at EOF this long
     /// (a writer may still append right after a rename).
     pub release_after: Duration,
+    /// Most files one input's globs may match per scan; the rest wait (counted).
+    pub max_files: usize,
 }
 
 /// Offsets reached in files that were then truncated, with the fingerprint of what was read:
@@ -66,6 +69,8 @@ pub struct InputShared {
     pub group: GroupLimits,
     /// Some output uses record ids (Elasticsearch): compute one per record.
     pub ids: bool,
+    /// Where this input may open files.
+    pub confine: Arc<Confinement>,
 }
 
 /// How many records travel as one buffer item.
@@ -664,10 +669,12 @@ mod tests {
                 poll: Duration::from_millis(10),
                 max_line: 4096,
                 release_after: Duration::from_millis(50),
+                max_files: 100,
             },
             truncated: TruncatedFiles::default(),
             group: GroupLimits::for_batch(1000, 1 << 20),
             ids: true,
+            confine: Arc::default(),
         };
         (Arc::new(s), rx)
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use outrider::agent::config::parse_byte_size;
+use outrider::agent::confine::Confinement;
 use outrider::agent::metrics::AgentMetrics;
 use outrider::agent::pipeline::AgentEnv;
 use outrider::agent::report::PodRef;
@@ -43,6 +44,20 @@ pub struct AgentArgs {
     /// Mounted Secrets, as `<dir>/<namespace>/<name>/<key>` files.
     #[arg(long, env = "OUTRIDER_SECRET_DIR")]
     secret_dir: Option<PathBuf>,
+    /// Directories inputs may read beneath (repeatable; the chart's `agent.allowedPaths`).
+    /// Globs must start below one; files are opened without following any symlink; /proc,
+    /// /sys, /dev, Secret volumes, the state and the secret directory are never read.
+    #[arg(
+        long = "allowed-root",
+        env = "OUTRIDER_AGENT_ALLOWED_ROOTS",
+        value_delimiter = ',',
+        default_value = "/var/log",
+        value_parser = allowed_root
+    )]
+    allowed_roots: Vec<PathBuf>,
+    /// The only directory `file:` outputs may write beneath (unset: `file:` is refused).
+    #[arg(long, env = "OUTRIDER_AGENT_FILE_OUTPUT_DIR", value_parser = allowed_root)]
+    file_output_dir: Option<PathBuf>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "OUTRIDER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -55,6 +70,10 @@ pub struct AgentArgs {
     /// Wait at end of file before reading again.
     #[arg(long, default_value = "250ms", value_parser = duration)]
     poll_interval: Duration,
+    /// Most files one input's globs may match at a scan; beyond it the scan stops and is
+    /// counted (`outrider_agent_scans_capped`), so a hostile glob cannot open every file.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_files_per_input: u32,
     /// Longest line kept; longer lines are truncated and counted (`1Mi`).
     #[arg(long, default_value = "1Mi", value_parser = size)]
     max_line_bytes: usize,
@@ -89,6 +108,12 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     DurationString(s.to_string())
         .to_std()
         .map_err(|e| e.to_string())
+}
+
+fn allowed_root(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    Confinement::check_root(&p).map_err(|e| e.to_string())?;
+    Ok(p)
 }
 
 fn size(s: &str) -> Result<usize, String> {
@@ -134,6 +159,10 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
+    let never_read: Vec<PathBuf> = std::iter::once(args.state_dir.clone())
+        .chain(args.secret_dir.clone())
+        .collect();
+    let confine = Arc::new(Confinement::new(args.allowed_roots, never_read));
     let opts = AgentOptions {
         pod: PodRef::from_env(),
         source,
@@ -141,11 +170,14 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
             state_dir: args.state_dir,
             node_name,
             secret_dir: args.secret_dir,
+            confine,
+            file_output_dir: args.file_output_dir,
             scan_interval: args.scan_interval,
             tail: TailOptions {
                 poll: args.poll_interval,
                 max_line: args.max_line_bytes,
                 release_after: args.scan_interval.max(Duration::from_secs(1)),
+                max_files: args.max_files_per_input as usize,
             },
             gzip: args.gzip,
             request_timeout: args.request_timeout,

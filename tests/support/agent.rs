@@ -14,6 +14,9 @@ pub struct Agent {
     pub metrics_port: u16,
     args: Vec<String>,
     log: PathBuf,
+    /// The test's directory: the agent's allowed root and file-output directory unless
+    /// the test's own arguments set them.
+    dir: PathBuf,
 }
 
 impl Agent {
@@ -31,6 +34,7 @@ impl Agent {
             metrics_port: 0,
             args: args.iter().map(|s| s.to_string()).collect(),
             log: dir.join("agent.log"),
+            dir: dir.to_path_buf(),
         };
         a.spawn_again();
         a
@@ -113,14 +117,18 @@ impl Agent {
         self.child = Some(child);
     }
 
-    /// Fast timings for tests, each unless the test's own arguments set it.
+    /// Fast timings for tests, and the test's directory as the allowed root and file-output
+    /// directory, each unless the test's own arguments set it.
     fn fast_defaults(&self) -> Vec<String> {
+        let dir = self.dir.to_string_lossy();
         let defaults = [
             ("--scan-interval", "200ms"),
             ("--poll-interval", "50ms"),
             ("--reload-interval", "300ms"),
             ("--retry-initial", "50ms"),
             ("--retry-max", "500ms"),
+            ("--allowed-root", &dir),
+            ("--file-output-dir", &dir),
         ];
         defaults
             .iter()
