@@ -229,7 +229,7 @@ impl Session {
         let mut exit_signal = None;
 
         let mut channel = self
-            .handle
+            .handle()
             .channel_open_session()
             .await
             .map_err(|e| protocol(host, "opening a channel", e))?;

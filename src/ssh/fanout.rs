@@ -171,19 +171,33 @@ impl Fleet {
                 let action = action.clone();
                 async move {
                     let mut accepted_host_key = None;
+                    let mut opened = None;
                     let work = async {
-                        let session = fleet.connect(&endpoint).await?;
+                        let session = Arc::new(fleet.connect(&endpoint).await?);
                         accepted_host_key = session.accepted_host_key.clone();
-                        action(Arc::new(session)).await
+                        opened = Some(session.clone());
+                        action(session).await
                     };
-                    let result = match tokio::time::timeout_at(until, work).await {
-                        Ok(r) => r,
-                        Err(_) => Err(Error::TimedOut {
-                            host: endpoint.name.clone(),
-                            after: deadline,
-                            output: String::new(),
-                        }),
+                    let (result, in_time) = match tokio::time::timeout_at(until, work).await {
+                        Ok(r) => (r, true),
+                        Err(_) => (
+                            Err(Error::TimedOut {
+                                host: endpoint.name.clone(),
+                                after: deadline,
+                                output: String::new(),
+                            }),
+                            false,
+                        ),
                     };
+                    // Disconnect before the result is yielded (a CLI may exit right after the
+                    // last one). Past the deadline, or when the action still holds the session,
+                    // dropping it says goodbye without waiting (see Session).
+                    if in_time
+                        && let Some(session) = opened
+                        && let Ok(session) = Arc::try_unwrap(session)
+                    {
+                        session.close().await;
+                    }
                     HostResult {
                         endpoint,
                         result,
