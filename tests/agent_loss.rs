@@ -186,6 +186,24 @@ fn tally(rx: &Receiver) -> Tally {
     }
 }
 
+/// The highest number the receiver got.
+fn newest_number(rx: &Receiver) -> Option<u64> {
+    rx.with(|s| {
+        s.records
+            .iter()
+            .filter_map(|r| {
+                r["message"]
+                    .as_str()?
+                    .strip_prefix("seq-")?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+    })
+}
+
 /// Waits (up to [`DEADLINE`]) until every number of 0..N arrived, then a little longer for
 /// late duplicates, and returns the final tally. Fails naming what is missing.
 fn wait_for_every_number(rx: &Receiver, agent: &Agent, started: Instant) -> Tally {
@@ -252,6 +270,62 @@ fn rename_rotation_every_20000_of_200000_lines_loses_nothing_and_duplicates_noth
         .count()
         - 1;
     assert_eq!(rotated as u64, N / ROTATE_EVERY - 1, "rotated files");
+}
+
+#[test]
+#[ignore = "open finding (notes of issue 16): the tail checkpointed before the kill is now drained, but a whole later generation (~20,000 lines) is still lost"]
+fn files_rotated_out_of_the_glob_while_the_agent_is_killed_are_found_again_and_drained() {
+    let started = Instant::now();
+    // Only app.log is matched, and each of two kill -9s spans a rename rotation: when the
+    // agent comes back its file is app.log.K, which no glob matches (Filebeat and Fluent Bit
+    // lose its unread tail here). It is found again by its checkpointed device+inode in the
+    // same directory and drained.
+    let mut s = setup("app.log");
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = spawn_writer(s.file.clone(), Rotation::Rename, written.clone());
+    let mut kills = Vec::new();
+    for k in [1u64, 2] {
+        // The agent must have checkpointed something of the file it is reading (what is
+        // followed is a checkpointed identity): a line of the writer's current generation
+        // arrived, and a moment passed for its acknowledgement to be written.
+        wait_for("a line of the current generation shipped", DEADLINE, || {
+            let now = written.load(Ordering::Acquire);
+            let generation = now / ROTATE_EVERY * ROTATE_EVERY + CHUNK;
+            now >= k * N / 3 && newest_number(&s.rx) >= Some(generation + CHUNK)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        s.agent.kill9();
+        let at = written.load(Ordering::Acquire);
+        // down until the writer renamed the file, wrote its last chunk into it and started
+        // the next one
+        let rotation = (at / ROTATE_EVERY + 1) * ROTATE_EVERY;
+        wait_for("a rotation while the agent is down", DEADLINE, || {
+            written.load(Ordering::Acquire) >= rotation + 2 * CHUNK
+        });
+        kills.push((at, written.load(Ordering::Acquire)));
+        s.agent.restart();
+    }
+    writer.join().unwrap();
+    let t = wait_for_every_number(&s.rx, &s.agent, started);
+    report("rename while killed", &t, started);
+    eprintln!("(lines written at the kill, at the restart): {kills:?}");
+    assert!(
+        kills
+            .iter()
+            .all(|(at, back)| *back < N && at / ROTATE_EVERY < back / ROTATE_EVERY),
+        "each kill spans a rotation and ends before the writing does: {kills:?}"
+    );
+    assert!(
+        t.duplicates <= 2 * IN_FLIGHT * MAX_EVENTS,
+        "{} duplicates for 2 kills with {IN_FLIGHT} batches of {MAX_EVENTS} in flight",
+        t.duplicates
+    );
+    assert!(
+        s.agent
+            .log_text()
+            .contains("draining a file rotated out of the glob"),
+        "the rotated files were found by identity"
+    );
 }
 
 #[test]

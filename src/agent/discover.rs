@@ -249,7 +249,8 @@ pub async fn run_input(
         }
         if first {
             first = false;
-            // Entries of files that vanished while the agent was away: nothing left to read.
+            // Entries of files the globs no longer match: drained if they were only renamed
+            // in their directory, forgotten if they are gone.
             let input_name = &shared.input.name;
             let stale: Vec<String> = saved
                 .keys()
@@ -257,6 +258,35 @@ pub async fn run_input(
                 .cloned()
                 .collect();
             for k in stale {
+                // Rotated to a name outside the glob while the agent was down (a restart
+                // during logrotate): still beside its old name, its unread tail is drained.
+                if let Some(entry) = saved.get(&k)
+                    && let Some((path, id, file)) = find_rotated(&shared, &k, entry)
+                    && let Some(opened) = open(
+                        &shared,
+                        &tailers,
+                        &mut saved,
+                        &mut deferred,
+                        file,
+                        &path,
+                        id,
+                    )
+                {
+                    tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "draining a file rotated out of the glob while the agent was down");
+                    let ctl = Arc::new(TailerControl {
+                        fingerprint: std::sync::Mutex::new(opened.fingerprint.clone()),
+                        ..TailerControl::default()
+                    });
+                    ctl.gone.store(true, Ordering::Release);
+                    let task = tokio::spawn(tail::tail(
+                        shared.clone(),
+                        ctl.clone(),
+                        opened,
+                        stop.clone(),
+                    ));
+                    tailers.insert(id, Running { ctl, task });
+                    continue;
+                }
                 saved.remove(&k);
                 if shared.tx.send(Item::Forget(Arc::from(k))).await.is_err() {
                     break;
@@ -301,6 +331,32 @@ fn take_truncated(shared: &InputShared, file: &File) -> Option<u64> {
         .iter()
         .position(|(fp, _, _)| fp.matches(file).unwrap_or(false))?;
     Some(m.remove(i).1)
+}
+
+/// The file a checkpoint entry names, looked for by device+inode in the directory it was
+/// read in, when it is no longer at a matched name. Only files this input was already
+/// reading are followed this way, and only through the confinement (beneath an allowed
+/// root, no symlinks).
+fn find_rotated(shared: &InputShared, key: &str, entry: &Entry) -> Option<(PathBuf, DevIno, File)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = Path::new(&entry.path).parent()?;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        if !meta.is_file() {
+            continue; // DirEntry::metadata does not follow symlinks
+        }
+        let id = DevIno {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if id.key(&shared.input.name) != key {
+            continue;
+        }
+        let path = e.path();
+        let file = shared.confine.open(&path).ok()?;
+        return (DevIno::of_file(&file).ok()? == id).then_some((path, id, file));
+    }
+    None
 }
 
 /// Logs and counts a path the input may not read, once per path.
