@@ -250,3 +250,76 @@ fn a_file_output_outside_the_output_directory_is_refused_and_others_keep_shippin
     assert!(!Path::new("/etc/outrider-test-never.ndjson").exists());
     assert!(!Path::new("/tmp/outrider-escape").exists());
 }
+
+#[test]
+fn a_missing_secret_or_a_secret_ref_of_dotdot_stops_only_its_own_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rx = Receiver::start();
+    let logs = d.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // another tenant's credentials, one level up from where `..` would lead
+    let other = d.join("secrets/other/creds");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("token"), "other-tenant-token").unwrap();
+    let good = write_pipeline(d, "good", &[format!("{}/*.log", logs.display())], &rx);
+    let with_secret = |name: &str, secret: &str| {
+        let path = d.join(format!("{name}.yaml"));
+        let yaml = pipeline_yaml(
+            name,
+            &format!("{{name: app, paths: [\"{}/*.log\"]}}", logs.display()),
+            &format!(
+                "{{name: rx, http: {{url: \"{}/ingest\", secretRef: {{name: \"{secret}\"}}}}}}",
+                rx.url()
+            ),
+            "",
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path.display().to_string()
+    };
+    let missing = with_secret("missing", "nope");
+    // `<secret-dir>/test/../other/creds`: another tenant's token, if names were joined unchecked
+    let dotdot = with_secret("dotdot", "../other/creds");
+    let agent = Agent::start(
+        d,
+        &[
+            "--pipeline",
+            &good,
+            "--pipeline",
+            &missing,
+            "--pipeline",
+            &dotdot,
+            "--state-dir",
+            d.join("state").to_str().unwrap(),
+            "--secret-dir",
+            d.join("secrets").to_str().unwrap(),
+        ],
+    );
+    append_numbered(&logs.join("app.log"), "ok", 0..50);
+    wait_for("the good pipeline's lines", LONG, || {
+        agent::count_numbers(&rx.messages(), "ok").len() == 50
+    });
+    for name in ["missing", "dotdot"] {
+        let n = agent.metric(
+            "outrider_agent_pipelines_refused_total",
+            &[&format!("pipeline=\"test/{name}\""), "reason=\"secret\""],
+        );
+        assert_eq!(
+            n,
+            1.0,
+            "{name} refused for its Secret:\n{}",
+            agent.metrics()
+        );
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("is not a DNS-1123 subdomain"),
+        "the `..` reference is named as such:\n{log}"
+    );
+    assert_eq!(rx.messages().len(), 50, "only the good pipeline shipped");
+    assert_eq!(
+        rx.with(|s| s.records.len()),
+        50,
+        "the refused pipelines sent nothing (the `..` one would ship with the other tenant's token)"
+    );
+}

@@ -264,7 +264,7 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
         let multiline = match &input.multiline {
             None => None,
             Some(m) => Some(MultilineConfig {
-                start: Regex::new(&m.start_pattern)
+                start: compile_regex(&m.start_pattern)
                     .map_err(|e| bad(format!("{at}.multiline.startPattern"), e.to_string()))?,
                 flush_timeout: m
                     .flush_timeout
@@ -274,7 +274,7 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
         };
         let parser = match (input.parser, &input.pattern) {
             (Parser::Regex, Some(p)) => ParserConfig::Regex(
-                Regex::new(p).map_err(|e| bad(format!("{at}.pattern"), e.to_string()))?,
+                compile_regex(p).map_err(|e| bad(format!("{at}.pattern"), e.to_string()))?,
             ),
             (Parser::Regex, None) => {
                 return Err(bad(
@@ -376,7 +376,8 @@ fn compile_filter(f: &Filter) -> Result<FilterConfig, (String, String)> {
             ));
         }
     };
-    let pattern = Regex::new(&m.pattern).map_err(|e| (format!("{name}.pattern"), e.to_string()))?;
+    let pattern =
+        compile_regex(&m.pattern).map_err(|e| (format!("{name}.pattern"), e.to_string()))?;
     Ok(FilterConfig {
         include,
         field: m.field.clone(),
@@ -449,6 +450,19 @@ fn output_kind(o: &Output) -> Result<OutputKind, (String, String)> {
     Ok(OutputKind::Stdout)
 }
 
+/// Most memory one compiled pattern may take, and its lazy DFA's cache: a tenant's regex
+/// (`(\w{100}){100}`, 14 bytes, compiles to megabytes) must not take a node's memory.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+pub const REGEX_DFA_SIZE_LIMIT: usize = 2 << 20;
+
+/// Compiles a pipeline's regex within [`REGEX_SIZE_LIMIT`] and [`REGEX_DFA_SIZE_LIMIT`].
+pub fn compile_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
+        .build()
+}
+
 /// Parses `1048576`, `64Ki`, `1Mi`, `2G` (the CRD's byte-size pattern).
 pub fn parse_byte_size(s: &str) -> Option<usize> {
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -498,6 +512,16 @@ delivery: {batch: {maxEvents: 10, maxBytes: 64Ki, maxWait: 200ms}, buffer: {maxS
         assert_eq!(p.batch.max_wait, Duration::from_millis(200));
         assert_eq!(p.buffer_bytes, 1 << 20);
         assert!(matches!(p.inputs[0].parser, ParserConfig::Json));
+    }
+
+    #[test]
+    fn a_regex_that_compiles_too_big_is_refused_naming_the_field() {
+        let yaml = OK.replace("ERROR|WARN", r"(\\w{100}){100}");
+        let err = validate(entry(&yaml)).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.filters[0]") && err.contains("size limit"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ impl Multiline {
     /// `start` is the configured pattern (already validated as a string regex).
     pub fn new(start: &regex::Regex, timeout: Duration, max: usize) -> Result<Self, regex::Error> {
         Ok(Self {
-            start: Regex::new(start.as_str())?,
+            start: regex::bytes::RegexBuilder::new(start.as_str())
+                .size_limit(crate::agent::config::REGEX_SIZE_LIMIT)
+                .dfa_size_limit(crate::agent::config::REGEX_DFA_SIZE_LIMIT)
+                .build()?,
             timeout,
             max,
             pending: None,

@@ -206,6 +206,25 @@ impl JsonSchema for DurationString {
 pub const DNS1123_SUBDOMAIN_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
+/// Whether `s` is a DNS-1123 subdomain, checked in code before a name from a resource is
+/// joined into a file path or an API path, whatever the schema let through.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            let b = label.as_bytes();
+            match (b.first(), b.last()) {
+                (Some(first), Some(last)) => {
+                    first.is_ascii_alphanumeric()
+                        && last.is_ascii_alphanumeric()
+                        && b.iter()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                }
+                _ => false,
+            }
+        })
+}
+
 /// A reference to an object of a known kind in the same namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct LocalObjectReference {
@@ -247,6 +266,31 @@ pub trait HasConditions {
 mod duration_tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn only_dns_subdomains_pass_the_name_check() {
+        for ok in ["a", "creds", "loki-creds.v2", "0", &"a".repeat(253)] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a/b",
+            "../x",
+            "A",
+            "a..b",
+            "-a",
+            "a-",
+            ".a",
+            "a.",
+            "a b",
+            "é",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn durations_parse_exactly_and_huge_ones_are_errors_not_panics() {

@@ -94,6 +94,8 @@ pub enum SecretError {
         present: &'static str,
         missing: &'static str,
     },
+    #[error("Secret name {name:?} is not a DNS-1123 subdomain: not read")]
+    BadName { name: String },
     #[error("Secret {secret}: cannot read {key}: {source}")]
     Read {
         secret: String,
@@ -112,6 +114,12 @@ impl SecretMaterial {
     /// Reads the Secret `namespace/name` under `dir`. A missing key is absent; a key that
     /// exists but cannot be read is an error, as is a Secret with no usable key at all.
     pub fn read(dir: &Path, namespace: &str, name: &str) -> Result<Self, SecretError> {
+        // checked before any path is joined: `..` or `a/b` would read another tenant's keys
+        for n in [namespace, name] {
+            if !crate::api::common::is_dns1123_subdomain(n) {
+                return Err(SecretError::BadName { name: n.to_owned() });
+            }
+        }
         let secret = format!("{namespace}/{name}");
         let base = dir.join(namespace).join(name);
         let bytes = |key: &'static str| match std::fs::read(base.join(key)) {
