@@ -91,9 +91,24 @@ struct ControllerArgs {
     /// and objects elsewhere are reported `NamespaceNotOptedIn`. Unset: every namespace.
     #[arg(long, env = "OUTRIDER_TENANT_NAMESPACES", value_delimiter = ',', value_parser = namespace_name)]
     tenant_namespaces: Vec<String>,
+    /// The node agents' allowed roots (the chart's `agent.logRoots`, comma-separated): a
+    /// LogPipeline whose input globs start elsewhere is `Ready=False` and not rendered.
+    #[arg(long, env = "OUTRIDER_AGENT_ALLOWED_ROOTS", value_delimiter = ',', default_value = "/var/log", value_parser = agent_path)]
+    agent_allowed_roots: Vec<std::path::PathBuf>,
+    /// The node agents' `--file-output-dir` (the chart's `agent.fileOutputDir`); unset, a
+    /// LogPipeline with a `file:` output is `Ready=False`.
+    #[arg(long, env = "OUTRIDER_AGENT_FILE_OUTPUT_DIR", value_parser = agent_path)]
+    agent_file_output_dir: Option<std::path::PathBuf>,
 }
 
 /// A namespace name (DNS-1123 label): it becomes part of API paths.
+/// An agent path flag: absolute, no `..` (the agent's own `--allowed-root` rule).
+fn agent_path(s: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(s);
+    outrider::agent::confine::Confinement::check_root(&p).map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
 fn namespace_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 63
@@ -240,6 +255,10 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     );
     ctx.allow_privileged_jobs = args.allow_privileged_jobs;
     ctx.tenants = controller::Tenants::from_list(args.tenant_namespaces);
+    ctx.agent_paths = controller::AgentPaths {
+        confine: outrider::agent::confine::Confinement::new(args.agent_allowed_roots, Vec::new()),
+        file_output_dir: args.agent_file_output_dir,
+    };
     let ctx = Arc::new(ctx);
 
     if !args.leader_elect {

@@ -83,7 +83,33 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         ),
     );
 
+    // paths the node agents may not touch: an input outside agent.logRoots (/var/log by
+    // default) and a file: output with no agent.fileOutputDir
+    apply(
+        &kc,
+        &format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: escape, namespace: {ns}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\", \"/etc/shadow\"]}}\n  outputs:\n    - {{name: out, stdout: {{}}}}\n"
+        ),
+    );
+    apply(
+        &kc,
+        &pipeline(
+            "fileout",
+            &ns,
+            "",
+            "{name: archive, file: {path: \"/var/lib/outrider-agent/out/x.ndjson\"}}",
+        ),
+    );
+
     let lp = wait_reason(&api, "shop", "NoAgents").await;
+    for (name, field) in [
+        ("escape", "spec.inputs[0].paths[1]"),
+        ("fileout", "spec.outputs[0].file.path"),
+    ] {
+        let refused = wait_reason(&api, name, "PathNotAllowed").await;
+        let message = ready(&refused).expect("Ready").2;
+        assert!(message.contains(field), "{name}: {message}");
+    }
     let hash = lp
         .status
         .as_ref()

@@ -17,6 +17,8 @@ use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use super::config::{OutputKind, Pipeline};
 use rustix::io::Errno;
 
 /// Paths no allowed root can open up, whatever the admin lists.
@@ -237,6 +239,42 @@ impl Confinement {
                 .join(", "),
         }
     }
+}
+
+/// Whether a validated pipeline stays within the agent's paths: every input glob beneath an
+/// allowed root, every `file:` output beneath `file_output_dir` (none: `file:` is refused).
+/// The error names the field. Run by the agent before it starts a pipeline and by the
+/// controller before it renders one.
+pub fn check_pipeline(
+    p: &Pipeline,
+    confine: &Confinement,
+    file_output_dir: Option<&Path>,
+) -> Result<(), (String, Refusal)> {
+    for (i, input) in p.inputs.iter().enumerate() {
+        for (j, pattern) in input.paths.iter().enumerate() {
+            confine
+                .check_pattern(pattern)
+                .map_err(|r| (format!("spec.inputs[{i}].paths[{j}]"), r))?;
+        }
+    }
+    for (i, o) in p.outputs.iter().enumerate() {
+        if let OutputKind::File { path } = &o.kind {
+            let field = format!("spec.outputs[{i}].file.path");
+            let Some(dir) = file_output_dir else {
+                return Err((
+                    field,
+                    Refusal::OutsideRoots {
+                        path: path.display().to_string(),
+                        roots: "none: file outputs need --file-output-dir".into(),
+                    },
+                ));
+            };
+            Confinement::new(vec![dir.to_path_buf()], Vec::new())
+                .check_path(path)
+                .map_err(|r| (field, r))?;
+        }
+    }
+    Ok(())
 }
 
 /// `openat2` beneath `dir`, no symlinks at all; retried on the kernel's EAGAIN (a rename

@@ -26,7 +26,7 @@ use super::batch::Batch;
 use super::buffer::{self, BufferRx, Taken};
 use super::checkpoint::{Checkpoints, write_atomic};
 use super::config::{BatchConfig, OutputKind, Pipeline};
-use super::confine::{Confinement, Refusal};
+use super::confine::{self, Confinement};
 use super::discover;
 use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
@@ -250,39 +250,15 @@ impl RunningPipeline {
 }
 
 /// Refuses a pipeline that names a path the agent must not read or write, before it
-/// touches anything: every input glob beneath an allowed root, every `file:` output
-/// beneath `--file-output-dir`.
+/// touches anything (the same check the controller reports as `Ready=False`).
 fn check_paths(p: &Pipeline, env: &AgentEnv) -> Result<(), AgentError> {
-    let refused = |field: String, refusal: Refusal| AgentError::Refused {
-        pipeline: p.key.clone(),
-        field,
-        refusal,
-    };
-    for (i, input) in p.inputs.iter().enumerate() {
-        for (j, pattern) in input.paths.iter().enumerate() {
-            env.confine
-                .check_pattern(pattern)
-                .map_err(|r| refused(format!("spec.inputs[{i}].paths[{j}]"), r))?;
-        }
-    }
-    for (i, o) in p.outputs.iter().enumerate() {
-        if let OutputKind::File { path } = &o.kind {
-            let field = format!("spec.outputs[{i}].file.path");
-            let Some(dir) = &env.file_output_dir else {
-                return Err(refused(
-                    field,
-                    Refusal::OutsideRoots {
-                        path: path.display().to_string(),
-                        roots: "none: file outputs need --file-output-dir".into(),
-                    },
-                ));
-            };
-            Confinement::new(vec![dir.clone()], Vec::new())
-                .check_path(path)
-                .map_err(|r| refused(field, r))?;
-        }
-    }
-    Ok(())
+    confine::check_pipeline(p, &env.confine, env.file_output_dir.as_deref()).map_err(
+        |(field, refusal)| AgentError::Refused {
+            pipeline: p.key.clone(),
+            field,
+            refusal,
+        },
+    )
 }
 
 /// Counts the disk buffer's bad frames and writes them to its dead-letter file,

@@ -100,6 +100,16 @@ pub struct Context {
     pub allow_privileged_jobs: bool,
     /// Where Secrets are read and Jobs run (`--tenant-namespaces`).
     pub tenants: Tenants,
+    /// What the node agents may read and write (`--agent-allowed-roots`,
+    /// `--agent-file-output-dir`): a LogPipeline outside them is `Ready=False`, not rendered.
+    pub agent_paths: AgentPaths,
+}
+
+/// The node agents' path limits as the chart gives them to both the agents and the controller.
+#[derive(Clone, Debug, Default)]
+pub struct AgentPaths {
+    pub confine: crate::agent::confine::Confinement,
+    pub file_output_dir: Option<std::path::PathBuf>,
 }
 
 impl Context {
@@ -125,6 +135,7 @@ impl Context {
             tasks: tasks::Registry::default(),
             allow_privileged_jobs: false,
             tenants: Tenants::All,
+            agent_paths: AgentPaths::default(),
         }
     }
 

@@ -32,8 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, Desired, READY};
 use super::runtime::{self, Obj, Shared, Stores};
-use super::{At, Context, Error, Stage, Tenants, WatchNamespace};
+use super::{AgentPaths, At, Context, Error, Stage, Tenants, WatchNamespace};
 use crate::agent::config::{AgentConfigFile, PipelineEntry, validate};
+use crate::agent::confine::check_pipeline;
 use crate::agent::report::{CONFIG_HASH_ANNOTATION, config_hash};
 use crate::api::FIELD_MANAGER;
 use crate::api::log_pipeline::{LogPipeline, LogPipelineSpec, LogPipelineStatus, NodeCounts};
@@ -201,7 +202,7 @@ async fn render_loop(
         if pipelines.wait_until_ready().await.is_err() {
             return;
         }
-        let rendered = render(&pipelines, &secrets, &ctx.tenants);
+        let rendered = render(&pipelines, &secrets, &ctx.tenants, &ctx.agent_paths);
         match write_config(&ctx, &rendered.1, &rendered.0.hash, &written).await {
             Ok(()) => {
                 failures = 0;
@@ -231,6 +232,7 @@ fn problem(
     lp: &LogPipeline,
     secrets: &Stores<PartialObjectMeta<Secret>>,
     tenants: &Tenants,
+    paths: &AgentPaths,
 ) -> Option<Desired> {
     let ns = lp.namespace().unwrap_or_default();
     if let Some(why) = tenants.refusal(&ns) {
@@ -241,8 +243,19 @@ fn problem(
         name: lp.name_any(),
         spec: lp.spec.clone(),
     };
-    if let Err(e) = validate(entry) {
-        return Some(Desired::new(READY, false, "InvalidSpec", e.to_string()));
+    let pipeline = match validate(entry) {
+        Ok(p) => p,
+        Err(e) => return Some(Desired::new(READY, false, "InvalidSpec", e.to_string())),
+    };
+    if let Err((field, why)) =
+        check_pipeline(&pipeline, &paths.confine, paths.file_output_dir.as_deref())
+    {
+        return Some(Desired::new(
+            READY,
+            false,
+            "PathNotAllowed",
+            format!("{field}: {why} (the node agents' agent.logRoots / agent.fileOutputDir)"),
+        ));
     }
     for (output, secret) in secret_refs(&lp.spec) {
         if secrets.get(&ObjectRef::new(&secret).within(&ns)).is_none() {
@@ -280,6 +293,7 @@ fn render(
     pipelines: &Store<DeserializeGuard<LogPipeline>>,
     secrets: &Stores<PartialObjectMeta<Secret>>,
     tenants: &Tenants,
+    paths: &AgentPaths,
 ) -> (Rendered, String) {
     // a pipeline that does not deserialize is skipped (its own reconcile reports it)
     let mut all: Vec<LogPipeline> = pipelines
@@ -292,7 +306,7 @@ fn render(
     let mut problems = HashMap::new();
     for lp in &all {
         let key = format!("{}/{}", lp.namespace().unwrap_or_default(), lp.name_any());
-        match problem(lp, secrets, tenants) {
+        match problem(lp, secrets, tenants, paths) {
             Some(p) => {
                 problems.insert(key, p);
             }
