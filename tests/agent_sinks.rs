@@ -251,7 +251,7 @@ fn gzip_bodies_and_basic_auth_from_the_secret_dir_reach_the_sink() {
         "auth",
         &format!("{{name: app, paths: [\"{}/*.log\"]}}", logs.display()),
         &format!(
-            "{{name: rx, http: {{url: \"{}/ingest\", secretRef: {{name: rx-creds}}}}}}",
+            "{{name: rx, http: {{url: \"{}/ingest\", secretRef: {{name: rx-creds}}, insecureAllowHttpCredentials: true}}}}",
             rx.url()
         ),
         "  delivery: {batch: {maxWait: 50ms}}\n",
@@ -551,4 +551,68 @@ fn a_sink_always_answering_400_stops_the_dead_letter_file_at_its_cap_and_counts_
         .map(|e| e.file_name())
         .collect();
     assert_eq!(names.len(), 2, "one rotation only: {names:?}");
+}
+
+#[test]
+fn credentials_over_plain_http_are_refused_unless_the_output_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let secret = dir.path().join("secrets").join("test").join("rx-creds");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("token"), "t0ken").unwrap();
+    let write = |name: &str, allow: &str| {
+        let yaml = pipeline_yaml(
+            name,
+            &format!("{{name: app, paths: [\"{}/*.log\"]}}", logs.display()),
+            &format!(
+                "{{name: rx, http: {{url: \"{}/ingest\", secretRef: {{name: rx-creds}}{allow}}}}}",
+                rx.url()
+            ),
+            "  delivery: {batch: {maxWait: 50ms}}\n",
+        );
+        let lp = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&lp, yaml).unwrap();
+        lp.display().to_string()
+    };
+    let refused = write("clear", "");
+    let allowed = write("allowed", ", insecureAllowHttpCredentials: true");
+    let state = dir.path().join("state");
+    let secrets = dir.path().join("secrets");
+    let agent = Agent::start(
+        dir.path(),
+        &[
+            "--pipeline",
+            &refused,
+            "--pipeline",
+            &allowed,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--secret-dir",
+            secrets.to_str().unwrap(),
+        ],
+    );
+    append(dir.path(), &["one line"]);
+    wait_for("the allowed pipeline's record", LONG, || {
+        rx.record_count() >= 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        rx.record_count(),
+        1,
+        "only the pipeline that allows it sent the token"
+    );
+    assert_eq!(
+        agent.metric(
+            "outrider_agent_pipelines_refused_total",
+            &["pipeline=\"test/clear\"", "reason=\"secret\""]
+        ),
+        1.0
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("insecureAllowHttpCredentials") && !log.contains("t0ken"),
+        "the refusal says how to allow it and never prints the token:\n{log}"
+    );
 }

@@ -112,6 +112,8 @@ pub struct FilterConfig {
 pub struct OutputConfig {
     pub name: String,
     pub kind: OutputKind,
+    /// `insecureAllowHttpCredentials`: a Secret's credentials may go over plain `http://`.
+    pub insecure_http_credentials: bool,
 }
 
 /// Where an output ships to; URLs are parsed.
@@ -318,9 +320,21 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
             ));
         }
         let kind = output_kind(o).map_err(|(field, msg)| bad(format!("{at}{field}"), msg))?;
+        let insecure_http_credentials = o
+            .loki
+            .as_ref()
+            .map(|x| x.insecure_allow_http_credentials)
+            .or_else(|| {
+                o.elasticsearch
+                    .as_ref()
+                    .map(|x| x.insecure_allow_http_credentials)
+            })
+            .or_else(|| o.http.as_ref().map(|x| x.insecure_allow_http_credentials))
+            .unwrap_or(false);
         outputs.push(OutputConfig {
             name: o.name.clone(),
             kind,
+            insecure_http_credentials,
         });
     }
     let b = &spec.delivery.batch;
@@ -448,6 +462,18 @@ fn output_kind(o: &Output) -> Result<OutputKind, (String, String)> {
         });
     }
     Ok(OutputKind::Stdout)
+}
+
+impl OutputKind {
+    /// An HTTP-based output whose URL is `http://` (credentials would travel in clear).
+    pub fn is_plain_http(&self) -> bool {
+        match self {
+            OutputKind::Loki { url, .. }
+            | OutputKind::Elasticsearch { url, .. }
+            | OutputKind::Http { url, .. } => url.scheme() == "http",
+            OutputKind::File { .. } | OutputKind::Stdout => false,
+        }
+    }
 }
 
 /// Most memory one compiled pattern may take, and its lazy DFA's cache: a tenant's regex

@@ -313,6 +313,15 @@ fn build_outputs(
                 };
                 let m = SecretMaterial::read(dir, namespace, name).map_err(bad)?;
                 let secret = format!("{namespace}/{name}");
+                if m.auth.is_some() && !o.insecure_http_credentials && o.kind.is_plain_http() {
+                    return Err(AgentError::Secret {
+                        pipeline: p.key.clone(),
+                        field: format!("spec.outputs[{i}].secretRef"),
+                        message: format!(
+                            "Secret {secret} holds credentials and the URL is plain http://: use https://, or set insecureAllowHttpCredentials: true"
+                        ),
+                    });
+                }
                 let own = m
                     .client(&secret, &client, env.request_timeout)
                     .map_err(bad)?;

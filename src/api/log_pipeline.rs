@@ -239,6 +239,10 @@ pub struct LokiSink {
     /// (client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
+    /// Send the Secret's credentials over plain `http://` (sniffable on the way). Off: an
+    /// output whose Secret holds credentials must use `https://`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_allow_http_credentials: bool,
 }
 
 /// How the Loki push request is encoded.
@@ -271,6 +275,10 @@ pub struct ElasticsearchSink {
     /// certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
+    /// Send the Secret's credentials over plain `http://` (sniffable on the way). Off: an
+    /// output whose Secret holds credentials must use `https://`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_allow_http_credentials: bool,
 }
 
 /// Generic HTTP sink.
@@ -285,6 +293,10 @@ pub struct HttpSink {
     /// (client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
+    /// Send the Secret's credentials over plain `http://` (sniffable on the way). Off: an
+    /// output whose Secret holds credentials must use `https://`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_allow_http_credentials: bool,
 }
 
 /// File sink.
