@@ -68,7 +68,7 @@ demo-down:
 	e2e/demo.sh down
 	e2e/cluster.sh down
 
-## bench-ssh: uptime on 500 loopback hosts: outrider vs parallel-ssh vs ansible
+## bench-ssh: sshd CPU per connection (200 sequential), then uptime on 500 loopback hosts: outrider vs parallel-ssh vs ansible vs asyncssh
 bench-ssh: deps
 	e2e/bench/deps.sh
 	$(CARGO) build --release --locked

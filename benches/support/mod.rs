@@ -96,7 +96,13 @@ impl Fleet {
     }
 
     pub fn start(hosts: usize) -> Fleet {
-        let server = sshd::Sshd::start();
+        Fleet::start_with(hosts, "")
+    }
+
+    /// Like [`Fleet::start`], with `extra_config` added to sshd's config (see
+    /// [`sshd::Sshd::start_with`]).
+    pub fn start_with(hosts: usize, extra_config: &str) -> Fleet {
+        let server = sshd::Sshd::start_with(extra_config);
         let work = tempfile::Builder::new()
             .prefix("outrider-bench-")
             .tempdir()

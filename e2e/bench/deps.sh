@@ -2,8 +2,9 @@
 # Installs the peers `make bench-ssh` measures against, only when something is missing:
 # parallel-ssh (pssh), ansible (ansible-core), GNU time (time), which measures every client, and
 # rsyslog, the peer of `make bench-agent`, and Nagios' check_by_ssh (monitoring-plugins-basic),
-# the peer of `make bench-health`, and python3-venv, for the venv e2e/bench/aerleon_install.sh makes
-# for Aerleon, the peer of the firewall-compiler bench.
+# the peer of `make bench-health`, and python3-venv, for the venvs e2e/bench/aerleon_install.sh and
+# e2e/bench/asyncssh_install.sh make for Aerleon, the peer of the firewall-compiler bench, and
+# asyncssh, the Python peer of `make bench-ssh` (the bench installs it from PyPI itself).
 set -euo pipefail
 # command -> package
 declare -A need=(
