@@ -96,6 +96,29 @@ impl Checkpoints {
         })
     }
 
+    /// [`Checkpoints::load`], but a corrupt file is renamed to `<file>.corrupt-<unix time>`
+    /// and an empty set returned with where it went: the pipeline reads its files again from
+    /// the start (duplicates, never a loss) instead of not running at all.
+    pub fn load_or_set_aside(path: PathBuf) -> Result<(Self, Option<PathBuf>), CheckpointError> {
+        match Self::load(path.clone()) {
+            Err(CheckpointError::Corrupt { .. }) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let mut aside = path.clone().into_os_string();
+                aside.push(format!(".corrupt-{secs}"));
+                let aside = PathBuf::from(aside);
+                std::fs::rename(&path, &aside).map_err(|source| CheckpointError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok((Self::load(path)?, Some(aside)))
+            }
+            other => other.map(|c| (c, None)),
+        }
+    }
+
     /// Every entry (what discovery resumes from).
     pub fn entries(&self) -> &BTreeMap<String, Entry> {
         &self.files
@@ -302,5 +325,29 @@ mod tests {
             Checkpoints::load(path),
             Err(CheckpointError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_is_set_aside_and_the_pipeline_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, b"garbage").unwrap();
+        let (c, aside) = Checkpoints::load_or_set_aside(path.clone()).unwrap();
+        assert!(c.entries().is_empty());
+        let aside = aside.expect("moved aside");
+        assert_eq!(std::fs::read(&aside).unwrap(), b"garbage");
+        assert!(!path.exists());
+        // a good one is loaded as it is
+        let mut good = Checkpoints::load(path.clone()).unwrap();
+        good.set(
+            "app/1:2",
+            "/var/log/a.log",
+            7,
+            &Fingerprint::of_bytes(b"abc"),
+        );
+        good.persist().unwrap();
+        let (c, aside) = Checkpoints::load_or_set_aside(path).unwrap();
+        assert_eq!(c.entries().len(), 1);
+        assert!(aside.is_none());
     }
 }

@@ -78,6 +78,7 @@ pub struct AgentMetrics {
     pub files_refused: Family<RefusedLabels, Counter>,
     pub pipelines_refused: Family<RefusedLabels, Counter>,
     pub scans_capped: Family<InputLabels, Counter>,
+    pub checkpoints_set_aside: Family<PipelineLabels, Counter>,
     pub records_shipped: Family<OutputLabels, Counter>,
     pub records_failed: Family<OutputLabels, Counter>,
     pub records_retried: Family<OutputLabels, Counter>,
@@ -108,6 +109,11 @@ impl AgentMetrics {
             "pipelines_refused",
             "Pipelines not started, per reason (a path outside the allowed roots, a bad Secret, ...)",
             m.pipelines_refused.clone(),
+        );
+        r.register(
+            "checkpoints_set_aside",
+            "Corrupt checkpoint files moved aside (the pipeline read its files again from the start)",
+            m.checkpoints_set_aside.clone(),
         );
         r.register(
             "scans_capped",

@@ -75,7 +75,14 @@ impl RunningPipeline {
         check_paths(&pipeline, env)?;
         let key: Arc<str> = Arc::from(pipeline.key.as_str());
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
-        let checkpoints = Checkpoints::load(cp_path)?;
+        let (checkpoints, set_aside) = Checkpoints::load_or_set_aside(cp_path)?;
+        if let Some(aside) = set_aside {
+            tracing::error!(pipeline = %pipeline.key, moved_to = %aside.display(), "checkpoint file was corrupt: moved aside; this pipeline reads its files again from the start (duplicates, no loss)");
+            metrics
+                .checkpoints_set_aside
+                .get_or_create(&AgentMetrics::pipeline(&pipeline.key))
+                .inc();
+        }
         let saved_all = checkpoints.entries().clone();
         let outputs = build_outputs(&pipeline, env, metrics)?;
         // With a disk buffer, memory only holds what waits to be spooled.

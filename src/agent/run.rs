@@ -92,9 +92,10 @@ pub async fn run(
     let mut snapshot = opts.source.snapshot();
     let pipelines = opts.source.load()?;
     let mut running: BTreeMap<String, RunningPipeline> = BTreeMap::new();
+    let mut failed = Failed::default();
     for p in pipelines {
         let key = p.key.clone();
-        if let Some(r) = start(p, &opts.env, &metrics) {
+        if let Some(r) = start(p, &opts.env, &metrics, &mut failed) {
             running.insert(key, r);
         }
     }
@@ -106,6 +107,13 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(opts.reload_interval) => {}
         }
+        for p in failed.due() {
+            let key = p.key.clone();
+            if let Some(r) = start(p, &opts.env, &metrics, &mut failed) {
+                tracing::info!(pipeline = %key, "pipeline started after earlier failures");
+                running.insert(key, r);
+            }
+        }
         let now = opts.source.snapshot();
         if now == snapshot {
             continue;
@@ -113,7 +121,8 @@ pub async fn run(
         snapshot = now;
         match opts.source.load() {
             Ok(new) => {
-                running = swap(running, new, &opts, &metrics).await;
+                failed = Failed::default();
+                running = swap(running, new, &opts, &metrics, &mut failed).await;
                 opts.report(&snapshot);
                 metrics
                     .config_reloads
@@ -163,6 +172,7 @@ async fn swap(
     new: Vec<Pipeline>,
     opts: &AgentOptions,
     metrics: &AgentMetrics,
+    failed: &mut Failed,
 ) -> BTreeMap<String, RunningPipeline> {
     let mut next = BTreeMap::new();
     let mut wanted: BTreeMap<String, Pipeline> =
@@ -183,20 +193,62 @@ async fn swap(
         }
     }
     for (key, p) in wanted {
-        if let Some(r) = start(p, &opts.env, metrics) {
+        if let Some(r) = start(p, &opts.env, metrics, failed) {
             next.insert(key, r);
         }
     }
     next
 }
 
+/// Pipelines that could not start for a reason that may pass (a Secret not mounted yet,
+/// the state directory), retried with backoff (the reload interval doubling, at most 5
+/// minutes). A pipeline refused for what it asks (a path it may not read) is not retried:
+/// only a new configuration changes that.
+#[derive(Default)]
+struct Failed(BTreeMap<String, (Pipeline, u32, std::time::Instant)>);
+
+impl Failed {
+    const BACKOFF: crate::backoff::Backoff =
+        crate::backoff::Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+
+    fn record(&mut self, p: Pipeline) {
+        let attempts = self
+            .0
+            .get(&p.key)
+            .map_or(0, |(_, n, _)| n.saturating_add(1));
+        let at = std::time::Instant::now() + Self::BACKOFF.delay(attempts);
+        self.0.insert(p.key.clone(), (p, attempts, at));
+    }
+
+    /// The pipelines whose retry time has come (they stay recorded until one starts).
+    fn due(&mut self) -> Vec<Pipeline> {
+        let now = std::time::Instant::now();
+        self.0
+            .values()
+            .filter(|(_, _, at)| *at <= now)
+            .map(|(p, _, _)| p.clone())
+            .collect()
+    }
+}
+
 /// Starts one pipeline; one that cannot start (a path it may not read, a bad Secret, its
-/// state) is logged and counted, and the others run.
-fn start(p: Pipeline, env: &AgentEnv, metrics: &AgentMetrics) -> Option<RunningPipeline> {
+/// state) is logged and counted, and the others run; what may pass is retried later.
+fn start(
+    p: Pipeline,
+    env: &AgentEnv,
+    metrics: &AgentMetrics,
+    failed: &mut Failed,
+) -> Option<RunningPipeline> {
     let key = p.key.clone();
-    match RunningPipeline::start(p, env, metrics) {
-        Ok(r) => Some(r),
+    match RunningPipeline::start(p.clone(), env, metrics) {
+        Ok(r) => {
+            failed.0.remove(&key);
+            Some(r)
+        }
         Err(e) => {
+            if !matches!(e, AgentError::Refused { .. }) {
+                failed.record(p);
+            }
             let reason = match &e {
                 AgentError::Refused { refusal, .. } => refusal.reason(),
                 AgentError::Secret { .. } => "secret",
