@@ -273,7 +273,7 @@ fn rename_rotation_every_20000_of_200000_lines_loses_nothing_and_duplicates_noth
 }
 
 #[test]
-#[ignore = "open finding (notes of issue 16): the tail checkpointed before the kill is now drained, but a whole later generation (~20,000 lines) is still lost"]
+#[ignore = "open finding (notes of issue 16): passes 2 runs of 3 here; the third still loses one whole generation"]
 fn files_rotated_out_of_the_glob_while_the_agent_is_killed_are_found_again_and_drained() {
     let started = Instant::now();
     // Only app.log is matched, and each of two kill -9s spans a rename rotation: when the
@@ -285,15 +285,14 @@ fn files_rotated_out_of_the_glob_while_the_agent_is_killed_are_found_again_and_d
     let writer = spawn_writer(s.file.clone(), Rotation::Rename, written.clone());
     let mut kills = Vec::new();
     for k in [1u64, 2] {
-        // The agent must have checkpointed something of the file it is reading (what is
-        // followed is a checkpointed identity): a line of the writer's current generation
-        // arrived, and a moment passed for its acknowledgement to be written.
+        // Only files the agent was already reading are followed: kill it once a line of the
+        // writer's current generation arrived (it opened that file; lines of it may still be
+        // unacknowledged, so only its record of opened files may know it).
         wait_for("a line of the current generation shipped", DEADLINE, || {
             let now = written.load(Ordering::Acquire);
             let generation = now / ROTATE_EVERY * ROTATE_EVERY + CHUNK;
             now >= k * N / 3 && newest_number(&s.rx) >= Some(generation + CHUNK)
         });
-        std::thread::sleep(Duration::from_millis(300));
         s.agent.kill9();
         let at = written.load(Ordering::Acquire);
         // down until the writer renamed the file, wrote its last chunk into it and started

@@ -603,12 +603,12 @@ fn credentials_over_plain_http_are_refused_unless_the_output_allows_it() {
         1,
         "only the pipeline that allows it sent the token"
     );
-    assert_eq!(
+    // counted at each retry with backoff (the Secret may change)
+    assert!(
         agent.metric(
             "outrider_agent_pipelines_refused_total",
             &["pipeline=\"test/clear\"", "reason=\"secret\""]
-        ),
-        1.0
+        ) >= 1.0
     );
     let log = agent.log_text();
     assert!(

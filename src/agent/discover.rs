@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::Entry;
+use super::checkpoint::{Entry, write_atomic};
 use super::config::InputConfig;
 use super::confine::Refusal;
-use super::identity::{DevIno, Fingerprint, resume_offset};
+use super::identity::{DevIno, Fingerprint, Saved, resume_offset};
 use super::metrics::RefusedLabels;
 use super::record::Item;
 use super::tail::{self, InputShared, Opened, TailerControl};
@@ -165,14 +165,85 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// The identity and start offset of every file an input is reading, on disk before any of
+/// it is read. A checkpoint names a file only once a batch of it was acknowledged; a file
+/// opened just before a kill -9 and renamed out of the glob while the agent was down is still
+/// found again through this record. A file leaves it when its tailer releases it, before its
+/// `Forget` can reach the checkpoint, so a released file is never read again from its start.
+#[derive(Debug, Default)]
+pub struct OpenedFiles {
+    path: Option<PathBuf>,
+    files: std::sync::Mutex<BTreeMap<String, Entry>>,
+}
+
+impl OpenedFiles {
+    /// The record kept in `path`, with what it held when the agent last stopped.
+    pub fn load(path: PathBuf) -> (Self, BTreeMap<String, Entry>) {
+        let before: BTreeMap<String, Entry> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let record = Self {
+            path: Some(path),
+            files: std::sync::Mutex::new(BTreeMap::new()),
+        };
+        (record, before)
+    }
+
+    /// Records a file about to be read (written before this returns).
+    pub fn add(&self, key: &str, entry: Entry) {
+        self.change(|files| {
+            files.insert(key.to_owned(), entry);
+        });
+    }
+
+    /// Drops a released file from the record.
+    pub fn remove(&self, key: &str) {
+        self.change(|files| {
+            files.remove(key);
+        });
+    }
+
+    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, Entry>)) {
+        let Ok(mut files) = self.files.lock() else {
+            return;
+        };
+        f(&mut files);
+        let Some(path) = &self.path else { return };
+        let written = serde_json::to_vec(&*files)
+            .map_err(std::io::Error::other)
+            .and_then(|body| write_atomic(path, &body, false));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the files being read");
+        }
+    }
+}
+
+fn entry_of(opened: &Opened) -> Entry {
+    Entry {
+        path: opened.path.clone(),
+        saved: Saved {
+            offset: opened.offset,
+            fingerprint: opened.fingerprint.clone(),
+        },
+    }
+}
+
 /// Runs discovery for one input until `stop`, then waits for its tailers.
 /// `saved` holds this input's checkpoint entries at pipeline start.
 pub async fn run_input(
     shared: Arc<InputShared>,
     mut saved: BTreeMap<String, Entry>,
     scan_interval: Duration,
+    opened_file: PathBuf,
     stop: CancellationToken,
 ) {
+    // files opened last time but not acknowledged yet: known, from where they started
+    let (record, before) = OpenedFiles::load(opened_file);
+    let _ = shared.opened.set(record);
+    for (key, entry) in before {
+        saved.entry(key).or_insert(entry);
+    }
     let mut tailers: HashMap<DevIno, Running> = HashMap::new();
     let mut deferred: HashMap<DevIno, Instant> = HashMap::new();
     let mut first = true;
@@ -234,6 +305,7 @@ pub async fn run_input(
                 continue;
             };
             tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "tailing file");
+            shared.record_opened(&id.key(&shared.input.name), entry_of(&opened));
             // Known before the task first runs, so a copy found in this same scan is compared.
             let ctl = Arc::new(TailerControl {
                 fingerprint: std::sync::Mutex::new(opened.fingerprint.clone()),
@@ -273,6 +345,7 @@ pub async fn run_input(
                     )
                 {
                     tracing::info!(path = %opened.path, offset = opened.offset, input = %shared.input.name, "draining a file rotated out of the glob while the agent was down");
+                    shared.record_opened(&id.key(&shared.input.name), entry_of(&opened));
                     let ctl = Arc::new(TailerControl {
                         fingerprint: std::sync::Mutex::new(opened.fingerprint.clone()),
                         ..TailerControl::default()

@@ -215,11 +215,19 @@ impl RunningPipeline {
                     .iter()
                     .any(|o| matches!(o.kind, OutputKind::Elasticsearch { .. })),
                 confine: env.confine.clone(),
+                opened: Default::default(),
             });
+            let safe = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+            let opened_file = env.state_dir.join("opened").join(format!(
+                "{}_{}.json",
+                safe(&key),
+                safe(&input.name)
+            ));
             inputs.push(tokio::spawn(discover::run_input(
                 shared,
                 saved,
                 env.scan_interval,
+                opened_file,
                 stop.clone(),
             )));
         }

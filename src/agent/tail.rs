@@ -71,6 +71,17 @@ pub struct InputShared {
     pub ids: bool,
     /// Where this input may open files.
     pub confine: Arc<Confinement>,
+    /// The files being read, on disk (set once by discovery; unset in unit tests).
+    pub opened: std::sync::OnceLock<super::discover::OpenedFiles>,
+}
+
+impl InputShared {
+    /// Records a file about to be read (see [`super::discover::OpenedFiles`]).
+    pub fn record_opened(&self, key: &str, entry: super::checkpoint::Entry) {
+        if let Some(o) = self.opened.get() {
+            o.add(key, entry);
+        }
+    }
 }
 
 /// How many records travel as one buffer item.
@@ -210,6 +221,10 @@ pub async fn tail(
             let since = *eof_since.get_or_insert(now);
             if ctl.gone.load(Ordering::Acquire) && since.elapsed() >= shared.opts.release_after {
                 t.finish(&shared, &mut items);
+                // out of the record before its Forget can reach the checkpoint
+                if let Some(o) = shared.opened.get() {
+                    o.remove(&t.key);
+                }
                 items.push(Item::Forget(t.key.clone()));
                 send_all(&shared, items, &stop).await;
                 tracing::info!(path = %t.path, "file drained and released");
@@ -675,6 +690,7 @@ mod tests {
             group: GroupLimits::for_batch(1000, 1 << 20),
             ids: true,
             confine: Arc::default(),
+            opened: Default::default(),
         };
         (Arc::new(s), rx)
     }
