@@ -241,7 +241,7 @@ async fn https_sink_without_the_ca_retries_and_loses_nothing_until_the_ca_is_giv
 }
 
 #[test]
-fn unreadable_ca_in_the_secret_stops_the_agent_with_an_error_naming_the_output() {
+fn unreadable_ca_in_the_secret_refuses_its_pipeline_with_an_error_naming_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.crt");
     std::fs::write(&bad, "this is not PEM").unwrap();
@@ -250,17 +250,30 @@ fn unreadable_ca_in_the_secret_stops_the_agent_with_an_error_naming_the_output()
     let lp = dir.path().join("lp.yaml");
     let output = loki_output("https://127.0.0.1:9", ", secretRef: {name: store-ca}");
     std::fs::write(&lp, pipeline(dir.path(), &output)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
-        .args(["agent", "--pipeline", lp.to_str().unwrap()])
-        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
-        .args(["--secret-dir", secrets.to_str().unwrap()])
-        .args(["--node-name", "node-v", "--metrics-addr", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the agent started: {stderr}");
-    assert!(
-        stderr.contains("test/to-store: spec.outputs[0].secretRef: Secret test/store-ca: ca.crt: holds no PEM certificate"),
-        "{stderr}"
+    // the agent keeps running (other pipelines would ship) and retries this one later
+    let agent = Agent::spawn(
+        dir.path(),
+        &[
+            "--pipeline",
+            lp.to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+            "--secret-dir",
+            secrets.to_str().unwrap(),
+            "--node-name",
+            "node-v",
+        ],
     );
+    let wanted = "test/to-store: spec.outputs[0].secretRef: Secret test/store-ca: ca.crt: holds no PEM certificate";
+    wait_for(
+        "the refusal naming the output",
+        Duration::from_secs(30),
+        || agent.log_text().contains(wanted),
+    );
+    wait_for("the refusal counted", Duration::from_secs(30), || {
+        agent.metric(
+            "outrider_agent_pipelines_refused_total",
+            &["pipeline=\"test/to-store\"", "reason=\"secret\""],
+        ) >= 1.0
+    });
 }
