@@ -209,11 +209,11 @@ fn generate(dir: &Path, total: u64) -> u64 {
     per_file * FILES as u64
 }
 
-/// A LogPipeline reading every file of `logs` into `output`.
+/// A ClusterLogPipeline reading every file of `logs` into `output`.
 fn pipeline(dir: &Path, logs: &Path, output: &str) -> PathBuf {
     let path = dir.join("lp.yaml");
     let yaml = format!(
-        "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: bench, namespace: bench}}\n\
+        "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: bench}}\n\
          spec:\n  inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n  fields: {{service: checkout, env: bench}}\n  outputs: [{output}]\n  \
          delivery: {{batch: {{maxWait: 100ms}}}}\n",
         logs.display()

@@ -143,7 +143,12 @@ store_port() {
 # render FILE: the example as this demo applies it: as written for slot 0 (with the store's port),
 # with the slot's addresses and log dir otherwise
 render() {
+  local suffix=""
+  if [ "$SLOT" != 0 ]; then suffix="-$SLOT"; fi
+  # cluster-scoped ClusterLogPipelines: one name per slot, labelled for the slot's controller
   sed -e "s/198\.19\.0\./$NET./g" \
+    -e "s#outrider.dev/demo-slot: \"0\"#outrider.dev/demo-slot: \"$SLOT\"#" \
+    -e "s/^  name: shop-logs\$/  name: shop-logs$suffix/" \
     -e "s#/var/log/outrider-demo/#$LOGROOT/#g" \
     -e "s/127\.0\.0\.1:9428/127.0.0.1:$PORT/g" "$1"
 }
@@ -179,7 +184,8 @@ start_controller() {
   port=$(free_port)
   start_daemon controller "KUBECONFIG=$KC" "RUST_LOG=${RUST_LOG:-info}" -- "$BIN" controller \
     --leader-elect=false --watch-namespace "$NS" --lease-namespace "$NS" \
-    --identity "outrider-demo-$SLOT" --metrics-addr "127.0.0.1:$port"
+    --identity "outrider-demo-$SLOT" --metrics-addr "127.0.0.1:$port" \
+    --cluster-pipeline-selector "outrider.dev/demo-slot=$SLOT"
   echo "$port" >"$STATE/controller.port"
   log "controller running (pid $(cat "$PIDS/controller.pid"), log $LOGS/controller.log, metrics http://127.0.0.1:$port/metrics)"
 }
@@ -233,9 +239,16 @@ start_agent() {
 
 # ---------------------------------------------------------------- settling
 
+# Every object of the demo: the namespace's, and the slot's ClusterLogPipelines
+slot_objects() {
+  jq -s '{items: (.[0].items + .[1].items)}' \
+    <(kubectl get inventories,deploymentplans,healthchecks,securitypolicies,logpipelines -n "$NS" -o json) \
+    <(kubectl get clusterlogpipelines -l "outrider.dev/demo-slot=$SLOT" -o json)
+}
+
 # One JSON object: each kind's state, from the API
 snapshot() {
-  kubectl get inventories,deploymentplans,healthchecks,securitypolicies,logpipelines -n "$NS" -o json 2>/dev/null \
+  slot_objects 2>/dev/null \
     | jq -c '
       def cond($t): ((.status.conditions // []) | map(select(.type == $t)) | .[0]) // {};
       def pick($k): [.items[] | select(.kind == $k)];
@@ -247,7 +260,7 @@ snapshot() {
                and .status.summary != null and .status.summary.unhealthy == 0 and .status.summary.unknown == 0) | all),
         policy: (pick("SecurityPolicy") | map(cond("Ready").status == "True" and .status.hosts != null
                and .status.hosts.applied == .status.hosts.total and .status.hosts.total > 0) | all),
-        pipeline: (pick("LogPipeline") | map(cond("Ready").status == "True") | all)
+        pipeline: ((pick("LogPipeline") + pick("ClusterLogPipeline")) | map(cond("Ready").status == "True") | all)
       }'
 }
 
@@ -283,7 +296,7 @@ wait_settled() {
 
 summary() {
   local json lines
-  json=$(kubectl get inventories,deploymentplans,healthchecks,securitypolicies,logpipelines -n "$NS" -o json)
+  json=$(slot_objects)
   lines=$(shipped_lines)
   echo
   kubectl get outrider -n "$NS"
@@ -303,8 +316,8 @@ summary() {
       "HealthCheck \(.metadata.name): \(.status.summary.healthy) targets healthy (\(.spec.checks | length) checks on each host, \(.spec.endpoints | length) endpoints) every \(.spec.interval). Try: \($fleetsh) exec web-2 sh -c '"'"'kill $(cat /srv/shop/run/http.pid)'"'"'; kubectl get hc,dp -n \($ns) -w  (Unhealthy after 3 failures, then a remediation plan restarts it)"
     elif .kind == "SecurityPolicy" then
       "SecurityPolicy \(.metadata.name): ruleset \(.status.rulesetHash[0:19])… applied on \(.status.hosts.applied)/\(.status.hosts.total) hosts (canary first, confirmed within \(.spec.apply.confirmTimeout)). Try: ip netns exec \($prefix)-db-1 timeout 2 bash -c \"</dev/tcp/\($net).11/22\" || echo dropped ; ip netns exec \($prefix)-web-1 nft list table inet outrider"
-    elif .kind == "LogPipeline" then
-      "LogPipeline \(.metadata.name): \(cond("Ready").reason), \(.status.nodes.updated)/\(.status.nodes.desired) agents run config \(.status.configHash[0:19])…; \($lines) lines in VictoriaLogs so far. Try: curl -s http://127.0.0.1:\($port)/select/logsql/query --data-urlencode '"'"'query=service:shop | sort by (_time) desc | limit 5'"'"'"
+    elif .kind == "LogPipeline" or .kind == "ClusterLogPipeline" then
+      "\(.kind) \(.metadata.name): \(cond("Ready").reason), \(.status.nodes.updated)/\(.status.nodes.desired) agents run config \(.status.configHash[0:19])…; \($lines) lines in VictoriaLogs so far. Try: curl -s http://127.0.0.1:\($port)/select/logsql/query --data-urlencode '"'"'query=service:shop | sort by (_time) desc | limit 5'"'"'"
     else empty end' <<<"$json"
   echo
   echo "Stop it all: make demo-down (or e2e/demo.sh down, which keeps the control plane)"
@@ -348,6 +361,7 @@ down() {
     if kubectl get namespace "$NS" >/dev/null 2>&1; then
       log "deleting namespace $NS"
       kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
+      kubectl delete clusterlogpipelines -l "outrider.dev/demo-slot=$SLOT" --wait=false >/dev/null 2>&1 || true
       local i
       for i in $(seq 60); do kubectl get namespace "$NS" >/dev/null 2>&1 || break; sleep 1; done
       if kubectl get namespace "$NS" >/dev/null 2>&1; then

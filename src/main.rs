@@ -99,6 +99,11 @@ struct ControllerArgs {
     /// LogPipeline with a `file:` output is `Ready=False`.
     #[arg(long, env = "OUTRIDER_AGENT_FILE_OUTPUT_DIR", value_parser = agent_path)]
     agent_file_output_dir: Option<std::path::PathBuf>,
+    /// Only the ClusterLogPipelines with these labels (`k=v,k2=v2`). A cluster-wide
+    /// controller renders every ClusterLogPipeline without it; one limited to a namespace
+    /// (`--watch-namespace`) renders ClusterLogPipelines only when this is given.
+    #[arg(long, env = "OUTRIDER_CLUSTER_PIPELINE_SELECTOR")]
+    cluster_pipeline_selector: Option<String>,
 }
 
 /// A namespace name (DNS-1123 label): it becomes part of API paths.
@@ -258,6 +263,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     ctx.agent_paths = controller::AgentPaths {
         confine: outrider::agent::confine::Confinement::new(args.agent_allowed_roots, Vec::new()),
         file_output_dir: args.agent_file_output_dir,
+        cluster_pipeline_selector: args.cluster_pipeline_selector,
     };
     let ctx = Arc::new(ctx);
 

@@ -130,7 +130,7 @@ fn hostile_paths_are_refused_by_name_and_nothing_outside_the_allowed_root_is_shi
         let n = agent.metric(
             "outrider_agent_pipelines_refused_total",
             &[
-                &format!("pipeline=\"test/{name}\""),
+                &format!("pipeline=\"{name}\""),
                 &format!("reason=\"{reason}\""),
             ],
         );
@@ -145,14 +145,14 @@ fn hostile_paths_are_refused_by_name_and_nothing_outside_the_allowed_root_is_shi
     wait_for("the planted symlinks counted", LONG, || {
         agent.metric(
             "outrider_agent_files_refused_total",
-            &["pipeline=\"test/good\"", "reason=\"symlink\""],
+            &["pipeline=\"good\"", "reason=\"symlink\""],
         ) == 3.0
     });
     std::thread::sleep(Duration::from_secs(1)); // a few more scans (200 ms each)
     assert_eq!(
         agent.metric(
             "outrider_agent_files_refused_total",
-            &["pipeline=\"test/good\"", "reason=\"symlink\""],
+            &["pipeline=\"good\"", "reason=\"symlink\""],
         ),
         3.0,
         "each symlink counted once"
@@ -236,7 +236,7 @@ fn a_file_output_outside_the_output_directory_is_refused_and_others_keep_shippin
         let n = agent.metric(
             "outrider_agent_pipelines_refused_total",
             &[
-                &format!("pipeline=\"test/{name}\""),
+                &format!("pipeline=\"{name}\""),
                 &format!("reason=\"{reason}\""),
             ],
         );
@@ -302,7 +302,7 @@ fn a_missing_secret_or_a_secret_ref_of_dotdot_stops_only_its_own_pipeline() {
     for name in ["missing", "dotdot"] {
         let n = agent.metric(
             "outrider_agent_pipelines_refused_total",
-            &[&format!("pipeline=\"test/{name}\""), "reason=\"secret\""],
+            &[&format!("pipeline=\"{name}\""), "reason=\"secret\""],
         );
         // counted at each retry (a Secret may be mounted later)
         assert!(
@@ -360,7 +360,7 @@ fn a_pipeline_whose_secret_is_mounted_later_starts_then_without_a_restart() {
     wait_for("the missing Secret reported", LONG, || {
         agent.metric(
             "outrider_agent_pipelines_refused_total",
-            &["pipeline=\"test/late\"", "reason=\"secret\""],
+            &["pipeline=\"late\"", "reason=\"secret\""],
         ) >= 1.0
     });
     assert_eq!(rx.record_count(), 0);

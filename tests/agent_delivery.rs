@@ -190,7 +190,7 @@ fn invalid_config_reload_keeps_the_old_pipeline_and_a_valid_one_is_swapped_in() 
     let config = dir.path().join("agent.yaml");
     let render = |filter: &str| {
         format!(
-            "pipelines:\n- namespace: test\n  name: reload\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    filters: [{{exclude: {{pattern: \"{filter}\"}}}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}}}\n",
+            "clusterPipelines:\n- name: reload\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    filters: [{{exclude: {{pattern: \"{filter}\"}}}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}}}\n",
             logs.display(),
             rx.url()
         )
@@ -349,7 +349,7 @@ fn config_reload_under_load_leaves_no_gap_and_no_duplicates() {
     let config = dir.path().join("agent.yaml");
     let render = |version: u32| {
         format!(
-            "pipelines:\n- namespace: test\n  name: load\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    fields: {{version: \"{version}\"}}\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxEvents: 500, maxWait: 50ms}}}}\n",
+            "clusterPipelines:\n- name: load\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    fields: {{version: \"{version}\"}}\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxEvents: 500, maxWait: 50ms}}}}\n",
             logs.display(),
             rx.url()
         )
@@ -516,7 +516,7 @@ fn switching_from_disk_to_memory_buffer_still_ships_the_spooled_records() {
     let config = dir.path().join("agent.yaml");
     let render = |buffer: &str| {
         format!(
-            "pipelines:\n- namespace: test\n  name: switch\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}, buffer: {{type: {buffer}}}}}\n",
+            "clusterPipelines:\n- name: switch\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}, buffer: {{type: {buffer}}}}}\n",
             logs.display(),
             rx.url()
         )
@@ -626,7 +626,7 @@ fn an_agent_started_before_its_config_exists_waits_then_ships_once_it_appears() 
     std::fs::write(
         &config,
         format!(
-            "pipelines:\n- namespace: test\n  name: late\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}}}\n",
+            "clusterPipelines:\n- name: late\n  spec:\n    inputs: [{{name: app, paths: [\"{}/*.log\"]}}]\n    outputs: [{{name: rx, http: {{url: \"{}/ingest\"}}}}]\n    delivery: {{batch: {{maxWait: 50ms}}}}\n",
             logs.display(),
             rx.url()
         ),

@@ -607,7 +607,7 @@ fn credentials_over_plain_http_are_refused_unless_the_output_allows_it() {
     assert!(
         agent.metric(
             "outrider_agent_pipelines_refused_total",
-            &["pipeline=\"test/clear\"", "reason=\"secret\""]
+            &["pipeline=\"clear\"", "reason=\"secret\""]
         ) >= 1.0
     );
     let log = agent.log_text();

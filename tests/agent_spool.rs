@@ -15,7 +15,7 @@ use receiver::Receiver;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// A pipeline `test/<name>` tailing `<dir>/logs/*.log` into the receiver, with a disk buffer.
+/// A pipeline `<name>` tailing `<dir>/logs/*.log` into the receiver, with a disk buffer.
 fn disk_pipeline(dir: &Path, name: &str, rx: &Receiver) -> PathBuf {
     let yaml = pipeline_yaml(
         name,
@@ -110,7 +110,7 @@ fn a_spool_with_a_flipped_byte_reports_and_skips_the_bad_frame_and_every_other_l
     assert_eq!(
         agent.metric(
             "outrider_agent_spool_bad_frames_total",
-            &["pipeline=\"test/flip\"", "reason=\"checksum\""]
+            &["pipeline=\"flip\"", "reason=\"checksum\""]
         ),
         1.0
     );

@@ -36,7 +36,7 @@ fn ship_with(dir: &Path, output: &str, args: &[&str]) -> Agent {
     agent
 }
 
-/// The LogPipeline `test/to-store` tailing `<dir>/logs/*.log` into `output`.
+/// The ClusterLogPipeline `to-store` tailing `<dir>/logs/*.log` into `output`.
 fn pipeline(dir: &Path, output: &str) -> String {
     pipeline_yaml(
         "to-store",
@@ -264,7 +264,7 @@ fn unreadable_ca_in_the_secret_refuses_its_pipeline_with_an_error_naming_the_out
             "node-v",
         ],
     );
-    let wanted = "test/to-store: spec.outputs[0].secretRef: Secret test/store-ca: ca.crt: holds no PEM certificate";
+    let wanted = "to-store: spec.outputs[0].secretRef: Secret test/store-ca: ca.crt: holds no PEM certificate";
     wait_for(
         "the refusal naming the output",
         Duration::from_secs(30),
@@ -273,7 +273,7 @@ fn unreadable_ca_in_the_secret_refuses_its_pipeline_with_an_error_naming_the_out
     wait_for("the refusal counted", Duration::from_secs(30), || {
         agent.metric(
             "outrider_agent_pipelines_refused_total",
-            &["pipeline=\"test/to-store\"", "reason=\"secret\""],
+            &["pipeline=\"to-store\"", "reason=\"secret\""],
         ) >= 1.0
     });
 }

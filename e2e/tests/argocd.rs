@@ -44,12 +44,13 @@ use serde_json::{Value, json};
 use crate::netns::NetnsHost;
 use crate::support::*;
 
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 6] = [
     "Inventory",
     "DeploymentPlan",
     "HealthCheck",
     "SecurityPolicy",
     "LogPipeline",
+    "ClusterLogPipeline",
 ];
 
 fn argocd_bin() -> PathBuf {
@@ -828,8 +829,8 @@ fn security_policy_cases() -> Vec<Case> {
     ]
 }
 
-fn log_pipeline_cases() -> Vec<Case> {
-    let k = "LogPipeline";
+/// A LogPipeline's or a ClusterLogPipeline's (`k`) statuses: the same status type.
+fn log_pipeline_cases(k: &'static str) -> Vec<Case> {
     let lp =
         |reason: &str, status: &str, message: &str, nodes: Option<NodeCounts>| LogPipelineStatus {
             observed_generation: Some(2),
@@ -983,7 +984,8 @@ fn argocd_health_checks_map_every_kind_status_to_its_health() {
         plan_cases(),
         health_check_cases(),
         security_policy_cases(),
-        log_pipeline_cases(),
+        log_pipeline_cases("LogPipeline"),
+        log_pipeline_cases("ClusterLogPipeline"),
     ]
     .into_iter()
     .flatten()
@@ -1183,9 +1185,8 @@ metadata:
   name: logs
   namespace: {ns}
 spec:
-  nodeSelector: {{matchLabels: {{kubernetes.io/os: linux}}}}
-  inputs:
-    - {{name: app, paths: ["/var/log/app/*.log"]}}
+  pods: {{selector: {{matchLabels: {{app: shop}}}}}}
+  parser: json
   fields: {{service: shop}}
   outputs:
     - {{name: out, http: {{url: "http://127.0.0.1:9/ingest"}}}}

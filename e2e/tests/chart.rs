@@ -199,7 +199,7 @@ async fn controller_works_under_the_chart_rbac(
         "apiVersion: outrider.dev/v1alpha1\nkind: DeploymentPlan\nmetadata: {{name: rollout, namespace: {watched}}}\nspec:\n  targets: {{inventoryRef: {{name: fleet}}}}\n  strategy: {{batchSize: 100%}}\n  stages:\n    - name: migrate\n      runOnce: true\n      timeout: 2m\n      job:\n        template: {{spec: {{containers: [{{name: m, image: example.com/migrate:42}}], restartPolicy: Never}}}}\n    - name: rollout\n      command: [\"true\"]\n      timeout: 60s\n"
     );
     let pipeline = format!(
-        "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: shop, namespace: {watched}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]}}\n  outputs:\n    - {{name: out, http: {{url: \"http://127.0.0.1:9/ingest\"}}}}\n"
+        "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: shop, namespace: {watched}}}\nspec:\n  pods: {{selector: {{matchLabels: {{app: shop}}}}}}\n  outputs:\n    - {{name: out, http: {{url: \"http://127.0.0.1:9/ingest\"}}}}\n"
     );
     let manifest = format!(
         "{}---\n{}---\n{plan}---\n{pipeline}",
@@ -761,7 +761,7 @@ fn chart_upgrades_from_the_previous_version_and_uninstall_leaves_only_the_crds()
         .iter()
         .filter_map(|r| r["chart"].as_str())
         .collect();
-    assert_eq!(charts, ["outrider-0.1.0", "outrider-0.2.0"], "{history}");
+    assert_eq!(charts, ["outrider-0.1.0", "outrider-0.3.0"], "{history}");
     assert!(
         !cluster_scoped_leftovers(&release).is_empty(),
         "the install has cluster-scoped objects to clean up (ClusterRole, PriorityClass)"

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::Api;
+use outrider::api::cluster_log_pipeline::ClusterLogPipeline;
 use outrider::api::deployment_plan::DeploymentPlan;
 use outrider::api::health_check::HealthCheck;
 use outrider::api::inventory::Inventory;
-use outrider::api::log_pipeline::LogPipeline;
 use outrider::api::security_policy::SecurityPolicy;
 
 use crate::support::*;
@@ -221,11 +221,13 @@ async fn demo_brings_every_kind_to_its_good_state_on_a_real_fleet_and_down_leave
         "SSH from db-1 to web-1 must be dropped"
     );
 
-    // LogPipeline: the one agent runs the rendered config, and the lines are in the store
-    let lp = Api::<LogPipeline>::namespaced(client.clone(), &ns)
-        .get("shop-logs")
+    // ClusterLogPipeline (the slot's own): the one agent runs the rendered config, and the
+    // lines are in the store
+    let clp_name = format!("shop-logs-{}", demo.slot);
+    let lp = Api::<ClusterLogPipeline>::all(client.clone())
+        .get(&clp_name)
         .await
-        .expect("LogPipeline shop-logs");
+        .expect("the slot's ClusterLogPipeline");
     let status = lp.status.expect("pipeline status");
     let nodes = status.nodes.expect("node counts");
     assert_eq!((nodes.desired, nodes.ready, nodes.updated), (1, 1, 1));
@@ -290,6 +292,14 @@ async fn demo_brings_every_kind_to_its_good_state_on_a_real_fleet_and_down_leave
         .filter(|n| n.starts_with(&format!("ordemo{}-", demo.slot)))
         .collect();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
+    let clp_left = Api::<ClusterLogPipeline>::all(client.clone())
+        .get_opt(&clp_name)
+        .await
+        .expect("read ClusterLogPipelines");
+    assert!(
+        clp_left.is_none_or(|c| c.metadata.deletion_timestamp.is_some()),
+        "the slot's ClusterLogPipeline is left"
+    );
     assert!(!crate::netns::link_exists(&format!("ordemo{}", demo.slot)));
     for (host, _) in HOSTS {
         assert!(!crate::netns::link_exists(&format!(

@@ -1075,7 +1075,7 @@ async fn agent_from_the_image_ships_a_file_into_victorialogs() {
         &config,
         "lp.yaml",
         &format!(
-            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: to-store, namespace: test}}\nspec:\n  inputs: [{{name: app, paths: [\"/var/log/app/*.log\"]}}]\n  outputs: [{{name: loki, loki: {{url: \"http://logs.outrider.test:{}/insert?_msg_field=message&_time_field=timestamp\", labels: {{service: \"{{{{service}}}}\", node: \"{{{{node}}}}\"}}}}}}]\n  fields: {{service: shop}}\n  delivery: {{batch: {{maxEvents: 100, maxWait: 200ms}}}}\n",
+            "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: to-store}}\nspec:\n  inputs: [{{name: app, paths: [\"/var/log/app/*.log\"]}}]\n  outputs: [{{name: loki, loki: {{url: \"http://logs.outrider.test:{}/insert?_msg_field=message&_time_field=timestamp\", labels: {{service: \"{{{{service}}}}\", node: \"{{{{node}}}}\"}}}}}}]\n  fields: {{service: shop}}\n  delivery: {{batch: {{maxEvents: 100, maxWait: 200ms}}}}\n",
             store.port
         ),
     );

@@ -1,19 +1,26 @@
-//! The LogPipeline controller against the real API server: the rendered agent ConfigMap,
-//! broken pipelines kept out of it and reported, and rollout counts from agent Pods (kwok
-//! runs them; the test annotates them with the config hash the way an agent reports it).
+//! The LogPipeline and ClusterLogPipeline controllers against the real API server: the
+//! rendered agent ConfigMap, broken pipelines kept out of it and reported, rollout counts
+//! from agent Pods (kwok runs them; real agents report the config hash they run), and a
+//! tenant's LogPipeline shipping only its own namespace's selected pods into a real store.
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
-use outrider::api::log_pipeline::LogPipeline;
+use outrider::api::cluster_log_pipeline::ClusterLogPipeline;
+use outrider::api::log_pipeline::{LogPipeline, LogPipelineStatus};
 
 use crate::support::*;
 
+#[path = "../../tests/support/victorialogs.rs"]
+mod victorialogs;
+
+/// A ClusterLogPipeline `<ns>-<name>`, labelled for the controller of namespace `ns` (its
+/// `--cluster-pipeline-selector`): cluster-scoped names are shared by every test.
 fn pipeline(name: &str, ns: &str, extra_input: &str, output: &str) -> String {
     format!(
-        "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeSelector: {{matchLabels: {{kubernetes.io/os: linux}}}}\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]{extra_input}}}\n  fields: {{service: shop}}\n  outputs:\n    - {output}\n"
+        "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: {ns}-{name}, labels: {{outrider.dev/e2e: {ns}}}}}\nspec:\n  nodeSelector: {{matchLabels: {{kubernetes.io/os: linux}}}}\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]{extra_input}}}\n  fields: {{service: shop}}\n  outputs:\n    - {output}\n"
     )
 }
 
@@ -23,17 +30,20 @@ fn agent_pod(name: &str, ns: &str, node: &str) -> String {
     )
 }
 
-fn ready(lp: &LogPipeline) -> Option<(String, String, String)> {
-    let c = lp
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")?;
+fn ready_of(status: Option<&LogPipelineStatus>) -> Option<(String, String, String)> {
+    let c = status?.conditions.iter().find(|c| c.type_ == "Ready")?;
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-async fn wait_reason(api: &Api<LogPipeline>, name: &str, reason: &str) -> LogPipeline {
+fn ready(lp: &ClusterLogPipeline) -> Option<(String, String, String)> {
+    ready_of(lp.status.as_ref())
+}
+
+async fn wait_reason(
+    api: &Api<ClusterLogPipeline>,
+    name: &str,
+    reason: &str,
+) -> ClusterLogPipeline {
     eventually(
         Duration::from_secs(60),
         &format!("{name} Ready reason {reason}"),
@@ -49,9 +59,16 @@ async fn wait_reason(api: &Api<LogPipeline>, name: &str, reason: &str) -> LogPip
 async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     let kc = kubeconfig();
     let ns = namespace("lp-render");
-    let _controller = ControllerProcess::start(&ns, "outrider", "solo", &[]);
+    let selector = format!("outrider.dev/e2e={ns}");
+    let _controller = ControllerProcess::start(
+        &ns,
+        "outrider",
+        "solo",
+        &["--cluster-pipeline-selector", &selector],
+    );
     let client = client().await;
-    let api: Api<LogPipeline> = Api::namespaced(client.clone(), &ns);
+    let api: Api<ClusterLogPipeline> = Api::all(client.clone());
+    let name = |n: &str| format!("{ns}-{n}");
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
 
     apply(
@@ -88,7 +105,7 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     apply(
         &kc,
         &format!(
-            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: escape, namespace: {ns}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\", \"/etc/shadow\"]}}\n  outputs:\n    - {{name: out, stdout: {{}}}}\n"
+            "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: {ns}-escape, labels: {{outrider.dev/e2e: {ns}}}}}\nspec:\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\", \"/etc/shadow\"]}}\n  outputs:\n    - {{name: out, stdout: {{}}}}\n"
         ),
     );
     apply(
@@ -101,21 +118,21 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         ),
     );
 
-    let lp = wait_reason(&api, "shop", "NoAgents").await;
-    for (name, field) in [
+    let lp = wait_reason(&api, &name("shop"), "NoAgents").await;
+    for (n, field) in [
         ("escape", "spec.inputs[0].paths[1]"),
         ("fileout", "spec.outputs[0].file.path"),
     ] {
-        let refused = wait_reason(&api, name, "PathNotAllowed").await;
+        let refused = wait_reason(&api, &name(n), "PathNotAllowed").await;
         let message = ready(&refused).expect("Ready").2;
-        assert!(message.contains(field), "{name}: {message}");
+        assert!(message.contains(field), "{n}: {message}");
     }
     let hash = lp
         .status
         .as_ref()
         .and_then(|s| s.config_hash.clone())
         .expect("configHash");
-    let broken = wait_reason(&api, "broken", "InvalidSpec").await;
+    let broken = wait_reason(&api, &name("broken"), "InvalidSpec").await;
     let message = ready(&broken).expect("Ready").2;
     assert!(
         message.contains("spec.inputs[0].multiline.startPattern"),
@@ -128,7 +145,7 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
             .and_then(|s| s.config_hash.clone())
             .is_none()
     );
-    let nosecret = wait_reason(&api, "nosecret", "SecretNotFound").await;
+    let nosecret = wait_reason(&api, &name("nosecret"), "SecretNotFound").await;
     let message = ready(&nosecret).expect("Ready").2;
     assert!(
         message.contains("es-creds") && message.contains("spec.outputs[es].secretRef"),
@@ -150,13 +167,13 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     let file: outrider::agent::config::AgentConfigFile =
         serde_yaml::from_str(&text).expect("agent.yaml parses");
     let names: Vec<String> = file
-        .pipelines
+        .cluster_pipelines
         .iter()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .map(|p| p.name.clone())
         .collect();
     assert_eq!(
         names,
-        vec![format!("{ns}/shop")],
+        vec![name("shop")],
         "only the valid pipeline is rendered"
     );
 
@@ -167,7 +184,7 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         Duration::from_secs(60),
         "2 ready agents, 0 updated",
         || async {
-            let lp = api.get_opt("shop").await.ok().flatten()?;
+            let lp = api.get_opt(&name("shop")).await.ok().flatten()?;
             let n = lp.status.as_ref()?.nodes?;
             (n.desired == 2 && n.ready == 2).then_some(lp)
         },
@@ -184,22 +201,22 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         .iter()
         .map(|pod| AgentProcess::start(&kc, &ns, pod, &config, dir.path()))
         .collect();
-    let lp = wait_reason(&api, "shop", "AllNodesShipping").await;
+    let lp = wait_reason(&api, &name("shop"), "AllNodesShipping").await;
     let nodes = lp.status.as_ref().and_then(|s| s.nodes).expect("nodes");
     assert_eq!((nodes.desired, nodes.ready, nodes.updated), (2, 2, 2));
     assert_eq!(ready(&lp).map(|r| r.0), Some("True".into()));
 
     // deleting the pipeline takes it out of the agent config
-    api.delete("shop", &DeleteParams::default())
-        .await
-        .expect("delete");
+    for n in ["shop", "broken", "nosecret", "escape", "fileout"] {
+        let _ = api.delete(&name(n), &DeleteParams::default()).await;
+    }
     eventually(
         Duration::from_secs(30),
         "shop to leave agent.yaml",
         || async {
             let cm = maps.get_opt("outrider-agent").await.ok().flatten()?;
             let text = cm.data?.remove("agent.yaml")?;
-            (!text.contains("name: shop")).then_some(())
+            (!text.contains(&name("shop"))).then_some(())
         },
     )
     .await;
@@ -242,4 +259,143 @@ impl Drop for AgentProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `<root>/<ns>_<pod>_<uid>/app/0.log` of a pod: `n` CRI lines whose JSON message names the
+/// namespace and pod it came from.
+fn write_pod_log(root: &std::path::Path, ns: &str, pod: &Pod, n: usize) {
+    let name = pod.name_any();
+    let uid = pod.uid().expect("pod uid");
+    let dir = root.join(format!("{ns}_{name}_{uid}")).join("app");
+    std::fs::create_dir_all(&dir).expect("pod log dir");
+    let text: String = (0..n)
+        .map(|i| {
+            format!(
+                "2026-12-07T10:00:00.{i:09}Z stdout F {{\"msg\":\"{ns}/{name} line {i}\",\"level\":\"info\"}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("0.log"), text).expect("write pod log");
+}
+
+fn kwok_pod(name: &str, ns: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\nspec:\n  nodeName: kwok-node-0\n  containers: [{{name: app, image: example.com/shop:1}}]\n"
+    )
+}
+
+/// A tenant's LogPipeline in namespace `a` selecting `app=shop`: the controller renders only
+/// `a`'s matching pod, and a real agent reading a pod log root that also holds `a`'s other
+/// pod and `b`'s pod of the same name and labels ships exactly the selected pod's lines into
+/// VictoriaLogs, read back — `b`'s never.
+#[tokio::test]
+async fn a_tenant_pipeline_ships_only_its_own_namespaces_selected_pods_into_the_store() {
+    let kc = kubeconfig();
+    let a = namespace("lp-tenant-a");
+    let b = namespace("lp-tenant-b");
+    let _controller = ControllerProcess::start(&a, "outrider", "solo", &[]);
+    let store = victorialogs::VictoriaLogs::start();
+    let client = client().await;
+
+    // the same pod name and labels in both namespaces, and an unselected pod in `a`
+    apply(&kc, &kwok_pod("shop-1", &a, "shop"));
+    apply(&kc, &kwok_pod("web-1", &a, "web"));
+    apply(&kc, &kwok_pod("shop-1", &b, "shop"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let pods_root = root.path().join("pods");
+    const LINES: usize = 50;
+    for (ns, pod) in [(&a, "shop-1"), (&a, "web-1"), (&b, "shop-1")] {
+        let p = Api::<Pod>::namespaced(client.clone(), ns)
+            .get(pod)
+            .await
+            .expect("pod");
+        write_pod_log(&pods_root, ns, &p, LINES);
+    }
+
+    apply(
+        &kc,
+        &format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: shop, namespace: {a}}}\nspec:\n  pods: {{selector: {{matchLabels: {{app: shop}}}}, containers: [app]}}\n  parser: json\n  fields: {{tenant: {a}}}\n  outputs:\n    - {{name: store, loki: {{url: \"http://127.0.0.1:{}/insert?_msg_field=message&_time_field=timestamp\", labels: {{namespace: \"{{{{namespace}}}}\"}}}}}}\n  delivery: {{batch: {{maxEvents: 100, maxWait: 200ms}}}}\n",
+            store.port
+        ),
+    );
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &a);
+    let text = eventually(
+        Duration::from_secs(60),
+        "agent.yaml with a's selected pod",
+        || async {
+            let cm = maps.get_opt("outrider-agent").await.ok().flatten()?;
+            let text = cm.data?.remove("agent.yaml")?;
+            text.contains("shop-1").then_some(text)
+        },
+    )
+    .await;
+    let file: outrider::agent::config::AgentConfigFile =
+        serde_yaml::from_str(&text).expect("agent.yaml parses");
+    let pods: Vec<(String, Vec<String>)> = file
+        .pipelines
+        .iter()
+        .map(|p| {
+            (
+                format!("{}/{}", p.namespace, p.name),
+                p.pods.iter().map(|x| x.name.clone()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(pods, [(format!("{a}/shop"), vec!["shop-1".to_string()])]);
+
+    let config = root.path().join("agent.yaml");
+    std::fs::write(&config, &text).expect("write agent.yaml");
+    let log = std::fs::File::create(root.path().join("agent.log")).expect("agent log");
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(root.path().join("state"))
+        .arg("--pod-log-root")
+        .arg(&pods_root)
+        .arg("--allowed-root")
+        .arg(root.path())
+        .args([
+            "--node-name",
+            "kwok-node-0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--scan-interval", "200ms", "--poll-interval", "50ms"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start outrider agent");
+
+    let rows = store
+        .wait_for_count(
+            &format!("tenant:{a}"),
+            LINES as u64,
+            Duration::from_secs(60),
+        )
+        .await;
+    // give stray lines (which must not exist) time to arrive, then count everything
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.flush().await;
+    let all = store.count("*").await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        all,
+        LINES as u64,
+        "only a/shop-1's lines; agent log:\n{}",
+        std::fs::read_to_string(root.path().join("agent.log")).unwrap_or_default()
+    );
+    for r in &rows {
+        let msg = r["message"].as_str().unwrap_or_default();
+        assert!(msg.starts_with(&format!("{a}/shop-1 line ")), "{r}");
+        assert_eq!(r["namespace"], a.as_str(), "{r}");
+        assert_eq!(r["pod"], "shop-1", "{r}");
+        assert_eq!(r["container"], "app", "{r}");
+    }
+    let _ = Api::<LogPipeline>::namespaced(client.clone(), &a)
+        .delete("shop", &DeleteParams::default())
+        .await;
 }

@@ -1,7 +1,9 @@
-//! The agent's configuration: a list of pipelines (`namespace/name` + [`LogPipelineSpec`]),
-//! read from the controller-rendered `agent.yaml` or from LogPipeline manifests, and
-//! validated into a [`Pipeline`] that cannot fail later (regexes compiled, URLs parsed,
-//! durations and sizes converted). An invalid config never half-starts.
+//! The agent's configuration: tenants' pipelines (`namespace/name` + [`LogPipelineSpec`] +
+//! the pods the controller found for its selector) and admins' cluster pipelines (`name` +
+//! [`ClusterLogPipelineSpec`]), read from the controller-rendered `agent.yaml` or from
+//! manifests, and validated into a [`Pipeline`] that cannot fail later (regexes compiled, URLs
+//! parsed, durations and sizes converted, a tenant's paths derived here and nowhere else). An
+//! invalid config never half-starts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,26 +12,81 @@ use std::time::Duration;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::api::log_pipeline::{
-    BufferType, Filter, LogPipeline, LogPipelineSpec, LokiEncoding, Output, Parser,
+use crate::api::cluster_log_pipeline::{
+    ClusterLogPipeline, ClusterLogPipelineSpec, Input, Output, Parser,
 };
+use crate::api::common::is_dns1123_subdomain;
+use crate::api::log_pipeline::{
+    BufferType, Delivery, Filter, LogPipeline, LogPipelineSpec, LokiEncoding, Multiline, PodParser,
+    SecretRef,
+};
+
+/// Where the kubelet keeps container logs: `<root>/<ns>_<pod>_<uid>/<container>/<n>.log`.
+pub const POD_LOG_ROOT: &str = "/var/log/pods";
 
 /// What the controller renders into the `outrider-agent` ConfigMap (key `agent.yaml`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentConfigFile {
-    /// Every pipeline this agent runs.
-    #[serde(default)]
+    /// Every tenant pipeline (LogPipeline) this agent runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pipelines: Vec<PipelineEntry>,
+    /// Every admin pipeline (ClusterLogPipeline) this agent runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_pipelines: Vec<ClusterPipelineEntry>,
 }
 
-/// One LogPipeline as the agent sees it.
+/// One LogPipeline as the agent sees it: the spec and the pods its selector matched.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineEntry {
     pub namespace: String,
     pub name: String,
     pub spec: LogPipelineSpec,
+    /// The selected pods of `namespace` (the controller resolves the selector: the agent
+    /// reads no Kubernetes API).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodLogs>,
+}
+
+/// A pod whose container logs a tenant pipeline ships.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodLogs {
+    pub name: String,
+    pub uid: String,
+}
+
+/// One ClusterLogPipeline as the agent sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterPipelineEntry {
+    pub name: String,
+    pub spec: ClusterLogPipelineSpec,
+}
+
+/// Where a validated pipeline came from; a pipeline restarts only when this changes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    Pods(PipelineEntry),
+    Node(ClusterPipelineEntry),
+}
+
+/// Settings of the agent (not of any pipeline) that validation needs.
+#[derive(Clone, Debug)]
+pub struct Sources {
+    /// Where the kubelet keeps pod logs ([`POD_LOG_ROOT`] on a node).
+    pub pod_log_root: PathBuf,
+    /// Namespace of a ClusterLogPipeline `secretRef` that names none: the operator's.
+    pub default_secret_namespace: String,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Self {
+            pod_log_root: PathBuf::from(POD_LOG_ROOT),
+            default_secret_namespace: "default".into(),
+        }
+    }
 }
 
 /// A configuration problem, naming the pipeline and the field so the user can fix it.
@@ -59,9 +116,9 @@ pub enum ConfigError {
 /// A validated pipeline, ready to run.
 #[derive(Clone, Debug)]
 pub struct Pipeline {
-    /// `namespace/name`.
+    /// `namespace/name` of a LogPipeline, `name` of a ClusterLogPipeline (names hold no `/`).
     pub key: String,
-    pub spec: LogPipelineSpec,
+    pub source: Source,
     pub inputs: Vec<InputConfig>,
     pub fields: BTreeMap<String, String>,
     pub filters: Vec<FilterConfig>,
@@ -72,6 +129,13 @@ pub struct Pipeline {
     pub disk_buffer: bool,
 }
 
+impl Pipeline {
+    /// A tenant's LogPipeline (as opposed to an admin's ClusterLogPipeline).
+    pub fn is_tenant(&self) -> bool {
+        matches!(self.source, Source::Pods(_))
+    }
+}
+
 /// A validated input.
 #[derive(Clone, Debug)]
 pub struct InputConfig {
@@ -79,7 +143,12 @@ pub struct InputConfig {
     pub paths: Vec<String>,
     pub exclude: Vec<glob::Pattern>,
     pub multiline: Option<MultilineConfig>,
+    /// Lines are in the container runtime's (CRI) format: the framing is removed and partial
+    /// lines joined before `parser` sees the content.
+    pub cri: bool,
     pub parser: ParserConfig,
+    /// `<pod log root>/`: files beneath it get `namespace`, `pod` and `container` fields.
+    pub pod_root: String,
 }
 
 /// Multiline joining with a compiled start pattern.
@@ -95,7 +164,6 @@ pub enum ParserConfig {
     None,
     Json,
     Regex(Regex),
-    Cri,
 }
 
 /// A compiled filter.
@@ -116,6 +184,19 @@ pub struct OutputConfig {
     pub insecure_http_credentials: bool,
 }
 
+/// A Secret as the agent finds it: `<secret dir>/<namespace>/<name>/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for SecretName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Where an output ships to; URLs are parsed.
 #[derive(Clone, Debug)]
 pub enum OutputKind {
@@ -124,16 +205,16 @@ pub enum OutputKind {
         labels: BTreeMap<String, String>,
         tenant_id: Option<String>,
         encoding: LokiEncoding,
-        secret: Option<String>,
+        secret: Option<SecretName>,
     },
     Elasticsearch {
         url: reqwest::Url,
         index: String,
-        secret: Option<String>,
+        secret: Option<SecretName>,
     },
     Http {
         url: reqwest::Url,
-        secret: Option<String>,
+        secret: Option<SecretName>,
     },
     File {
         path: PathBuf,
@@ -150,7 +231,7 @@ pub struct BatchConfig {
 }
 
 /// Loads `agent.yaml` and validates every pipeline in it.
-pub fn load_agent_file(path: &Path) -> Result<Vec<Pipeline>, ConfigError> {
+pub fn load_agent_file(path: &Path, sources: &Sources) -> Result<Vec<Pipeline>, ConfigError> {
     let text = read(path)?;
     let file: AgentConfigFile =
         serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
@@ -158,42 +239,48 @@ pub fn load_agent_file(path: &Path) -> Result<Vec<Pipeline>, ConfigError> {
             what: "the agent configuration",
             source,
         })?;
-    validate_all(file.pipelines)
+    validate_all(file, sources)
 }
 
-/// Loads LogPipeline manifests (one or more YAML documents per file) and validates them.
-pub fn load_manifests(paths: &[PathBuf]) -> Result<Vec<Pipeline>, ConfigError> {
-    let mut entries = Vec::new();
+/// Loads LogPipeline and ClusterLogPipeline manifests (one or more YAML documents per file)
+/// and validates them. A LogPipeline given this way selects no pods (there is no API to
+/// resolve its selector), so it reads nothing; it is accepted to check its spec.
+pub fn load_manifests(paths: &[PathBuf], sources: &Sources) -> Result<Vec<Pipeline>, ConfigError> {
+    let mut file = AgentConfigFile::default();
     for path in paths {
         let text = read(path)?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value =
-                serde_yaml::Value::deserialize(doc).map_err(|source| ConfigError::Yaml {
-                    path: path.clone(),
-                    what: "a LogPipeline",
-                    source,
-                })?;
+            let yaml = |source| ConfigError::Yaml {
+                path: path.clone(),
+                what: "a LogPipeline or ClusterLogPipeline",
+                source,
+            };
+            let value = serde_yaml::Value::deserialize(doc).map_err(yaml)?;
             if value.is_null() {
                 continue;
             }
-            let lp: LogPipeline =
-                serde_yaml::from_value(value).map_err(|source| ConfigError::Yaml {
-                    path: path.clone(),
-                    what: "a LogPipeline",
-                    source,
-                })?;
-            entries.push(PipelineEntry {
-                namespace: lp
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                name: lp.metadata.name.clone().unwrap_or_default(),
-                spec: lp.spec,
-            });
+            if value.get("kind").and_then(|k| k.as_str()) == Some("ClusterLogPipeline") {
+                let clp: ClusterLogPipeline = serde_yaml::from_value(value).map_err(yaml)?;
+                file.cluster_pipelines.push(ClusterPipelineEntry {
+                    name: clp.metadata.name.clone().unwrap_or_default(),
+                    spec: clp.spec,
+                });
+            } else {
+                let lp: LogPipeline = serde_yaml::from_value(value).map_err(yaml)?;
+                file.pipelines.push(PipelineEntry {
+                    namespace: lp
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    name: lp.metadata.name.clone().unwrap_or_default(),
+                    spec: lp.spec,
+                    pods: Vec::new(),
+                });
+            }
         }
     }
-    validate_all(entries)
+    validate_all(file, sources)
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -204,10 +291,18 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Validates every entry; the first problem wins (and names its pipeline and field).
-pub fn validate_all(entries: Vec<PipelineEntry>) -> Result<Vec<Pipeline>, ConfigError> {
-    let mut out: Vec<Pipeline> = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let p = validate(entry)?;
+pub fn validate_all(
+    file: AgentConfigFile,
+    sources: &Sources,
+) -> Result<Vec<Pipeline>, ConfigError> {
+    let tenants = file.pipelines.into_iter().map(|e| validate(e, sources));
+    let admins = file
+        .cluster_pipelines
+        .into_iter()
+        .map(|e| validate_cluster(e, sources));
+    let mut out: Vec<Pipeline> = Vec::new();
+    for p in tenants.chain(admins) {
+        let p = p?;
         if out.iter().any(|o| o.key == p.key) {
             return Err(ConfigError::Duplicate(p.key));
         }
@@ -216,134 +311,335 @@ pub fn validate_all(entries: Vec<PipelineEntry>) -> Result<Vec<Pipeline>, Config
     Ok(out)
 }
 
-/// Validates one pipeline: what the CRD schema cannot check (regexes compile, URLs parse,
-/// names are unique) is checked here, because `--pipeline` files never met an API server.
-pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
+/// A problem as `(field, message)`, named in full by the caller.
+type Bad = (String, String);
+
+/// Validates a tenant's LogPipeline: its one input is derived here from the pods the
+/// controller resolved, always beneath `<pod log root>/<its namespace>_<pod>_<uid>/`, every
+/// name checked so none can reach a path join as `..` or a glob.
+pub fn validate(entry: PipelineEntry, sources: &Sources) -> Result<Pipeline, ConfigError> {
     let key = format!("{}/{}", entry.namespace, entry.name);
-    let bad = |field: String, message: String| ConfigError::Invalid {
+    let named = |(field, message): Bad| ConfigError::Invalid {
         pipeline: key.clone(),
         field,
         message,
     };
     if entry.name.is_empty() {
-        return Err(bad("metadata.name".into(), "must be set".into()));
+        return Err(named(("metadata.name".into(), "must be set".into())));
     }
-    let spec = entry.spec;
+    if !is_dns1123_label(&entry.namespace) {
+        return Err(named((
+            "metadata.namespace".into(),
+            format!("{:?} is not a namespace name", entry.namespace),
+        )));
+    }
+    let spec = &entry.spec;
+    let paths = pod_paths(&entry, &sources.pod_log_root).map_err(named)?;
+    let parser = parser_config(
+        match spec.parser {
+            PodParser::None => Parser::None,
+            PodParser::Json => Parser::Json,
+            PodParser::Regex => Parser::Regex,
+        },
+        spec.pattern.as_deref(),
+        "spec.pattern",
+    )
+    .map_err(named)?;
+    let input = InputConfig {
+        name: "pods".into(),
+        paths,
+        exclude: Vec::new(),
+        multiline: multiline_config(spec.multiline.as_ref(), "spec.multiline").map_err(named)?,
+        cri: true,
+        parser,
+        pod_root: pod_root(&sources.pod_log_root),
+    };
+    let own = |r: Option<&SecretRef>, at: &str| -> Result<Option<SecretName>, Bad> {
+        let Some(r) = r else { return Ok(None) };
+        match &r.namespace {
+            Some(ns) if *ns != entry.namespace => Err((
+                format!("{at}.secretRef.namespace"),
+                "a LogPipeline reads Secrets of its own namespace only".into(),
+            )),
+            _ => Ok(Some(secret_name(r, &entry.namespace))),
+        }
+    };
+    let mut outputs = Vec::new();
+    for (i, o) in spec.outputs.iter().enumerate() {
+        let at = format!("spec.outputs[{i}]");
+        let as_output = Output {
+            name: o.name.clone(),
+            loki: o.loki.clone(),
+            elasticsearch: o.elasticsearch.clone(),
+            http: o.http.clone(),
+            file: None,
+            stdout: None,
+        };
+        let secret = own(o.secret_ref(), &at).map_err(named)?;
+        outputs.push(output_config(&as_output, &at, &outputs, secret).map_err(named)?);
+    }
+    let common = common(&spec.fields, &spec.filters, outputs, &spec.delivery).map_err(named)?;
+    Ok(common.into_pipeline(key, Source::Pods(entry), vec![input]))
+}
+
+/// Validates an admin's ClusterLogPipeline: what the CRD schema cannot check (regexes
+/// compile, URLs parse, names are unique) is checked here, because manifests given with
+/// `--pipeline` never met an API server. Where its paths may point is the confinement's
+/// business ([`super::confine::check_pipeline`]).
+pub fn validate_cluster(
+    entry: ClusterPipelineEntry,
+    sources: &Sources,
+) -> Result<Pipeline, ConfigError> {
+    let key = entry.name.clone();
+    let named = |(field, message): Bad| ConfigError::Invalid {
+        pipeline: key.clone(),
+        field,
+        message,
+    };
+    if !is_dns1123_subdomain(&entry.name) {
+        return Err(named((
+            "metadata.name".into(),
+            format!("{:?} is not a DNS-1123 subdomain", entry.name),
+        )));
+    }
+    let spec = &entry.spec;
     if spec.inputs.is_empty() {
-        return Err(bad("spec.inputs".into(), "at least one input".into()));
+        return Err(named(("spec.inputs".into(), "at least one input".into())));
     }
-    if spec.outputs.is_empty() {
-        return Err(bad("spec.outputs".into(), "at least one output".into()));
-    }
-    let mut inputs = Vec::new();
+    let mut inputs: Vec<InputConfig> = Vec::new();
     for (i, input) in spec.inputs.iter().enumerate() {
         let at = format!("spec.inputs[{i}]");
-        if inputs.iter().any(|x: &InputConfig| x.name == input.name) {
-            return Err(bad(
+        if inputs.iter().any(|x| x.name == input.name) {
+            return Err(named((
                 format!("{at}.name"),
                 format!("duplicate name {:?}", input.name),
+            )));
+        }
+        inputs.push(input_config(input, &at, &sources.pod_log_root).map_err(named)?);
+    }
+    let mut outputs = Vec::new();
+    for (i, o) in spec.outputs.iter().enumerate() {
+        let at = format!("spec.outputs[{i}]");
+        let secret = o.secret_ref().map(|r| {
+            let ns = r
+                .namespace
+                .as_deref()
+                .unwrap_or(&sources.default_secret_namespace);
+            secret_name(r, ns)
+        });
+        outputs.push(output_config(o, &at, &outputs, secret).map_err(named)?);
+    }
+    let common = common(&spec.fields, &spec.filters, outputs, &spec.delivery).map_err(named)?;
+    Ok(common.into_pipeline(key, Source::Node(entry), inputs))
+}
+
+/// The globs of a tenant's pods: `<root>/<ns>_<pod>_<uid>/<container or *>/*.log`.
+fn pod_paths(entry: &PipelineEntry, root: &Path) -> Result<Vec<String>, Bad> {
+    for (j, c) in entry.spec.pods.containers.iter().enumerate() {
+        if !is_dns1123_label(c) {
+            return Err((
+                format!("spec.pods.containers[{j}]"),
+                format!("{c:?} is not a container name"),
             ));
         }
-        if input.paths.is_empty() {
-            return Err(bad(format!("{at}.paths"), "at least one path".into()));
-        }
-        for (j, p) in input.paths.iter().enumerate() {
-            if !p.starts_with('/') {
-                return Err(bad(format!("{at}.paths[{j}]"), "must be absolute".into()));
-            }
-            glob::Pattern::new(p)
-                .map_err(|e| bad(format!("{at}.paths[{j}]"), format!("bad glob: {e}")))?;
-        }
-        let exclude = input
-            .exclude
-            .iter()
-            .enumerate()
-            .map(|(j, p)| {
-                glob::Pattern::new(p)
-                    .map_err(|e| bad(format!("{at}.exclude[{j}]"), format!("bad glob: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let multiline = match &input.multiline {
-            None => None,
-            Some(m) => Some(MultilineConfig {
-                start: compile_regex(&m.start_pattern)
-                    .map_err(|e| bad(format!("{at}.multiline.startPattern"), e.to_string()))?,
-                flush_timeout: m
-                    .flush_timeout
-                    .to_std()
-                    .map_err(|e| bad(format!("{at}.multiline.flushTimeout"), e.to_string()))?,
-            }),
-        };
-        let parser = match (input.parser, &input.pattern) {
-            (Parser::Regex, Some(p)) => ParserConfig::Regex(
-                compile_regex(p).map_err(|e| bad(format!("{at}.pattern"), e.to_string()))?,
-            ),
-            (Parser::Regex, None) => {
-                return Err(bad(
-                    format!("{at}.pattern"),
-                    "required when parser is regex".into(),
-                ));
-            }
-            (_, Some(_)) => {
-                return Err(bad(
-                    format!("{at}.pattern"),
-                    "only used with parser regex".into(),
-                ));
-            }
-            (Parser::None, None) => ParserConfig::None,
-            (Parser::Json, None) => ParserConfig::Json,
-            (Parser::Cri, None) => ParserConfig::Cri,
-        };
-        inputs.push(InputConfig {
-            name: input.name.clone(),
-            paths: input.paths.clone(),
-            exclude,
-            multiline,
-            parser,
-        });
     }
-    let filters = spec
-        .filters
+    let containers: Vec<&str> = if entry.spec.pods.containers.is_empty() {
+        vec!["*"]
+    } else {
+        entry
+            .spec
+            .pods
+            .containers
+            .iter()
+            .map(String::as_str)
+            .collect()
+    };
+    let mut paths = Vec::new();
+    for (j, pod) in entry.pods.iter().enumerate() {
+        if !is_dns1123_subdomain(&pod.name) {
+            return Err((
+                format!("pods[{j}].name"),
+                format!("{:?} is not a pod name", pod.name),
+            ));
+        }
+        let uid_ok = !pod.uid.is_empty()
+            && pod.uid.len() <= 64
+            && pod
+                .uid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !uid_ok {
+            return Err((
+                format!("pods[{j}].uid"),
+                format!("{:?} is not a pod uid", pod.uid),
+            ));
+        }
+        for c in &containers {
+            let dir = root.join(format!("{}_{}_{}", entry.namespace, pod.name, pod.uid));
+            paths.push(format!("{}/{c}/*.log", dir.display()));
+        }
+    }
+    Ok(paths)
+}
+
+fn pod_root(root: &Path) -> String {
+    format!("{}/", root.display().to_string().trim_end_matches('/'))
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && !s.contains('.') && is_dns1123_subdomain(s)
+}
+
+fn input_config(input: &Input, at: &str, pod_log_root: &Path) -> Result<InputConfig, Bad> {
+    if input.paths.is_empty() {
+        return Err((format!("{at}.paths"), "at least one path".into()));
+    }
+    for (j, p) in input.paths.iter().enumerate() {
+        if !p.starts_with('/') {
+            return Err((format!("{at}.paths[{j}]"), "must be absolute".into()));
+        }
+        glob::Pattern::new(p)
+            .map_err(|e| (format!("{at}.paths[{j}]"), format!("bad glob: {e}")))?;
+    }
+    let exclude = input
+        .exclude
+        .iter()
+        .enumerate()
+        .map(|(j, p)| {
+            glob::Pattern::new(p)
+                .map_err(|e| (format!("{at}.exclude[{j}]"), format!("bad glob: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cri = input.parser == Parser::Cri;
+    let parser = parser_config(
+        input.parser,
+        input.pattern.as_deref(),
+        &format!("{at}.pattern"),
+    )?;
+    Ok(InputConfig {
+        name: input.name.clone(),
+        paths: input.paths.clone(),
+        exclude,
+        multiline: multiline_config(input.multiline.as_ref(), &format!("{at}.multiline"))?,
+        cri,
+        parser,
+        pod_root: pod_root(pod_log_root),
+    })
+}
+
+fn multiline_config(m: Option<&Multiline>, at: &str) -> Result<Option<MultilineConfig>, Bad> {
+    let Some(m) = m else { return Ok(None) };
+    Ok(Some(MultilineConfig {
+        start: compile_regex(&m.start_pattern)
+            .map_err(|e| (format!("{at}.startPattern"), e.to_string()))?,
+        flush_timeout: m
+            .flush_timeout
+            .to_std()
+            .map_err(|e| (format!("{at}.flushTimeout"), e.to_string()))?,
+    }))
+}
+
+/// `parser` (`cri` is framing, not a parser: [`InputConfig::cri`]) with `pattern` at `at`.
+fn parser_config(parser: Parser, pattern: Option<&str>, at: &str) -> Result<ParserConfig, Bad> {
+    Ok(match (parser, pattern) {
+        (Parser::Regex, Some(p)) => {
+            ParserConfig::Regex(compile_regex(p).map_err(|e| (at.to_string(), e.to_string()))?)
+        }
+        (Parser::Regex, None) => {
+            return Err((at.to_string(), "required when parser is regex".into()));
+        }
+        (_, Some(_)) => return Err((at.to_string(), "only used with parser regex".into())),
+        (Parser::None | Parser::Cri, None) => ParserConfig::None,
+        (Parser::Json, None) => ParserConfig::Json,
+    })
+}
+
+/// The Secret `r` in `namespace`. Its names are checked where they become path components
+/// ([`super::sink::SecretMaterial::read`]), so a bad one refuses only its own pipeline.
+fn secret_name(r: &SecretRef, namespace: &str) -> SecretName {
+    SecretName {
+        namespace: namespace.to_string(),
+        name: r.name.clone(),
+    }
+}
+
+fn output_config(
+    o: &Output,
+    at: &str,
+    before: &[OutputConfig],
+    secret: Option<SecretName>,
+) -> Result<OutputConfig, Bad> {
+    if before.iter().any(|x| x.name == o.name) {
+        return Err((format!("{at}.name"), format!("duplicate name {:?}", o.name)));
+    }
+    let kind = output_kind(o, secret).map_err(|(field, msg)| (format!("{at}{field}"), msg))?;
+    let insecure_http_credentials = o
+        .loki
+        .as_ref()
+        .map(|x| x.insecure_allow_http_credentials)
+        .or_else(|| {
+            o.elasticsearch
+                .as_ref()
+                .map(|x| x.insecure_allow_http_credentials)
+        })
+        .or_else(|| o.http.as_ref().map(|x| x.insecure_allow_http_credentials))
+        .unwrap_or(false);
+    Ok(OutputConfig {
+        name: o.name.clone(),
+        kind,
+        insecure_http_credentials,
+    })
+}
+
+/// What both kinds validate alike.
+struct Common {
+    fields: BTreeMap<String, String>,
+    filters: Vec<FilterConfig>,
+    outputs: Vec<OutputConfig>,
+    batch: BatchConfig,
+    buffer_bytes: usize,
+    disk_buffer: bool,
+}
+
+impl Common {
+    fn into_pipeline(self, key: String, source: Source, inputs: Vec<InputConfig>) -> Pipeline {
+        Pipeline {
+            key,
+            source,
+            inputs,
+            fields: self.fields,
+            filters: self.filters,
+            outputs: self.outputs,
+            batch: self.batch,
+            buffer_bytes: self.buffer_bytes,
+            disk_buffer: self.disk_buffer,
+        }
+    }
+}
+
+fn common(
+    fields: &BTreeMap<String, String>,
+    filters: &[Filter],
+    outputs: Vec<OutputConfig>,
+    delivery: &Delivery,
+) -> Result<Common, Bad> {
+    if outputs.is_empty() {
+        return Err(("spec.outputs".into(), "at least one output".into()));
+    }
+    let filters = filters
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            compile_filter(f).map_err(|(field, msg)| bad(format!("spec.filters[{i}]{field}"), msg))
+            compile_filter(f).map_err(|(field, msg)| (format!("spec.filters[{i}]{field}"), msg))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut outputs: Vec<OutputConfig> = Vec::new();
-    for (i, o) in spec.outputs.iter().enumerate() {
-        let at = format!("spec.outputs[{i}]");
-        if outputs.iter().any(|x| x.name == o.name) {
-            return Err(bad(
-                format!("{at}.name"),
-                format!("duplicate name {:?}", o.name),
-            ));
-        }
-        let kind = output_kind(o).map_err(|(field, msg)| bad(format!("{at}{field}"), msg))?;
-        let insecure_http_credentials = o
-            .loki
-            .as_ref()
-            .map(|x| x.insecure_allow_http_credentials)
-            .or_else(|| {
-                o.elasticsearch
-                    .as_ref()
-                    .map(|x| x.insecure_allow_http_credentials)
-            })
-            .or_else(|| o.http.as_ref().map(|x| x.insecure_allow_http_credentials))
-            .unwrap_or(false);
-        outputs.push(OutputConfig {
-            name: o.name.clone(),
-            kind,
-            insecure_http_credentials,
-        });
-    }
-    let b = &spec.delivery.batch;
+    let b = &delivery.batch;
     let batch = BatchConfig {
         max_events: (b.max_events as usize).max(1),
         max_bytes: parse_byte_size(&b.max_bytes)
             .ok_or_else(|| {
-                bad(
-                    "spec.delivery.batch.maxBytes".into(),
+                (
+                    "spec.delivery.batch.maxBytes".to_string(),
                     format!("bad size {:?}", b.max_bytes),
                 )
             })?
@@ -351,31 +647,28 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
         max_wait: b
             .max_wait
             .to_std()
-            .map_err(|e| bad("spec.delivery.batch.maxWait".into(), e.to_string()))?,
+            .map_err(|e| ("spec.delivery.batch.maxWait".to_string(), e.to_string()))?,
     };
-    let buf = &spec.delivery.buffer;
+    let buf = &delivery.buffer;
     let buffer_bytes = parse_byte_size(&buf.max_size).ok_or_else(|| {
-        bad(
-            "spec.delivery.buffer.maxSize".into(),
+        (
+            "spec.delivery.buffer.maxSize".to_string(),
             format!("bad size {:?}", buf.max_size),
         )
     })?;
     if buffer_bytes < batch.max_bytes {
-        return Err(bad(
+        return Err((
             "spec.delivery.buffer.maxSize".into(),
             "must be at least spec.delivery.batch.maxBytes".into(),
         ));
     }
-    Ok(Pipeline {
-        key,
-        fields: spec.fields.clone(),
-        inputs,
+    Ok(Common {
+        fields: fields.clone(),
         filters,
         outputs,
         batch,
         buffer_bytes,
         disk_buffer: buf.type_ == BufferType::Disk,
-        spec,
     })
 }
 
@@ -410,7 +703,7 @@ fn parse_url(s: &str, field: &str) -> Result<reqwest::Url, (String, String)> {
     Ok(url)
 }
 
-fn output_kind(o: &Output) -> Result<OutputKind, (String, String)> {
+fn output_kind(o: &Output, secret: Option<SecretName>) -> Result<OutputKind, Bad> {
     let set = [
         o.loki.is_some(),
         o.elasticsearch.is_some(),
@@ -437,20 +730,20 @@ fn output_kind(o: &Output) -> Result<OutputKind, (String, String)> {
             labels: l.labels.clone(),
             tenant_id: l.tenant_id.clone(),
             encoding: l.encoding,
-            secret: l.secret_ref.as_ref().map(|r| r.name.clone()),
+            secret,
         });
     }
     if let Some(e) = &o.elasticsearch {
         return Ok(OutputKind::Elasticsearch {
             url: parse_url(&e.url, ".elasticsearch.url")?,
             index: e.index.clone(),
-            secret: e.secret_ref.as_ref().map(|r| r.name.clone()),
+            secret,
         });
     }
     if let Some(h) = &o.http {
         return Ok(OutputKind::Http {
             url: parse_url(&h.url, ".http.url")?,
-            secret: h.secret_ref.as_ref().map(|r| r.name.clone()),
+            secret,
         });
     }
     if let Some(f) = &o.file {
@@ -513,12 +806,116 @@ pub fn parse_byte_size(s: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn entry(yaml: &str) -> PipelineEntry {
+    fn entry(yaml: &str) -> ClusterPipelineEntry {
+        ClusterPipelineEntry {
+            name: "shop".into(),
+            spec: serde_yaml::from_str(yaml).unwrap(),
+        }
+    }
+
+    fn validate(e: ClusterPipelineEntry) -> Result<Pipeline, ConfigError> {
+        validate_cluster(e, &Sources::default())
+    }
+
+    fn tenant(yaml: &str, pods: &[(&str, &str)]) -> PipelineEntry {
         PipelineEntry {
             namespace: "prod".into(),
             name: "shop".into(),
             spec: serde_yaml::from_str(yaml).unwrap(),
+            pods: pods
+                .iter()
+                .map(|(name, uid)| PodLogs {
+                    name: name.to_string(),
+                    uid: uid.to_string(),
+                })
+                .collect(),
         }
+    }
+
+    const TENANT: &str = r#"
+pods: {selector: {matchLabels: {app: shop}}, containers: [api]}
+parser: json
+outputs: [{name: out, http: {url: "http://127.0.0.1:9/ingest", secretRef: {name: creds}}}]
+"#;
+
+    #[test]
+    fn a_tenant_pipeline_reads_only_its_own_pods_directories_under_the_pod_root() {
+        let sources = Sources {
+            pod_log_root: PathBuf::from("/tmp/pods"),
+            ..Sources::default()
+        };
+        let p = super::validate(
+            tenant(TENANT, &[("shop-1", "u-1"), ("shop-2", "u-2")]),
+            &sources,
+        )
+        .unwrap();
+        assert_eq!(p.key, "prod/shop");
+        assert!(p.is_tenant());
+        let input = &p.inputs[0];
+        assert_eq!(
+            input.paths,
+            [
+                "/tmp/pods/prod_shop-1_u-1/api/*.log",
+                "/tmp/pods/prod_shop-2_u-2/api/*.log"
+            ]
+        );
+        assert!(input.cri && matches!(input.parser, ParserConfig::Json));
+        assert_eq!(input.pod_root, "/tmp/pods/");
+        let OutputKind::Http { secret, .. } = &p.outputs[0].kind else {
+            panic!("not http")
+        };
+        assert_eq!(
+            secret.as_ref().map(ToString::to_string).as_deref(),
+            Some("prod/creds")
+        );
+        // every container when none is named
+        let all = TENANT.replace(", containers: [api]", "");
+        let p = super::validate(tenant(&all, &[("shop-1", "u-1")]), &sources).unwrap();
+        assert_eq!(p.inputs[0].paths, ["/tmp/pods/prod_shop-1_u-1/*/*.log"]);
+    }
+
+    #[test]
+    fn a_tenant_pipeline_cannot_name_another_namespace_or_smuggle_a_path() {
+        let s = Sources::default();
+        let err = |yaml: &str, pods: &[(&str, &str)]| {
+            super::validate(tenant(yaml, pods), &s)
+                .unwrap_err()
+                .to_string()
+        };
+        let other = TENANT.replace("{name: creds}", "{name: creds, namespace: kube-system}");
+        assert!(
+            err(&other, &[]).contains("spec.outputs[0].secretRef.namespace"),
+            "{}",
+            err(&other, &[])
+        );
+        let e = err(TENANT, &[("../../etc", "u")]);
+        assert!(e.contains("pods[0].name"), "{e}");
+        let e = err(TENANT, &[("shop", "*")]);
+        assert!(e.contains("pods[0].uid"), "{e}");
+        let e = err(&TENANT.replace("[api]", "['*']"), &[("shop", "u")]);
+        assert!(e.contains("spec.pods.containers[0]"), "{e}");
+        let mut bad_ns = tenant(TENANT, &[]);
+        bad_ns.namespace = "a/b".into();
+        let e = super::validate(bad_ns, &s).unwrap_err().to_string();
+        assert!(e.contains("metadata.namespace"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_secret_ref_without_namespace_reads_the_default_namespace() {
+        let yaml = OK.replace(
+            r#"http: {url: "http://127.0.0.1:9/ingest"}"#,
+            r#"http: {url: "http://127.0.0.1:9/ingest", secretRef: {name: creds}}"#,
+        );
+        let s = Sources {
+            default_secret_namespace: "outrider".into(),
+            ..Sources::default()
+        };
+        let p = validate_cluster(entry(&yaml), &s).unwrap();
+        let OutputKind::Http { secret, .. } = &p.outputs[0].kind else {
+            panic!("not http")
+        };
+        assert_eq!(secret.as_ref().unwrap().to_string(), "outrider/creds");
+        assert!(!p.is_tenant());
     }
 
     const OK: &str = r#"
@@ -532,7 +929,7 @@ delivery: {batch: {maxEvents: 10, maxBytes: 64Ki, maxWait: 200ms}, buffer: {maxS
     #[test]
     fn valid_pipeline_compiles_sizes_and_durations() {
         let p = validate(entry(OK)).unwrap();
-        assert_eq!(p.key, "prod/shop");
+        assert_eq!(p.key, "shop");
         assert_eq!(p.batch.max_events, 10);
         assert_eq!(p.batch.max_bytes, 64 * 1024);
         assert_eq!(p.batch.max_wait, Duration::from_millis(200));
@@ -554,7 +951,7 @@ delivery: {batch: {maxEvents: 10, maxBytes: 64Ki, maxWait: 200ms}, buffer: {maxS
     fn invalid_filter_regex_names_pipeline_and_field() {
         let yaml = OK.replace("ERROR|WARN", "ERROR(");
         let err = validate(entry(&yaml)).unwrap_err().to_string();
-        assert!(err.contains("prod/shop"), "{err}");
+        assert!(err.contains("pipeline shop:"), "{err}");
         assert!(err.contains("spec.filters[0].include.pattern"), "{err}");
     }
 
@@ -589,7 +986,7 @@ delivery: {batch: {maxEvents: 10, maxBytes: 64Ki, maxWait: 200ms}, buffer: {maxS
             encoding(&loki(", encoding: protobuf")),
             LokiEncoding::Protobuf
         );
-        let err = serde_yaml::from_str::<LogPipelineSpec>(&loki(", encoding: thrift"))
+        let err = serde_yaml::from_str::<ClusterLogPipelineSpec>(&loki(", encoding: thrift"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("thrift"), "{err}");
@@ -610,13 +1007,28 @@ delivery: {batch: {maxEvents: 10, maxBytes: 64Ki, maxWait: 200ms}, buffer: {maxS
         let f = dir.path().join("lp.yaml");
         let doc = |name: &str| {
             format!(
-                "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n{}",
+                "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: {name}}}\nspec:\n{}",
                 OK.lines().map(|l| format!("  {l}\n")).collect::<String>()
             )
         };
-        std::fs::write(&f, format!("{}---\n{}", doc("a"), doc("b"))).unwrap();
-        let ps = load_manifests(&[f]).unwrap();
+        let tenant_doc = format!(
+            "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: t, namespace: ns}}\nspec:\n{}",
+            TENANT
+                .lines()
+                .map(|l| format!("  {l}\n"))
+                .collect::<String>()
+        );
+        std::fs::write(
+            &f,
+            format!("{}---\n{}---\n{tenant_doc}", doc("a"), doc("b")),
+        )
+        .unwrap();
+        let ps = load_manifests(&[f], &Sources::default()).unwrap();
         let keys: Vec<_> = ps.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["ns/a", "ns/b"]);
+        assert_eq!(keys, ["ns/t", "a", "b"]);
+        assert!(
+            ps[0].inputs[0].paths.is_empty(),
+            "no pods without a controller"
+        );
     }
 }

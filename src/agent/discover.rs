@@ -525,7 +525,9 @@ mod tests {
                 .map(|s| glob::Pattern::new(s).unwrap())
                 .collect(),
             multiline: None,
+            cri: false,
             parser: ParserConfig::None,
+            pod_root: "/var/log/pods/".into(),
         }
     }
 

@@ -25,10 +25,10 @@ const TIME_KEYS: [&str; 4] = ["timestamp", "@timestamp", "time", "ts"];
 const MESSAGE_KEYS: [&str; 2] = ["message", "msg"];
 
 /// Parses a (possibly multiline-joined) message. CRI decoding happens earlier, per line,
-/// in [`CriJoiner`]; here `Cri` only passes the already-decoded content through.
+/// in [`CriJoiner`]; the parser sees the decoded content.
 pub fn parse(parser: &ParserConfig, text: String) -> Parsed {
     match parser {
-        ParserConfig::None | ParserConfig::Cri => Parsed {
+        ParserConfig::None => Parsed {
             message: text,
             ..Parsed::default()
         },

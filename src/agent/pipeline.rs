@@ -309,7 +309,6 @@ fn build_outputs(
     metrics: &AgentMetrics,
 ) -> Result<Vec<Output>, AgentError> {
     let client = sink::http_client(env.request_timeout).map_err(AgentError::HttpClient)?;
-    let namespace = p.key.split('/').next().unwrap_or_default();
     let mut out = Vec::new();
     for (i, o) in p.outputs.iter().enumerate() {
         let secret = match &o.kind {
@@ -320,14 +319,14 @@ fn build_outputs(
         };
         let (output_client, auth) = match (&secret, &env.secret_dir) {
             (None, _) => (client.clone(), None),
-            (Some(name), Some(dir)) => {
+            (Some(secret), Some(dir)) => {
                 let bad = |e: sink::SecretError| AgentError::Secret {
                     pipeline: p.key.clone(),
                     field: format!("spec.outputs[{i}].secretRef"),
                     message: e.to_string(),
                 };
-                let m = SecretMaterial::read(dir, namespace, name).map_err(bad)?;
-                let secret = format!("{namespace}/{name}");
+                let m = SecretMaterial::read(dir, &secret.namespace, &secret.name).map_err(bad)?;
+                let secret = secret.to_string();
                 if m.auth.is_some() && !o.insecure_http_credentials && o.kind.is_plain_http() {
                     return Err(AgentError::Secret {
                         pipeline: p.key.clone(),
@@ -342,8 +341,8 @@ fn build_outputs(
                     .map_err(bad)?;
                 (own, m.auth)
             }
-            (Some(name), None) => {
-                tracing::warn!(pipeline = %p.key, output = %o.name, secret = %name, "no --secret-dir: sending without the Secret's credentials and CA");
+            (Some(secret), None) => {
+                tracing::warn!(pipeline = %p.key, output = %o.name, %secret, "no --secret-dir: sending without the Secret's credentials and CA");
                 (client.clone(), None)
             }
         };

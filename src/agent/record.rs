@@ -182,9 +182,9 @@ pub struct PodInfo {
     pub container: String,
 }
 
-/// Parses `/var/log/pods/<namespace>_<pod>_<uid>/<container>/<n>.log`.
-pub fn pod_from_path(path: &str) -> Option<PodInfo> {
-    let rest = path.strip_prefix("/var/log/pods/")?;
+/// Parses `<root>/<namespace>_<pod>_<uid>/<container>/<n>.log` (`root` ends in `/`).
+pub fn pod_from_path(path: &str, root: &str) -> Option<PodInfo> {
+    let rest = path.strip_prefix(root)?;
     let mut parts = rest.split('/');
     let dir = parts.next()?;
     let container = parts.next()?;
@@ -458,7 +458,11 @@ mod tests {
 
     #[test]
     fn pod_metadata_comes_from_kubelet_log_paths() {
-        let p = pod_from_path("/var/log/pods/prod_shop-7d9_1234-abcd/app/0.log").unwrap();
+        let p = pod_from_path(
+            "/var/log/pods/prod_shop-7d9_1234-abcd/app/0.log",
+            "/var/log/pods/",
+        )
+        .unwrap();
         assert_eq!(
             p,
             PodInfo {
@@ -467,8 +471,11 @@ mod tests {
                 container: "app".into()
             }
         );
-        assert_eq!(pod_from_path("/var/log/app/x.log"), None);
-        assert_eq!(pod_from_path("/var/log/pods/bad/app/0.log"), None);
+        assert_eq!(pod_from_path("/var/log/app/x.log", "/var/log/pods/"), None);
+        assert_eq!(
+            pod_from_path("/var/log/pods/bad/app/0.log", "/var/log/pods/"),
+            None
+        );
     }
 
     #[test]
@@ -528,7 +535,7 @@ mod tests {
             fields: Default::default(),
         };
         let path = "/var/log/pods/prod_shop-7d9_1234-abcd/app/0.log";
-        let fixed = FixedFields::new(&ctx, path, pod_from_path(path).as_ref());
+        let fixed = FixedFields::new(&ctx, path, pod_from_path(path, "/var/log/pods/").as_ref());
         let json = RecordParts {
             message: "plain",
             timestamp: "2026-11-28T09:00:00Z",

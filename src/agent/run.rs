@@ -26,10 +26,10 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
-    fn load(&self) -> Result<Vec<Pipeline>, config::ConfigError> {
+    fn load(&self, sources: &config::Sources) -> Result<Vec<Pipeline>, config::ConfigError> {
         match self {
-            ConfigSource::File(p) => config::load_agent_file(p),
-            ConfigSource::Manifests(ps) => config::load_manifests(ps),
+            ConfigSource::File(p) => config::load_agent_file(p, sources),
+            ConfigSource::Manifests(ps) => config::load_manifests(ps, sources),
         }
     }
 
@@ -47,6 +47,8 @@ impl ConfigSource {
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub source: ConfigSource,
+    /// The pod log root and default Secret namespace pipelines are validated against.
+    pub sources: config::Sources,
     pub env: AgentEnv,
     /// How often the configuration files are checked for changes.
     pub reload_interval: Duration,
@@ -90,7 +92,7 @@ pub async fn run(
         return Ok(());
     }
     let mut snapshot = opts.source.snapshot();
-    let pipelines = opts.source.load()?;
+    let pipelines = opts.source.load(&opts.sources)?;
     let mut running: BTreeMap<String, RunningPipeline> = BTreeMap::new();
     let mut failed = Failed::default();
     for p in pipelines {
@@ -119,7 +121,7 @@ pub async fn run(
             continue;
         }
         snapshot = now;
-        match opts.source.load() {
+        match opts.source.load(&opts.sources) {
             Ok(new) => {
                 failed = Failed::default();
                 running = swap(running, new, &opts, &metrics, &mut failed).await;
@@ -179,9 +181,11 @@ async fn swap(
         new.into_iter().map(|p| (p.key.clone(), p)).collect();
     let keys: Vec<String> = running.keys().cloned().collect();
     for key in keys {
-        let unchanged = wanted
-            .get(&key)
-            .is_some_and(|p| running.get(&key).is_some_and(|r| r.pipeline.spec == p.spec));
+        let unchanged = wanted.get(&key).is_some_and(|p| {
+            running
+                .get(&key)
+                .is_some_and(|r| r.pipeline.source == p.source)
+        });
         if let Some(r) = running.remove(&key) {
             if unchanged {
                 wanted.remove(&key);

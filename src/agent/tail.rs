@@ -375,14 +375,14 @@ impl Tailer {
             fixed: FixedFields::new(
                 &shared.ctx,
                 &o.path,
-                record::pod_from_path(&o.path).as_ref(),
+                record::pod_from_path(&o.path, &shared.input.pod_root).as_ref(),
             ),
             clock: (0, String::new()),
             fp: Arc::new(o.fingerprint.clone()),
             offset: o.offset,
             emitted: o.offset,
             splitter: LineSplitter::new(max),
-            cri: matches!(shared.input.parser, ParserConfig::Cri).then(|| CriJoiner::new(max)),
+            cri: shared.input.cri.then(|| CriJoiner::new(max)),
             multiline,
             block: BytesMut::new(),
             group: Vec::new(),
@@ -585,7 +585,7 @@ impl Tailer {
         };
         let no_fields = Map::new();
         let parsed = match &s.input.parser {
-            ParserConfig::None | ParserConfig::Cri => None,
+            ParserConfig::None => None,
             other => Some(parse::parse(other, text.clone().into_owned())),
         };
         if parsed.as_ref().is_some_and(|p| p.failed) {
@@ -665,7 +665,9 @@ mod tests {
                 start: Regex::new(p).unwrap(),
                 flush_timeout: Duration::from_millis(100),
             }),
+            cri: false,
             parser,
+            pod_root: "/var/log/pods/".into(),
         };
         let s = InputShared {
             pipeline: Arc::from("ns/p"),

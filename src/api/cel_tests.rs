@@ -110,9 +110,9 @@ const CEL_REJECTED: &[&str] = &[
     "44-healthcheck-process-name-and-pidfile",
     "50-securitypolicy-unknown-zone",
     "57-securitypolicy-ports-without-tcp-udp",
-    "70-logpipeline-output-two-sinks",
-    "71-logpipeline-regex-without-pattern",
-    "72-logpipeline-filter-include-and-exclude",
+    "70-clusterlogpipeline-output-two-sinks",
+    "71-clusterlogpipeline-regex-without-pattern",
+    "72-clusterlogpipeline-filter-include-and-exclude",
 ];
 
 #[test]
@@ -152,8 +152,14 @@ fn cross_field_rules_accept_and_reject_the_edge_cases() {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         object(
-            "LogPipeline",
+            "ClusterLogPipeline",
             json!({"inputs": [i], "outputs": [{"name": "o", "stdout": {}}]}),
+        )
+    };
+    let tenant = |output: Value| {
+        object(
+            "LogPipeline",
+            json!({"pods": {"selector": {"matchLabels": {"app": "shop"}}}, "outputs": [output]}),
         )
     };
     let cases: Vec<(Value, Option<&str>)> = vec![
@@ -203,7 +209,30 @@ fn cross_field_rules_accept_and_reject_the_edge_cases() {
             ),
             None,
         ),
-        // LogPipeline: `pattern` goes with `parser: regex` only.
+        // LogPipeline: one sink per output, Secrets of its own namespace only.
+        (
+            tenant(json!({"name": "o", "http": {"url": "https://rx", "secretRef": {"name": "c"}}})),
+            None,
+        ),
+        (
+            tenant(
+                json!({"name": "o", "http": {"url": "https://rx", "secretRef": {"name": "c", "namespace": "kube-system"}}}),
+            ),
+            Some("spec.outputs[0]"),
+        ),
+        (
+            tenant(json!({"name": "o", "file": {"path": "/var/log/x"}})),
+            Some("spec.outputs[0]"),
+        ),
+        (
+            object(
+                "LogPipeline",
+                json!({"pods": {"selector": {}}, "parser": "json", "pattern": "(?P<m>.*)",
+                    "outputs": [{"name": "o", "http": {"url": "https://rx"}}]}),
+            ),
+            Some("spec.pattern"),
+        ),
+        // ClusterLogPipeline: `pattern` goes with `parser: regex` only.
         (
             input(json!({"parser": "regex", "pattern": "(?P<msg>.*)"})),
             None,
@@ -485,15 +514,44 @@ fn inventory_durations_past_their_bounds_or_overflowing_are_rejected_at_the_fiel
 
 #[test]
 fn log_pipeline_durations_past_their_bounds_or_overflowing_are_rejected_at_the_field() {
-    let outputs = json!([{"name": "o", "stdout": {}}]);
+    let outputs = json!([{"name": "o", "http": {"url": "https://rx"}}]);
+    let pods = json!({"selector": {}});
     assert_duration_bounds(
         object(
             "LogPipeline",
+            json!({"pods": pods, "multiline": {"startPattern": "^\\S"}, "outputs": outputs}),
+        ),
+        object(
+            "LogPipeline",
+            json!({"pods": pods, "multiline": {"startPattern": "^\\S", "flushTimeout": "2s"},
+                "outputs": outputs, "delivery": {"batch": {"maxWait": "1s"}}}),
+        ),
+        &[
+            bounded(
+                "/spec/multiline/flushTimeout",
+                "spec.multiline.flushTimeout",
+                "flushTimeout",
+                None,
+                "5m",
+            ),
+            bounded(
+                "/spec/delivery/batch/maxWait",
+                "spec.delivery.batch.maxWait",
+                "maxWait",
+                None,
+                "5m",
+            ),
+        ],
+    );
+    let outputs = json!([{"name": "o", "stdout": {}}]);
+    assert_duration_bounds(
+        object(
+            "ClusterLogPipeline",
             json!({"inputs": [{"name": "app", "paths": ["/var/log/a.log"],
                 "multiline": {"startPattern": "^\\S"}}], "outputs": outputs}),
         ),
         object(
-            "LogPipeline",
+            "ClusterLogPipeline",
             json!({"inputs": [{"name": "app", "paths": ["/var/log/a.log"],
                     "multiline": {"startPattern": "^\\S", "flushTimeout": "2s"}}],
                 "outputs": outputs, "delivery": {"batch": {"maxWait": "1s"}}}),

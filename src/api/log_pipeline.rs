@@ -1,5 +1,7 @@
-//! `LogPipeline`: what the node agent (a DaemonSet) tails, how it parses and enriches the
-//! records, and where it ships them.
+//! `LogPipeline` (a tenant's: its own namespace's container logs, selected by pod labels) and
+//! the pieces it shares with the admin's cluster-scoped
+//! [`ClusterLogPipeline`](super::cluster_log_pipeline::ClusterLogPipeline): multiline joining,
+//! parsers, filters, sinks, delivery and status.
 
 use std::collections::BTreeMap;
 
@@ -9,12 +11,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    BYTE_SIZE_PATTERN, DNS1123_LABEL_PATTERN, DurationString, LocalObjectReference, URL_PATTERN,
-    conditions_schema, duration_at_most,
+    BYTE_SIZE_PATTERN, DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, DurationString,
+    URL_PATTERN, conditions_schema, duration_at_most,
 };
 
-/// Log shipping from node files to Loki, Elasticsearch, HTTP or files, with no silent loss:
-/// when a sink is down the agent buffers, then blocks, and resumes from its checkpoint.
+/// A tenant's log shipping: the container logs of pods it selects in its own namespace, parsed
+/// and enriched by the node agents and shipped to Loki, Elasticsearch or HTTP with no silent
+/// loss. It names pods, never paths: the agent derives `/var/log/pods/<ns>_<pod>_<uid>/...`
+/// itself, so one namespace can never read another's logs or a node's files.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "outrider.dev",
@@ -25,7 +29,7 @@ use super::common::{
     status = "LogPipelineStatus",
     shortname = "lp",
     category = "outrider",
-    doc = "Node log shipping: files tailed, parsed and enriched by the node agent and shipped to sinks",
+    doc = "A namespace's container log shipping: pods selected by label, parsed and enriched by the node agents and shipped to sinks",
     printcolumn(
         name = "Desired",
         type_ = "integer",
@@ -58,15 +62,29 @@ use super::common::{
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[x_kube(
+    validation = Rule::new("self.parser != 'regex' || has(self.pattern)")
+        .message("pattern is required when parser is regex")
+        .field_path(".pattern"),
+    validation = Rule::new("!has(self.pattern) || self.parser == 'regex'")
+        .message("pattern is only used with parser regex")
+        .field_path(".pattern"),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct LogPipelineSpec {
-    /// Nodes whose agent runs this pipeline; every node when absent.
+    /// The pods (of this namespace only) whose container logs are shipped.
+    pub pods: PodSelection,
+    /// Joins continuation lines (stack traces) to the line that starts a record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<LabelSelector>,
-    /// Files to tail. Names are unique.
-    #[schemars(length(min = 1, max = 32))]
-    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
-    pub inputs: Vec<Input>,
+    pub multiline: Option<Multiline>,
+    /// How a container's log line becomes fields; the container runtime's (CRI) framing is
+    /// removed first, and partial lines are joined.
+    #[serde(default)]
+    pub parser: PodParser,
+    /// Regular expression with named groups, for `parser: regex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub pattern: Option<String>,
     /// Fields added to every record (values may not be overridden by the log line).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
@@ -80,50 +98,103 @@ pub struct LogPipelineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub filters: Vec<Filter>,
-    /// Sinks; every record goes to every output. Names are unique.
+    /// Sinks; every record goes to every output. Names are unique. Secrets come from this
+    /// namespace.
     #[schemars(length(min = 1, max = 8))]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
-    pub outputs: Vec<Output>,
+    pub outputs: Vec<PodOutput>,
     /// Batching and buffering towards the outputs.
     #[serde(default)]
     pub delivery: Delivery,
 }
 
-/// Files tailed on each node.
+/// Pods of the pipeline's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSelection {
+    /// Label selector over the namespace's pods (`{}` selects every pod).
+    pub selector: LabelSelector,
+    /// Containers shipped; every container of a selected pod when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))
+    )]
+    pub containers: Vec<String>,
+}
+
+/// How a container log line (after the CRI framing) becomes fields.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PodParser {
+    /// The line is the `message` field.
+    #[default]
+    None,
+    /// The line is a JSON object; its keys become fields (`message` when not JSON).
+    Json,
+    /// `pattern`'s named groups become fields.
+    Regex,
+}
+
+/// A tenant's sink: exactly one of loki, elasticsearch or http (files on the node are the
+/// admin's, in a ClusterLogPipeline).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[x_kube(
-    validation = Rule::new("self.parser != 'regex' || has(self.pattern)")
-        .message("pattern is required when parser is regex")
-        .field_path(".pattern"),
-    validation = Rule::new("!has(self.pattern) || self.parser == 'regex'")
-        .message("pattern is only used with parser regex")
-        .field_path(".pattern"),
+    validation = Rule::new("[has(self.loki), has(self.elasticsearch), has(self.http)].exists_one(x, x)")
+        .message("exactly one of loki, elasticsearch or http must be set"),
+    validation = Rule::new("[has(self.loki) && has(self.loki.secretRef) && has(self.loki.secretRef.__namespace__), has(self.elasticsearch) && has(self.elasticsearch.secretRef) && has(self.elasticsearch.secretRef.__namespace__), has(self.http) && has(self.http.secretRef) && has(self.http.secretRef.__namespace__)].all(x, !x)")
+        .message("secretRef.namespace is not allowed: a LogPipeline reads Secrets of its own namespace only"),
 )]
 #[serde(rename_all = "camelCase")]
-pub struct Input {
-    /// Unique name (DNS-1123 label); recorded as the `input` field and in metrics.
+pub struct PodOutput {
+    /// Unique name (DNS-1123 label); used in metrics and checkpoints.
     #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
     pub name: String,
-    /// Absolute paths or globs (`/var/log/app/*.log`) on the node.
-    #[schemars(
-        length(min = 1, max = 32),
-        inner(length(min = 1, max = 1024), regex(pattern = r"^/"))
-    )]
-    pub paths: Vec<String>,
-    /// File name globs skipped even when a path matches (`*.gz`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
-    pub exclude: Vec<String>,
-    /// Joins continuation lines (stack traces) to the line that starts a record.
+    /// Grafana Loki push API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multiline: Option<Multiline>,
-    /// How a line becomes fields.
-    #[serde(default)]
-    pub parser: Parser,
-    /// Regular expression with named groups, for `parser: regex`.
+    pub loki: Option<LokiSink>,
+    /// Elasticsearch bulk API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
-    pub pattern: Option<String>,
+    pub elasticsearch: Option<ElasticsearchSink>,
+    /// Generic HTTP POST of newline-delimited JSON records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSink>,
+}
+
+impl PodOutput {
+    /// The sink's Secret, if it names one.
+    pub fn secret_ref(&self) -> Option<&SecretRef> {
+        sink_secret(
+            self.loki.as_ref(),
+            self.elasticsearch.as_ref(),
+            self.http.as_ref(),
+        )
+    }
+}
+
+/// The Secret of whichever sink is set.
+pub(crate) fn sink_secret<'a>(
+    loki: Option<&'a LokiSink>,
+    es: Option<&'a ElasticsearchSink>,
+    http: Option<&'a HttpSink>,
+) -> Option<&'a SecretRef> {
+    loki.and_then(|s| s.secret_ref.as_ref())
+        .or_else(|| es.and_then(|s| s.secret_ref.as_ref()))
+        .or_else(|| http.and_then(|s| s.secret_ref.as_ref()))
+}
+
+/// The Secret a sink reads its credentials and TLS material from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Secret name (a DNS-1123 subdomain).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// ClusterLogPipeline only: the Secret's namespace (the operator's namespace when
+    /// absent). A LogPipeline always reads its own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
+    pub namespace: Option<String>,
 }
 
 /// Multiline joining.
@@ -141,21 +212,6 @@ pub struct Multiline {
 
 fn default_flush_timeout() -> DurationString {
     DurationString("1s".into())
-}
-
-/// Line parser.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Parser {
-    /// The line is the `message` field.
-    #[default]
-    None,
-    /// The line is a JSON object; its keys become fields (`message` when not JSON).
-    Json,
-    /// `pattern`'s named groups become fields.
-    Regex,
-    /// Container runtime (CRI) log format; partial lines are joined.
-    Cri,
 }
 
 /// A filter: exactly one of include or exclude.
@@ -185,32 +241,6 @@ pub struct RecordMatch {
     pub pattern: String,
 }
 
-/// A sink: exactly one of loki, elasticsearch, http, file or stdout.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("[has(self.loki), has(self.elasticsearch), has(self.http), has(self.file), has(self.stdout)].exists_one(x, x)")
-    .message("exactly one of loki, elasticsearch, http, file or stdout must be set"))]
-#[serde(rename_all = "camelCase")]
-pub struct Output {
-    /// Unique name (DNS-1123 label); used in metrics and checkpoints.
-    #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
-    pub name: String,
-    /// Grafana Loki push API.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loki: Option<LokiSink>,
-    /// Elasticsearch bulk API.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub elasticsearch: Option<ElasticsearchSink>,
-    /// Generic HTTP POST of newline-delimited JSON records.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpSink>,
-    /// Appends newline-delimited JSON records to a file on the node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<FileSink>,
-    /// Writes newline-delimited JSON records to the agent's stdout (debugging).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stdout: Option<StdoutSink>,
-}
-
 /// Loki sink.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -238,7 +268,7 @@ pub struct LokiSink {
     /// material: `ca.crt` (PEM CAs trusted besides the public roots), `tls.crt` + `tls.key`
     /// (client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_ref: Option<LocalObjectReference>,
+    pub secret_ref: Option<SecretRef>,
     /// Send the Secret's credentials over plain `http://` (sniffable on the way). Off: an
     /// output whose Secret holds credentials must use `https://`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -274,7 +304,7 @@ pub struct ElasticsearchSink {
     /// `ca.crt` (PEM CAs trusted besides the public roots), `tls.crt` + `tls.key` (client
     /// certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_ref: Option<LocalObjectReference>,
+    pub secret_ref: Option<SecretRef>,
     /// Send the Secret's credentials over plain `http://` (sniffable on the way). Off: an
     /// output whose Secret holds credentials must use `https://`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -292,25 +322,12 @@ pub struct HttpSink {
     /// material: `ca.crt` (PEM CAs trusted besides the public roots), `tls.crt` + `tls.key`
     /// (client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_ref: Option<LocalObjectReference>,
+    pub secret_ref: Option<SecretRef>,
     /// Send the Secret's credentials over plain `http://` (sniffable on the way). Off: an
     /// output whose Secret holds credentials must use `https://`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_allow_http_credentials: bool,
 }
-
-/// File sink.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FileSink {
-    /// Absolute path on the node.
-    #[schemars(length(min = 2, max = 1024), regex(pattern = r"^/"))]
-    pub path: String,
-}
-
-/// Stdout sink; takes no settings (`stdout: {}`).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub struct StdoutSink {}
 
 /// Batching and buffering.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -428,7 +445,7 @@ pub struct LogPipelineStatus {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCounts {
-    /// Nodes selected by `nodeSelector` that run an agent.
+    /// Nodes the pipeline runs on that run an agent.
     #[serde(default)]
     pub desired: u32,
     /// Agents shipping without errors.

@@ -4,6 +4,7 @@
 // repeats argument values on purpose; clippy mistakes them for duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod cluster_log_pipeline;
 pub mod common;
 pub mod deployment_plan;
 pub mod health_check;
@@ -16,6 +17,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
+pub use cluster_log_pipeline::{ClusterLogPipeline, ClusterLogPipelineSpec};
 pub use deployment_plan::{DeploymentPlan, DeploymentPlanSpec, DeploymentPlanStatus};
 pub use health_check::{HealthCheck, HealthCheckSpec, HealthCheckStatus};
 pub use inventory::{Inventory, InventorySpec, InventoryStatus};
@@ -35,6 +37,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         HealthCheck::crd(),
         SecurityPolicy::crd(),
         LogPipeline::crd(),
+        ClusterLogPipeline::crd(),
     ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {

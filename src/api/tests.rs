@@ -10,12 +10,13 @@ use serde_json::Value;
 
 use super::*;
 
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 6] = [
     "Inventory",
     "DeploymentPlan",
     "HealthCheck",
     "SecurityPolicy",
     "LogPipeline",
+    "ClusterLogPipeline",
 ];
 
 fn repo_path(rel: &str) -> PathBuf {
@@ -60,6 +61,7 @@ fn typed(doc: &Value, what: &str) -> Value {
         "HealthCheck" => round_trip::<HealthCheck>(doc, what),
         "SecurityPolicy" => round_trip::<SecurityPolicy>(doc, what),
         "LogPipeline" => round_trip::<LogPipeline>(doc, what),
+        "ClusterLogPipeline" => round_trip::<ClusterLogPipeline>(doc, what),
         other => panic!("{what}: unexpected kind {other:?}"),
     }
 }
@@ -259,7 +261,7 @@ fn structural_problems(node: &Value, path: &str, in_spec: bool, problems: &mut V
 }
 
 #[test]
-fn every_crd_is_namespaced_with_status_short_name_and_category() {
+fn every_crd_has_its_scope_status_short_name_and_category() {
     let crds = crds();
     let kinds: Vec<&str> = crds.iter().map(|c| c.spec.names.kind.as_str()).collect();
     assert_eq!(kinds, KINDS);
@@ -269,13 +271,19 @@ fn every_crd_is_namespaced_with_status_short_name_and_category() {
         ("HealthCheck", "hc"),
         ("SecurityPolicy", "secpol"),
         ("LogPipeline", "lp"),
+        ("ClusterLogPipeline", "clp"),
     ]
     .into_iter()
     .collect();
     for crd in &crds {
         let kind = crd.spec.names.kind.as_str();
         assert_eq!(crd.spec.group, GROUP);
-        assert_eq!(crd.spec.scope, "Namespaced", "{kind}");
+        let scope = if kind.starts_with("Cluster") {
+            "Cluster"
+        } else {
+            "Namespaced"
+        };
+        assert_eq!(crd.spec.scope, scope, "{kind}");
         assert_eq!(crd.spec.versions.len(), 1, "{kind}");
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
@@ -331,7 +339,10 @@ fn every_crd_is_namespaced_with_status_short_name_and_category() {
         );
     }
     let yaml = crds_yaml().unwrap();
-    assert_eq!(yaml.matches("kind: CustomResourceDefinition").count(), 5);
+    assert_eq!(
+        yaml.matches("kind: CustomResourceDefinition").count(),
+        KINDS.len()
+    );
     assert!(
         !yaml.contains("format: uint"),
         "formats the API server does not know"
@@ -395,9 +406,12 @@ fn cross_field_rules_are_in_the_schema() {
     assert_eq!(at("HealthCheck.spec.endpoints[]").len(), 1);
     assert!(at("SecurityPolicy.spec")[0].contains("self.zones"));
     assert_eq!(at("SecurityPolicy.spec.apply.batchSize").len(), 1);
-    assert_eq!(at("LogPipeline.spec.inputs[]").len(), 2);
-    assert_eq!(at("LogPipeline.spec.outputs[]").len(), 1);
+    assert_eq!(at("LogPipeline.spec").len(), 2);
+    assert_eq!(at("LogPipeline.spec.outputs[]").len(), 2);
     assert_eq!(at("LogPipeline.spec.filters[]").len(), 1);
+    assert_eq!(at("ClusterLogPipeline.spec.inputs[]").len(), 2);
+    assert_eq!(at("ClusterLogPipeline.spec.outputs[]").len(), 1);
+    assert_eq!(at("ClusterLogPipeline.spec.filters[]").len(), 1);
 }
 
 /// Paths of the duration fields (schema nodes with [`common::DURATION_PATTERN`]) and the
@@ -437,6 +451,8 @@ fn every_duration_field_has_a_maximum_named_in_its_message() {
     assert_eq!(
         bounds,
         [
+            "ClusterLogPipeline.spec.delivery.batch.maxWait: maxWait must be at most 5m",
+            "ClusterLogPipeline.spec.inputs[].multiline.flushTimeout: flushTimeout must be at most 5m",
             "DeploymentPlan.spec.rollback[].timeout: timeout must be at most 24h",
             "DeploymentPlan.spec.stages[].timeout: timeout must be at most 24h",
             "DeploymentPlan.spec.strategy.pauseBetweenBatches: pauseBetweenBatches must be at most 24h",
@@ -449,7 +465,7 @@ fn every_duration_field_has_a_maximum_named_in_its_message() {
             "Inventory.spec.probe.interval: interval must be at least 1s, interval must be at most 24h",
             "Inventory.spec.ssh.connectTimeout: connectTimeout must be at most 5m",
             "LogPipeline.spec.delivery.batch.maxWait: maxWait must be at most 5m",
-            "LogPipeline.spec.inputs[].multiline.flushTimeout: flushTimeout must be at most 5m",
+            "LogPipeline.spec.multiline.flushTimeout: flushTimeout must be at most 5m",
             "SecurityPolicy.spec.apply.confirmTimeout: confirmTimeout must be at least 3s, confirmTimeout must be at most 1h",
             "SecurityPolicy.spec.driftCheckInterval: driftCheckInterval must be at least 10s, driftCheckInterval must be at most 24h",
         ]
@@ -496,7 +512,7 @@ fn invalid_testdata_is_well_formed_and_covers_every_kind() {
         );
         *per_kind.entry(kind_of(&doc).to_string()).or_default() += 1;
     }
-    assert_eq!(per_kind.len(), 5, "{per_kind:?}");
+    assert_eq!(per_kind.len(), KINDS.len(), "{per_kind:?}");
     assert!(per_kind.values().all(|n| *n >= 3), "{per_kind:?}");
 }
 
@@ -537,12 +553,12 @@ fn schema_defaults_match_serde_defaults() {
         (3, 1, "30s")
     );
 
-    let lp: LogPipelineSpec = serde_yaml::from_str(
+    let lp: ClusterLogPipelineSpec = serde_yaml::from_str(
         "inputs: [{name: app, paths: [/var/log/a.log]}]\noutputs: [{name: o, stdout: {}}]\n",
     )
     .unwrap();
-    assert_eq!(lp.inputs[0].parser, log_pipeline::Parser::None);
-    let crd = LogPipeline::crd();
+    assert_eq!(lp.inputs[0].parser, cluster_log_pipeline::Parser::None);
+    let crd = ClusterLogPipeline::crd();
     let delivery_default =
         &schema_of(&crd)["properties"]["spec"]["properties"]["delivery"]["default"];
     assert_eq!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use outrider::agent::config::parse_byte_size;
+use outrider::agent::config::{self, parse_byte_size};
 use outrider::agent::confine::Confinement;
 use outrider::agent::metrics::AgentMetrics;
 use outrider::agent::pipeline::AgentEnv;
@@ -58,6 +58,14 @@ pub struct AgentArgs {
     /// The only directory `file:` outputs may write beneath (unset: `file:` is refused).
     #[arg(long, env = "OUTRIDER_AGENT_FILE_OUTPUT_DIR", value_parser = allowed_root)]
     file_output_dir: Option<PathBuf>,
+    /// Where the kubelet keeps pod logs: a LogPipeline reads
+    /// `<root>/<namespace>_<pod>_<uid>/<container>/*.log` of its selected pods only.
+    #[arg(long, env = "OUTRIDER_AGENT_POD_LOG_ROOT", default_value = config::POD_LOG_ROOT, value_parser = allowed_root)]
+    pod_log_root: PathBuf,
+    /// Namespace of a ClusterLogPipeline `secretRef` that names none (the operator's; the
+    /// controller fills it in, this is for `--pipeline` manifests).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    secret_namespace: String,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "OUTRIDER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -166,6 +174,10 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
     let opts = AgentOptions {
         pod: PodRef::from_env(),
         source,
+        sources: config::Sources {
+            pod_log_root: args.pod_log_root,
+            default_secret_namespace: args.secret_namespace,
+        },
         env: AgentEnv {
             state_dir: args.state_dir,
             node_name,

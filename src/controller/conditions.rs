@@ -4,12 +4,10 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use super::{At, Context, Error, Stage, runtime, status};
 
@@ -65,14 +63,10 @@ pub async fn report<K, S>(
     events: Events,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug,
+    K: runtime::Kind,
     S: Serialize + PartialEq,
 {
-    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
-    let api = ctx.api_in::<K>(&ns);
+    let api = runtime::object_api::<K, K>(ctx, obj);
     if status::apply_if_changed(&api, &obj.name_any(), old, new)
         .await
         .at(Stage::Status)?

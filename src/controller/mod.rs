@@ -110,6 +110,8 @@ pub struct Context {
 pub struct AgentPaths {
     pub confine: crate::agent::confine::Confinement,
     pub file_output_dir: Option<std::path::PathBuf>,
+    /// Labels selecting the ClusterLogPipelines this controller renders (see `main`).
+    pub cluster_pipeline_selector: Option<String>,
 }
 
 impl Context {

@@ -34,10 +34,49 @@ use super::conditions::{self, Desired};
 use super::{At, Context, Error, Stage, status};
 use crate::api::inventory::Inventory;
 
-/// What the shared machinery needs of a kind: every Outrider kind is a namespaced custom
-/// resource that deserializes and moves between tasks.
+/// How the Api of one object is made: in its namespace, or cluster-wide.
+pub trait ObjectScope {
+    fn api_for<K: Resource<DynamicType = (), Scope = Self>>(
+        client: kube::Client,
+        namespace: Option<&str>,
+    ) -> Api<K>;
+}
+
+impl ObjectScope for NamespaceResourceScope {
+    fn api_for<K: Resource<DynamicType = (), Scope = Self>>(
+        client: kube::Client,
+        namespace: Option<&str>,
+    ) -> Api<K> {
+        match namespace {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        }
+    }
+}
+
+impl ObjectScope for k8s_openapi::ClusterResourceScope {
+    fn api_for<K: Resource<DynamicType = (), Scope = Self>>(
+        client: kube::Client,
+        _namespace: Option<&str>,
+    ) -> Api<K> {
+        Api::all(client)
+    }
+}
+
+/// The Api of the object `obj` (of a namespaced or a cluster-scoped kind).
+pub fn object_api<K, O>(ctx: &Context, obj: &O) -> Api<K>
+where
+    K: Resource<DynamicType = ()>,
+    K::Scope: ObjectScope,
+    O: Resource,
+{
+    <K::Scope as ObjectScope>::api_for(ctx.client.clone(), obj.meta().namespace.as_deref())
+}
+
+/// What the shared machinery needs of a kind: an Outrider custom resource (namespaced, or
+/// cluster-scoped like ClusterLogPipeline) that deserializes and moves between tasks.
 pub trait Kind:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    Resource<DynamicType = (), Scope: ObjectScope>
     + Clone
     + DeserializeOwned
     + Debug
@@ -48,7 +87,7 @@ pub trait Kind:
 }
 
 impl<K> Kind for K where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    K: Resource<DynamicType = (), Scope: ObjectScope>
         + Clone
         + DeserializeOwned
         + Debug
@@ -231,6 +270,11 @@ where
     pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
         self.0.iter().find_map(|s| s.get(key))
     }
+
+    /// Every cached object, of every namespace.
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.0.iter().flat_map(|s| s.state()).collect()
+    }
 }
 
 /// A shared watch per tenant namespace (or one over the watched scope): what only tenants
@@ -246,7 +290,7 @@ impl<K> TenantWatch<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    fn start(
+    pub fn start(
         apis: Vec<Api<K>>,
         modify: impl FnMut(&mut K) + Clone + Send + 'static,
     ) -> (Self, Vec<BoxFuture<'static, ()>>) {
@@ -424,7 +468,6 @@ where
     K: Kind,
 {
     publish_event(ctx, guard, EventType::Warning, reason, message.clone()).await;
-    let ns = guard.namespace().ok_or(Error::NoNamespace)?;
     let generation = match &guard.0 {
         Ok(obj) => obj.meta().generation,
         Err(invalid) => invalid.metadata.generation,
@@ -437,7 +480,7 @@ where
             &Time(Timestamp::now()),
         ),
     });
-    let api: Api<PartialObjectMeta<K>> = ctx.api_in(&ns);
+    let api: Api<PartialObjectMeta<K>> = object_api(ctx, guard);
     status::apply(&api, &guard.name_any(), &status)
         .await
         .at(Stage::Status)?;

@@ -117,8 +117,9 @@ impl Agent {
         self.child = Some(child);
     }
 
-    /// Fast timings for tests, and the test's directory as the allowed root and file-output
-    /// directory, each unless the test's own arguments set it.
+    /// Fast timings for tests, the test's directory as the allowed root and file-output
+    /// directory, and `test` as the Secrets' namespace (`<secret-dir>/test/<name>`), each
+    /// unless the test's own arguments set it.
     fn fast_defaults(&self) -> Vec<String> {
         let dir = self.dir.to_string_lossy();
         let defaults = [
@@ -129,6 +130,7 @@ impl Agent {
             ("--retry-max", "500ms"),
             ("--allowed-root", &dir),
             ("--file-output-dir", &dir),
+            ("--secret-namespace", "test"),
         ];
         defaults
             .iter()
@@ -270,9 +272,9 @@ pub fn missing_and_dups(
     (missing, dups)
 }
 
-/// A LogPipeline manifest with one input and one output (YAML flow snippets).
+/// A ClusterLogPipeline manifest with one input and one output (YAML flow snippets).
 pub fn pipeline_yaml(name: &str, input: &str, output: &str, extra: &str) -> String {
     format!(
-        "apiVersion: outrider.dev/v1alpha1\nkind: LogPipeline\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  inputs: [{input}]\n  outputs: [{output}]\n{extra}"
+        "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: {name}}}\nspec:\n  inputs: [{input}]\n  outputs: [{output}]\n{extra}"
     )
 }

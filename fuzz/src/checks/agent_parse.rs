@@ -96,7 +96,8 @@ pub fn check(data: &[u8]) {
         0 => ParserConfig::None,
         1 => ParserConfig::Json,
         2 => ParserConfig::Regex(c.parsers[alt].clone()),
-        _ => ParserConfig::Cri,
+        // 3: CRI framing (below) with no parser after it
+        _ => ParserConfig::None,
     };
     let mut fields = BTreeMap::from([("service".to_owned(), "shop".to_owned())]);
     let mut path = "/var/log/app/current.log";
@@ -115,7 +116,7 @@ pub fn check(data: &[u8]) {
         input: "app".into(),
         fields,
     };
-    let pod = record::pod_from_path(path);
+    let pod = record::pod_from_path(path, "/var/log/pods/");
     assert_eq!(pod.is_some(), flags & FIXED_OWN != 0, "{path}");
     let now = Instant::now();
     let mut run = Run {
@@ -159,7 +160,7 @@ pub fn check(data: &[u8]) {
 
     // The first line as the label template and the pod path parsers see text.
     let first = String::from_utf8_lossy(body.split(|b| *b == b'\n').next().unwrap_or_default());
-    let _ = record::pod_from_path(&first);
+    let _ = record::pod_from_path(&first, "/var/log/pods/");
     if let Ok(t) = Template::parse(&first) {
         let rendered = t.render(&Map::new());
         if !first.contains("{{") {
@@ -351,7 +352,7 @@ impl Run<'_> {
             Err(_) => String::from_utf8_lossy(bytes),
         };
         let parsed = match &self.parser {
-            ParserConfig::None | ParserConfig::Cri => None,
+            ParserConfig::None => None,
             other => {
                 let p = parse::parse(other, text.clone().into_owned());
                 parsed_agrees(other, &text, &p);
@@ -510,7 +511,7 @@ fn parsed_agrees(parser: &ParserConfig, text: &str, p: &Parsed) {
                 assert!(v.as_str().is_some_and(|v| text.contains(v)), "{k}: {v}");
             }
         }
-        ParserConfig::None | ParserConfig::Cri => {}
+        ParserConfig::None => {}
     }
 }
 

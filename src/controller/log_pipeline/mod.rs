@@ -1,43 +1,47 @@
-//! LogPipeline controller: validates every pipeline the way the agent will (regexes compile,
-//! URLs parse, referenced Secrets exist), renders the valid ones into ONE ConfigMap the node
-//! agents mount (`outrider-agent`, key `agent.yaml`, in the operator's namespace, with the
-//! content hash as an annotation), and reports each pipeline's rollout: how many selected
-//! nodes run an agent, how many are ready, and how many report the current config hash.
+//! LogPipeline and ClusterLogPipeline controllers: validate every pipeline the way the agent
+//! will (regexes compile, URLs parse, paths stay under the agents' roots, referenced Secrets
+//! exist), resolve each LogPipeline's pod selector in its own namespace, render the valid
+//! ones into ONE ConfigMap the node agents mount (`outrider-agent`, key `agent.yaml`, in the
+//! operator's namespace, with the content hash as an annotation), and report each
+//! pipeline's rollout: how many nodes it runs on have an agent, how many are ready, and how
+//! many report the current config hash.
 //!
-//! The config is rendered by one singleton task from the pipeline cache, triggered by any
-//! pipeline change (deletions included) and by Secret changes — never by every pipeline
-//! listing every pipeline. Each pipeline's reconcile only reads the last render and the
-//! cached agent Pods and Nodes, so a DaemonSet rollout costs no API reads.
+//! The config is rendered by one singleton task from the caches, triggered by any pipeline
+//! change (deletions included), by Secret changes and by pod changes — never by every
+//! pipeline listing every pipeline. Each pipeline's reconcile only reads the last render and
+//! the cached agent Pods and Nodes, so a DaemonSet rollout costs no API reads.
 //!
 //! A broken pipeline is left out of the rendered config and reported on its own status, so it
 //! never takes the others down. Agents report the hash of the config they run as the
 //! annotation `outrider.dev/config-hash` on their own Pod.
+
+mod render;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, Desired, READY};
-use super::runtime::{self, Obj, Shared, Stores};
-use super::{AgentPaths, At, Context, Error, Stage, Tenants, WatchNamespace};
-use crate::agent::config::{AgentConfigFile, PipelineEntry, validate};
-use crate::agent::confine::check_pipeline;
-use crate::agent::report::{CONFIG_HASH_ANNOTATION, config_hash};
+use super::runtime::{self, Kind, Obj, Shared, TenantWatch};
+use super::{At, Context, Error, Stage, WatchNamespace};
+use crate::agent::report::CONFIG_HASH_ANNOTATION;
 use crate::api::FIELD_MANAGER;
-use crate::api::log_pipeline::{LogPipeline, LogPipelineSpec, LogPipelineStatus, NodeCounts};
+use crate::api::cluster_log_pipeline::ClusterLogPipeline;
+use crate::api::log_pipeline::{LogPipeline, LogPipelineStatus, NodeCounts};
+use render::{Rendered, World};
 
 /// The agent configuration: this ConfigMap, this key, in the operator's namespace.
 pub const AGENT_CONFIGMAP: &str = "outrider-agent";
@@ -66,14 +70,6 @@ fn hold_back(
     (progress_only && since < min).then(|| min - since)
 }
 
-/// The last rendered agent configuration.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct Rendered {
-    hash: String,
-    /// `namespace/name` of each pipeline left out, with why.
-    problems: HashMap<String, Desired>,
-}
-
 /// What the LogPipeline controller keeps besides the shared [`Context`].
 struct PipelineState {
     rendered: watch::Receiver<Option<Rendered>>,
@@ -85,7 +81,7 @@ struct PipelineState {
     nodes: Option<Store<PartialObjectMeta<Node>>>,
 }
 
-/// Runs the LogPipeline controller until `stop` fires.
+/// Runs the LogPipeline and ClusterLogPipeline controllers until `stop` fires.
 pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     let render_needed = Arc::new(Notify::new());
     let (pipelines, writer) = reflector::store::<DeserializeGuard<LogPipeline>>();
@@ -107,6 +103,21 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
         notify.notify_one();
         futures::future::ready(())
     });
+    // pods coming and going change what a LogPipeline's selector matches; their metadata
+    // is all that is kept (no annotations: they can be large and are never read)
+    let (pods, pod_drivers) = TenantWatch::start(
+        ctx.tenant_apis::<PartialObjectMeta<Pod>>(),
+        |obj: &mut PartialObjectMeta<Pod>| {
+            obj.managed_fields_mut().clear();
+            obj.annotations_mut().clear();
+            obj.metadata.owner_references = None;
+        },
+    );
+    let notify = render_needed.clone();
+    let pod_changes = pods.subscribe().for_each(move |_| {
+        notify.notify_one();
+        futures::future::ready(())
+    });
 
     let (agents, agent_writer) = reflector::store::<Pod>();
     let agent_changes = watcher(
@@ -120,8 +131,16 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     .reflect(agent_writer)
     .touched_objects()
     .map(|_| ());
-    // Nodes are cluster-scoped: only a cluster-wide install may read them
-    let (nodes, node_driver) = if ctx.scope == WatchNamespace::All {
+    // Nodes and ClusterLogPipelines are cluster-scoped: only a cluster-wide install reads
+    // them, or (ClusterLogPipelines) one told which to render by a label selector
+    let cluster_wide = ctx.scope == WatchNamespace::All;
+    let selector = ctx.agent_paths.cluster_pipeline_selector.clone();
+    let renders_cluster = cluster_wide || selector.is_some();
+    let mut cluster_config = watcher::Config::default().any_semantic();
+    if let Some(sel) = &selector {
+        cluster_config = cluster_config.labels(sel);
+    }
+    let (nodes, node_driver) = if cluster_wide {
         let (store, writer) = reflector::store::<PartialObjectMeta<Node>>();
         let driver = watcher(
             Api::<PartialObjectMeta<Node>>::all(ctx.client.clone()),
@@ -137,37 +156,91 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     } else {
         (None, futures::stream::pending().boxed())
     };
+    let (cluster_pipelines, cluster_writer) =
+        reflector::store::<DeserializeGuard<ClusterLogPipeline>>();
+    let notify = render_needed.clone();
+    let cluster_trigger = watcher(
+        Api::<DeserializeGuard<ClusterLogPipeline>>::all(ctx.client.clone()),
+        cluster_config,
+    )
+    .default_backoff()
+    .modify(|obj| obj.managed_fields_mut().clear())
+    .reflect(cluster_writer)
+    .inspect_ok(move |_| notify.notify_one())
+    .applied_objects()
+    .filter_map(|r| futures::future::ready(r.ok().map(Arc::new)));
 
     let (rendered_tx, rendered) = watch::channel(None);
-    let render_done = changes_of(rendered.clone());
     let state = Arc::new(PipelineState {
-        rendered,
+        rendered: rendered.clone(),
         written: Mutex::new(HashMap::new()),
         agents,
         nodes,
     });
     let renderer = render_loop(
         ctx.clone(),
-        pipelines.clone(),
-        shared.secrets.stores(),
+        Sources {
+            pipelines: pipelines.clone(),
+            cluster: renders_cluster.then(|| cluster_pipelines.clone()),
+            shared,
+            pods: pods.stores(),
+        },
         render_needed,
         rendered_tx,
         stop.clone(),
     );
-    let (controller, queue) = runtime::controller::<LogPipeline>(&ctx, trigger, pipelines);
-    let controller = controller.reconcile_all_on(futures::stream::select_all([
-        agent_changes.boxed(),
-        node_driver,
-        render_done.boxed(),
-    ]));
-    let reconcile = runtime::reconciler(queue, move |lp, ctx| {
-        let state = state.clone();
-        async move { reconcile(lp, ctx, state).await }
+    // agent Pods and Nodes changing, or a new render: every pipeline's rollout is redone
+    let (tick_tx, tick) = watch::channel(0u64);
+    let ticker = futures::stream::select(agent_changes.boxed(), node_driver).for_each(move |()| {
+        tick_tx.send_modify(|n| *n = n.wrapping_add(1));
+        futures::future::ready(())
     });
+    let rollout_changes =
+        || futures::stream::select(changes_of(tick.clone()), changes_of(rendered.clone()));
+    let (controller, queue) = runtime::controller::<LogPipeline>(&ctx, trigger, pipelines);
+    let controller = controller.reconcile_all_on(rollout_changes());
+    let tenant_state = state.clone();
+    let reconcile = runtime::reconciler(queue, move |lp: Obj<LogPipeline>, ctx| {
+        let state = tenant_state.clone();
+        async move {
+            let key = format!("{}/{}", lp.ns()?, lp.name_any());
+            report_rollout(&*lp, key, None, lp.status.as_ref(), ctx, state).await
+        }
+    });
+    let tenants = runtime::drive(controller, stop.clone(), ctx.clone(), reconcile);
+    let admins = async {
+        if !renders_cluster {
+            return futures::future::pending::<()>().await;
+        }
+        let (controller, queue) =
+            runtime::controller::<ClusterLogPipeline>(&ctx, cluster_trigger, cluster_pipelines);
+        let controller = controller.reconcile_all_on(rollout_changes());
+        let reconcile = runtime::reconciler(queue, move |clp: Obj<ClusterLogPipeline>, ctx| {
+            let state = state.clone();
+            async move {
+                let selector = clp.spec.node_selector.clone();
+                let key = clp.name_any();
+                report_rollout(
+                    &*clp,
+                    key,
+                    selector.as_ref(),
+                    clp.status.as_ref(),
+                    ctx,
+                    state,
+                )
+                .await
+            }
+        });
+        runtime::drive(controller, stop.clone(), ctx.clone(), reconcile).await;
+    };
     tokio::select! {
-        () = runtime::drive(controller, stop.clone(), ctx, reconcile) => {}
+        () = tenants => {}
+        () = admins => {}
         () = renderer => {}
         () = secret_changes => {}
+        () = pod_changes => {}
+        () = ticker => {}
+        _ = futures::future::join_all(pod_drivers) => {}
     }
 }
 
@@ -181,15 +254,24 @@ fn changes_of<T: Send + Sync + 'static>(
     })
 }
 
+/// What the render task reads.
+struct Sources<'a> {
+    pipelines: Store<DeserializeGuard<LogPipeline>>,
+    /// Absent when the install cannot read cluster-scoped objects.
+    cluster: Option<Store<DeserializeGuard<ClusterLogPipeline>>>,
+    shared: &'a Shared,
+    pods: runtime::Stores<PartialObjectMeta<Pod>>,
+}
+
 /// The singleton render task: renders whenever asked (debounced), publishes the result.
 async fn render_loop(
     ctx: Arc<Context>,
-    pipelines: Store<DeserializeGuard<LogPipeline>>,
-    secrets: Stores<PartialObjectMeta<Secret>>,
+    sources: Sources<'_>,
     needed: Arc<Notify>,
     out: watch::Sender<Option<Rendered>>,
     stop: CancellationToken,
 ) {
+    let secrets = sources.shared.secrets.stores();
     let written: Mutex<Option<String>> = Mutex::new(None);
     let backoff = crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut failures = 0u32;
@@ -199,10 +281,22 @@ async fn render_loop(
             () = stop.cancelled() => return,
         }
         tokio::time::sleep(RENDER_DEBOUNCE).await;
-        if pipelines.wait_until_ready().await.is_err() {
+        if sources.pipelines.wait_until_ready().await.is_err() {
             return;
         }
-        let rendered = render(&pipelines, &secrets, &ctx.tenants, &ctx.agent_paths);
+        if let Some(c) = &sources.cluster {
+            if c.wait_until_ready().await.is_err() {
+                return;
+            }
+        }
+        let world = World {
+            secrets: &secrets,
+            pods: &sources.pods,
+            tenants: &ctx.tenants,
+            paths: &ctx.agent_paths,
+            operator_namespace: &ctx.operator_namespace,
+        };
+        let rendered = render::render(&sources.pipelines, sources.cluster.as_ref(), &world);
         match write_config(&ctx, &rendered.1, &rendered.0.hash, &written).await {
             Ok(()) => {
                 failures = 0;
@@ -224,102 +318,6 @@ async fn render_loop(
             }
         }
     }
-}
-
-/// Why a pipeline is left out of the agent config; `None` when it is valid. Secrets are
-/// checked for existence from the shared metadata cache (their values are the agent's).
-fn problem(
-    lp: &LogPipeline,
-    secrets: &Stores<PartialObjectMeta<Secret>>,
-    tenants: &Tenants,
-    paths: &AgentPaths,
-) -> Option<Desired> {
-    let ns = lp.namespace().unwrap_or_default();
-    if let Some(why) = tenants.refusal(&ns) {
-        return Some(Desired::new(READY, false, "NamespaceNotOptedIn", why));
-    }
-    let entry = PipelineEntry {
-        namespace: ns.clone(),
-        name: lp.name_any(),
-        spec: lp.spec.clone(),
-    };
-    let pipeline = match validate(entry) {
-        Ok(p) => p,
-        Err(e) => return Some(Desired::new(READY, false, "InvalidSpec", e.to_string())),
-    };
-    if let Err((field, why)) =
-        check_pipeline(&pipeline, &paths.confine, paths.file_output_dir.as_deref())
-    {
-        return Some(Desired::new(
-            READY,
-            false,
-            "PathNotAllowed",
-            format!("{field}: {why} (the node agents' agent.logRoots / agent.fileOutputDir)"),
-        ));
-    }
-    for (output, secret) in secret_refs(&lp.spec) {
-        if secrets.get(&ObjectRef::new(&secret).within(&ns)).is_none() {
-            return Some(Desired::new(
-                READY,
-                false,
-                "SecretNotFound",
-                format!(
-                    "Secret {secret:?} (spec.outputs[{output}].secretRef) does not exist in this namespace"
-                ),
-            ));
-        }
-    }
-    None
-}
-
-/// `(output name, Secret name)` of every output that names a Secret.
-fn secret_refs(spec: &LogPipelineSpec) -> Vec<(String, String)> {
-    spec.outputs
-        .iter()
-        .filter_map(|o| {
-            let r = o
-                .loki
-                .as_ref()
-                .and_then(|s| s.secret_ref.as_ref())
-                .or_else(|| o.elasticsearch.as_ref().and_then(|s| s.secret_ref.as_ref()))
-                .or_else(|| o.http.as_ref().and_then(|s| s.secret_ref.as_ref()))?;
-            Some((o.name.clone(), r.name.clone()))
-        })
-        .collect()
-}
-
-/// Renders every valid pipeline of the cache: the result and the config text.
-fn render(
-    pipelines: &Store<DeserializeGuard<LogPipeline>>,
-    secrets: &Stores<PartialObjectMeta<Secret>>,
-    tenants: &Tenants,
-    paths: &AgentPaths,
-) -> (Rendered, String) {
-    // a pipeline that does not deserialize is skipped (its own reconcile reports it)
-    let mut all: Vec<LogPipeline> = pipelines
-        .state()
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok().cloned())
-        .collect();
-    all.sort_by_key(|lp| (lp.namespace(), lp.name_any()));
-    let mut entries = Vec::new();
-    let mut problems = HashMap::new();
-    for lp in &all {
-        let key = format!("{}/{}", lp.namespace().unwrap_or_default(), lp.name_any());
-        match problem(lp, secrets, tenants, paths) {
-            Some(p) => {
-                problems.insert(key, p);
-            }
-            None => entries.push(PipelineEntry {
-                namespace: lp.namespace().unwrap_or_default(),
-                name: lp.name_any(),
-                spec: lp.spec.clone(),
-            }),
-        }
-    }
-    let text = serde_yaml::to_string(&AgentConfigFile { pipelines: entries }).unwrap_or_default();
-    let hash = config_hash(text.as_bytes());
-    (Rendered { hash, problems }, text)
 }
 
 /// Writes the agent ConfigMap unless it already holds `hash` (read once, then remembered).
@@ -383,7 +381,7 @@ fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) 
 }
 
 /// Agent Pods on the nodes the pipeline selects: desired, ready, and ready with `hash`.
-fn rollout(state: &PipelineState, lp: &LogPipeline, hash: &str) -> NodeCounts {
+fn rollout(state: &PipelineState, node_selector: Option<&LabelSelector>, hash: &str) -> NodeCounts {
     let node_labels: Option<HashMap<String, BTreeMap<String, String>>> =
         state.nodes.as_ref().map(|nodes| {
             nodes
@@ -401,7 +399,7 @@ fn rollout(state: &PipelineState, lp: &LogPipeline, hash: &str) -> NodeCounts {
             let Some(labels) = all.get(node) else {
                 continue;
             };
-            if !selects(lp.spec.node_selector.as_ref(), labels) {
+            if !selects(node_selector, labels) {
                 continue;
             }
         }
@@ -426,22 +424,26 @@ fn rollout(state: &PipelineState, lp: &LogPipeline, hash: &str) -> NodeCounts {
     counts
 }
 
-async fn reconcile(
-    lp: Obj<LogPipeline>,
+/// The status of one pipeline of either kind (`me` is its agent key): left out of the
+/// rendered config and why, or how far its rollout is.
+async fn report_rollout<K: Kind>(
+    lp: &K,
+    me: String,
+    node_selector: Option<&LabelSelector>,
+    status: Option<&LogPipelineStatus>,
     ctx: Arc<Context>,
     state: Arc<PipelineState>,
 ) -> Result<Action, Error> {
-    let ns = lp.ns()?;
     let Some(rendered) = state.rendered.borrow().clone() else {
         // not rendered yet: the first render reconciles every pipeline
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
-    let me = format!("{ns}/{}", lp.name_any());
-    let old = lp.status.clone().unwrap_or_default();
+    let old = status.cloned().unwrap_or_default();
+    let generation = lp.meta().generation;
     let (ready, config_hash, nodes) = match rendered.problems.get(&me) {
         Some(problem) => (problem.clone(), None, None),
         None => {
-            let nodes = rollout(&state, &lp, &rendered.hash);
+            let nodes = rollout(&state, node_selector, &rendered.hash);
             let ready = if nodes.desired == 0 {
                 Desired::new(
                     READY,
@@ -477,17 +479,17 @@ async fn reconcile(
         }
     };
     let new = LogPipelineStatus {
-        observed_generation: lp.metadata.generation,
+        observed_generation: generation,
         config_hash,
         nodes,
         conditions: conditions::merge(
             &old.conditions,
             std::slice::from_ref(&ready),
-            lp.metadata.generation,
+            generation,
             &Time(Timestamp::now()),
         ),
     };
-    if lp.status.as_ref() != Some(&new) {
+    if status != Some(&new) {
         let progress_only = old.config_hash == new.config_hash
             && conditions::find(&old.conditions, READY).is_some_and(|c| c.reason == ready.reason);
         let now = std::time::Instant::now();
@@ -505,8 +507,8 @@ async fn reconcile(
     // Events only for problems (a rollout reaching every node is not news)
     conditions::report(
         &ctx,
-        &*lp,
-        (lp.status.as_ref(), &new),
+        lp,
+        (status, &new),
         &old.conditions,
         &ready,
         conditions::Events::OnProblem,
@@ -543,31 +545,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn secret_refs_name_the_secret_of_every_sink_kind() {
-        let spec: LogPipelineSpec = serde_yaml::from_str(
-            r#"
-inputs: [{name: app, paths: ["/var/log/app.log"]}]
-outputs:
-  - {name: loki, loki: {url: "https://loki:3100", encoding: protobuf, secretRef: {name: loki-ca}}}
-  - {name: es, elasticsearch: {url: "https://es:9200", index: logs, secretRef: {name: es-tls}}}
-  - {name: web, http: {url: "https://rx/ingest", secretRef: {name: rx-creds}}}
-  - {name: plain, http: {url: "http://rx/ingest"}}
-  - {name: disk, file: {path: /var/log/out.ndjson}}
-"#,
-        )
-        .unwrap();
-        let pair = |o: &str, s: &str| (o.to_string(), s.to_string());
-        assert_eq!(
-            secret_refs(&spec),
-            [
-                pair("loki", "loki-ca"),
-                pair("es", "es-tls"),
-                pair("web", "rx-creds")
-            ]
-        );
     }
 
     #[test]

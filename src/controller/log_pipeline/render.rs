@@ -1,0 +1,246 @@
+//! What goes into the agents' `agent.yaml`: every valid LogPipeline with the pods its
+//! selector matches in its own namespace, and every valid ClusterLogPipeline with its
+//! Secrets' namespaces filled in. A pipeline that is not valid is left out and its reason
+//! kept for its own status, so it never takes the others down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::ResourceExt;
+use kube::core::{DeserializeGuard, PartialObjectMeta, Selector, SelectorExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::super::conditions::{Desired, READY};
+use super::super::runtime::Stores;
+use super::super::{AgentPaths, Tenants};
+use crate::agent::config::{
+    self, AgentConfigFile, ClusterPipelineEntry, Pipeline, PipelineEntry, PodLogs, Sources,
+};
+use crate::agent::confine::check_pipeline;
+use crate::agent::report::config_hash;
+use crate::api::cluster_log_pipeline::{ClusterLogPipeline, Output};
+use crate::api::log_pipeline::{LogPipeline, SecretRef};
+
+/// The last rendered agent configuration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rendered {
+    pub hash: String,
+    /// Agent key (`namespace/name`, or `name` of a ClusterLogPipeline) of each pipeline left
+    /// out, with why.
+    pub problems: HashMap<String, Desired>,
+}
+
+/// What rendering reads besides the pipelines.
+pub struct World<'a> {
+    pub secrets: &'a Stores<PartialObjectMeta<Secret>>,
+    pub pods: &'a Stores<PartialObjectMeta<Pod>>,
+    pub tenants: &'a Tenants,
+    pub paths: &'a AgentPaths,
+    /// Where a ClusterLogPipeline's `secretRef` without a namespace points.
+    pub operator_namespace: &'a str,
+}
+
+/// Renders every valid pipeline of both caches: the result and the config text.
+pub fn render(
+    pipelines: &Store<DeserializeGuard<LogPipeline>>,
+    cluster: Option<&Store<DeserializeGuard<ClusterLogPipeline>>>,
+    world: &World<'_>,
+) -> (Rendered, String) {
+    // a pipeline that does not deserialize is skipped (its own reconcile reports it)
+    let mut tenants: Vec<LogPipeline> = pipelines
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok().cloned())
+        .collect();
+    tenants.sort_by_key(|lp| (lp.namespace(), lp.name_any()));
+    let mut admins: Vec<ClusterLogPipeline> = cluster
+        .map(|c| {
+            c.state()
+                .iter()
+                .filter_map(|g| g.0.as_ref().ok().cloned())
+                .collect()
+        })
+        .unwrap_or_default();
+    admins.sort_by_key(ResourceExt::name_any);
+    let pods = pods_by_namespace(world.pods);
+    let mut file = AgentConfigFile::default();
+    let mut problems = HashMap::new();
+    for lp in &tenants {
+        let key = format!("{}/{}", lp.namespace().unwrap_or_default(), lp.name_any());
+        match tenant_entry(lp, &pods, world) {
+            Ok(entry) => file.pipelines.push(entry),
+            Err(p) => {
+                problems.insert(key, p);
+            }
+        }
+    }
+    for clp in &admins {
+        match cluster_entry(clp, world) {
+            Ok(entry) => file.cluster_pipelines.push(entry),
+            Err(p) => {
+                problems.insert(clp.name_any(), p);
+            }
+        }
+    }
+    let text = serde_yaml::to_string(&file).unwrap_or_default();
+    let hash = config_hash(text.as_bytes());
+    (Rendered { hash, problems }, text)
+}
+
+/// Pod metadata grouped by namespace, so each pipeline only looks at its own.
+fn pods_by_namespace(
+    pods: &Stores<PartialObjectMeta<Pod>>,
+) -> HashMap<String, Vec<Arc<PartialObjectMeta<Pod>>>> {
+    let mut by: HashMap<String, Vec<_>> = HashMap::new();
+    for pod in pods.state() {
+        by.entry(pod.namespace().unwrap_or_default())
+            .or_default()
+            .push(pod);
+    }
+    by
+}
+
+/// A LogPipeline as the agents get it (the pods its selector matches, sorted), or why not.
+fn tenant_entry(
+    lp: &LogPipeline,
+    pods: &HashMap<String, Vec<Arc<PartialObjectMeta<Pod>>>>,
+    world: &World<'_>,
+) -> Result<PipelineEntry, Desired> {
+    let ns = lp.namespace().unwrap_or_default();
+    if let Some(why) = world.tenants.refusal(&ns) {
+        return Err(Desired::new(READY, false, "NamespaceNotOptedIn", why));
+    }
+    let selector = Selector::try_from(lp.spec.pods.selector.clone()).map_err(|e| {
+        Desired::new(
+            READY,
+            false,
+            "InvalidSpec",
+            format!("spec.pods.selector: {e}"),
+        )
+    })?;
+    let mut selected: Vec<PodLogs> = pods
+        .get(&ns)
+        .into_iter()
+        .flatten()
+        .filter(|p| selector.matches(p.labels()))
+        .filter_map(|p| {
+            Some(PodLogs {
+                name: p.name_any(),
+                uid: p.uid()?,
+            })
+        })
+        .collect();
+    selected.sort();
+    let entry = PipelineEntry {
+        namespace: ns.clone(),
+        name: lp.name_any(),
+        spec: lp.spec.clone(),
+        pods: selected,
+    };
+    let pipeline = config::validate(entry.clone(), &sources(world))
+        .map_err(|e| Desired::new(READY, false, "InvalidSpec", e.to_string()))?;
+    confined(&pipeline, world)?;
+    let outputs = lp
+        .spec
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.secret_ref()));
+    secrets_exist(outputs, &ns, world)?;
+    Ok(entry)
+}
+
+/// A ClusterLogPipeline as the agents get it (every `secretRef` with its namespace), or why
+/// not.
+fn cluster_entry(
+    clp: &ClusterLogPipeline,
+    world: &World<'_>,
+) -> Result<ClusterPipelineEntry, Desired> {
+    let mut spec = clp.spec.clone();
+    for o in &mut spec.outputs {
+        if let Some(r) = secret_ref_mut(o) {
+            r.namespace
+                .get_or_insert_with(|| world.operator_namespace.to_string());
+        }
+    }
+    let entry = ClusterPipelineEntry {
+        name: clp.name_any(),
+        spec,
+    };
+    let pipeline = config::validate_cluster(entry.clone(), &sources(world))
+        .map_err(|e| Desired::new(READY, false, "InvalidSpec", e.to_string()))?;
+    confined(&pipeline, world)?;
+    let outputs = entry
+        .spec
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.secret_ref()));
+    secrets_exist(outputs, world.operator_namespace, world)?;
+    Ok(entry)
+}
+
+fn sources(world: &World<'_>) -> Sources {
+    Sources {
+        default_secret_namespace: world.operator_namespace.to_string(),
+        ..Sources::default()
+    }
+}
+
+fn secret_ref_mut(o: &mut Output) -> Option<&mut SecretRef> {
+    if let Some(l) = o.loki.as_mut() {
+        l.secret_ref.as_mut()
+    } else if let Some(e) = o.elasticsearch.as_mut() {
+        e.secret_ref.as_mut()
+    } else {
+        o.http.as_mut().and_then(|h| h.secret_ref.as_mut())
+    }
+}
+
+/// The same path check the agents make, so a refusal shows on the resource.
+fn confined(pipeline: &Pipeline, world: &World<'_>) -> Result<(), Desired> {
+    check_pipeline(
+        pipeline,
+        &world.paths.confine,
+        world.paths.file_output_dir.as_deref(),
+    )
+    .map_err(|(field, why)| {
+        Desired::new(
+            READY,
+            false,
+            "PathNotAllowed",
+            format!("{field}: {why} (the node agents' agent.logRoots / agent.fileOutputDir)"),
+        )
+    })
+}
+
+/// Every named Secret exists (checked from the shared metadata cache; the values are the
+/// agents'). A namespace the controller does not watch cannot be checked and is let pass.
+fn secrets_exist<'a>(
+    outputs: impl Iterator<Item = (&'a str, Option<&'a SecretRef>)>,
+    default_namespace: &str,
+    world: &World<'_>,
+) -> Result<(), Desired> {
+    for (output, r) in outputs {
+        let Some(r) = r else { continue };
+        let ns = r.namespace.as_deref().unwrap_or(default_namespace);
+        if world.tenants.refusal(ns).is_some() {
+            continue;
+        }
+        if world
+            .secrets
+            .get(&ObjectRef::new(&r.name).within(ns))
+            .is_none()
+        {
+            return Err(Desired::new(
+                READY,
+                false,
+                "SecretNotFound",
+                format!(
+                    "Secret {:?} (spec.outputs[{output}].secretRef) does not exist in namespace {ns}",
+                    r.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
