@@ -17,6 +17,7 @@ fn every_kind_is_served_with_short_names_and_category() {
         ("HealthCheck", "hc"),
         ("SecurityPolicy", "secpol"),
         ("LogPipeline", "lp"),
+        ("ClusterLogPipeline", "clp"),
     ] {
         let line = table
             .lines()
@@ -30,7 +31,12 @@ fn every_kind_is_served_with_short_names_and_category() {
             line.contains("outrider"),
             "{kind} lacks category outrider: {line}"
         );
-        assert!(line.contains("true"), "{kind} must be namespaced: {line}");
+        let namespaced = !kind.starts_with("Cluster");
+        assert_eq!(
+            line.split_whitespace().any(|w| w == "true"),
+            namespaced,
+            "{kind} namespaced must be {namespaced}: {line}"
+        );
     }
 }
 
@@ -124,8 +130,8 @@ fn invalid_objects_are_rejected_with_a_message_naming_the_field() {
     );
     assert_eq!(
         kinds.len(),
-        5,
-        "invalid objects must cover all five kinds, got {kinds:?}"
+        6,
+        "invalid objects must cover all six kinds, got {kinds:?}"
     );
 }
 
@@ -263,6 +269,28 @@ fn with_durations(kind: &str) -> (serde_json::Value, Vec<Duration>) {
             ],
         ),
         "LogPipeline" => (
+            json!({"pods": {"selector": {}},
+                "multiline": {"startPattern": "^\\S", "flushTimeout": "2s"},
+                "outputs": [{"name": "o", "http": {"url": "https://rx"}}],
+                "delivery": {"batch": {"maxWait": "1s"}}}),
+            vec![
+                duration(
+                    "/spec/multiline/flushTimeout",
+                    "spec.multiline.flushTimeout",
+                    "flushTimeout",
+                    None,
+                    "5m",
+                ),
+                duration(
+                    "/spec/delivery/batch/maxWait",
+                    "spec.delivery.batch.maxWait",
+                    "maxWait",
+                    None,
+                    "5m",
+                ),
+            ],
+        ),
+        "ClusterLogPipeline" => (
             json!({"inputs": [{"name": "app", "paths": ["/var/log/a.log"],
                     "multiline": {"startPattern": "^\\S", "flushTimeout": "2s"}}],
                 "outputs": [{"name": "o", "stdout": {}}],
@@ -383,6 +411,7 @@ fn inventory_durations_of_9999999999999999h_are_rejected_naming_the_field() {
 #[test]
 fn log_pipeline_durations_of_9999999999999999h_are_rejected_naming_the_field() {
     assert_every_duration_rejected_at_most("LogPipeline", |_| OVERFLOW.into());
+    assert_every_duration_rejected_at_most("ClusterLogPipeline", |_| OVERFLOW.into());
 }
 
 #[test]
@@ -413,6 +442,7 @@ fn inventory_durations_over_their_maximum_are_rejected_naming_the_field_and_the_
 #[test]
 fn log_pipeline_durations_over_their_maximum_are_rejected_naming_the_field_and_the_maximum() {
     assert_every_duration_rejected_at_most("LogPipeline", just_over);
+    assert_every_duration_rejected_at_most("ClusterLogPipeline", just_over);
 }
 
 #[test]
@@ -428,6 +458,7 @@ fn durations_at_their_bounds_and_in_every_go_form_are_accepted_and_under_a_minim
         "HealthCheck",
         "Inventory",
         "LogPipeline",
+        "ClusterLogPipeline",
         "SecurityPolicy",
     ] {
         let (object, fields) = with_durations(kind);

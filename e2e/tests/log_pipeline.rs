@@ -389,7 +389,7 @@ async fn a_tenant_pipeline_ships_only_its_own_namespaces_selected_pods_into_the_
         std::fs::read_to_string(root.path().join("agent.log")).unwrap_or_default()
     );
     for r in &rows {
-        let msg = r["message"].as_str().unwrap_or_default();
+        let msg = r["_msg"].as_str().unwrap_or_default();
         assert!(msg.starts_with(&format!("{a}/shop-1 line ")), "{r}");
         assert_eq!(r["namespace"], a.as_str(), "{r}");
         assert_eq!(r["pod"], "shop-1", "{r}");
