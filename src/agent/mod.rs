@@ -1,11 +1,12 @@
 //! The node log agent: discover files, tail them, parse and enrich lines into records,
 //! batch, ship to the outputs, and move checkpoints only when the outputs acknowledged.
 //!
-//! Data flows one way: [`discover`] → [`tail`] (with [`reader`], [`multiline`],
-//! [`parse`], [`record`], [`filter`]) → [`buffer`] → [`batch`] → [`sink`] →
+//! Data flows one way: [`discover`] → [`tail`] (with [`truncate`], and [`assemble`] over
+//! [`reader`], [`multiline`], [`parse`], [`record`], [`filter`]) → [`buffer`] → [`batch`] → [`sink`] →
 //! [`checkpoint`]; [`pipeline`] wires one pipeline, [`run`] the whole agent. [`confine`]
 //! keeps every read beneath the admin's allowed roots.
 
+pub mod assemble;
 pub mod batch;
 pub mod buffer;
 pub mod checkpoint;
@@ -25,6 +26,7 @@ pub mod run;
 pub mod sink;
 pub mod spool;
 pub mod tail;
+pub mod truncate;
 
 /// Why the agent (or one pipeline) could not start.
 #[derive(Debug, thiserror::Error)]

@@ -32,7 +32,8 @@ use super::metrics::AgentMetrics;
 use super::record::{Encoded, Item, RecordContext};
 use super::sink::{self, Backoff, DeadLetter, Delivered, Output, SecretMaterial, Sink};
 use super::spool::{self, BadFrameHandler, SpoolReader, SpoolWriter};
-use super::tail::{GroupLimits, InputShared, TailOptions, TruncatedFiles};
+use super::tail::{GroupLimits, InputShared, TailOptions};
+use super::truncate::TruncatedFiles;
 
 /// What every pipeline of the agent shares.
 #[derive(Clone, Debug)]
