@@ -74,7 +74,7 @@ impl Sink {
                 ..
             } => Sink::Loki(loki::LokiSink::new(
                 url.clone(),
-                labels,
+                labels.clone(),
                 tenant_id.clone(),
                 *encoding,
                 opts,
