@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::record::Item;
 
@@ -106,6 +107,54 @@ impl BufferTx {
     pub fn used(&self) -> usize {
         self.capacity as usize - self.room.available_permits()
     }
+
+    /// Sends items in order, waiting for buffer room; false when stopping. Room is taken for
+    /// groups of up to an eighth of the buffer at a time (one wait per group, not per line).
+    /// When stopping, what was already read is still handed over while there is room (so
+    /// shutdown ships it); the rest is dropped unacknowledged and read again after the restart.
+    pub async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
+        let tx = self;
+        let group_limit = u64::from((tx.capacity() / 8).max(1));
+        let mut items = items.into_iter().peekable();
+        let mut group: Vec<(Item, u32)> = Vec::new();
+        loop {
+            let mut total = 0u64;
+            while let Some(item) = items.peek() {
+                let w = tx.weight(item);
+                if !group.is_empty() && total + u64::from(w) > group_limit {
+                    break;
+                }
+                total += u64::from(w);
+                if let Some(item) = items.next() {
+                    group.push((item, w));
+                }
+            }
+            if group.is_empty() {
+                return true;
+            }
+            let reserved = if stop.is_cancelled() {
+                Err(())
+            } else {
+                tokio::select! {
+                    r = tx.reserve_weight(total as u32) => r.map_err(|_| ()),
+                    _ = stop.cancelled() => Err(()),
+                }
+            };
+            if reserved.is_err() {
+                let _ = group
+                    .drain(..)
+                    .map(|(i, _)| i)
+                    .chain(items.by_ref())
+                    .try_for_each(|i| tx.try_send(i));
+                return false;
+            }
+            for (item, w) in group.drain(..) {
+                if tx.push(item, w).is_err() {
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// An item taken from the buffer; its room is given back by [`BufferRx::release`].
@@ -174,6 +223,34 @@ mod tests {
             .await
             .expect("room was released")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn send_all_hands_items_over_in_order() {
+        let (tx, mut rx) = bounded(1 << 20);
+        let items = ["a", "b", "c"].map(forget).to_vec();
+        assert!(tx.send_all(items, &CancellationToken::new()).await);
+        for name in ["a", "b", "c"] {
+            let t = rx.try_recv().expect("queued");
+            assert!(matches!(&t.item, Item::Forget(k) if &**k == name));
+        }
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn send_all_when_stopping_hands_over_what_fits_and_says_so() {
+        let one = forget("x").size();
+        let (tx, mut rx) = bounded(one * 2);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let items = vec![forget("x"), forget("x"), forget("x")];
+        assert!(!tx.send_all(items, &stop).await);
+        assert!(rx.try_recv().is_some());
+        assert!(rx.try_recv().is_some());
+        assert!(
+            rx.try_recv().is_none(),
+            "the third is dropped, to be read again"
+        );
     }
 
     #[tokio::test]

@@ -202,7 +202,8 @@ impl std::fmt::Display for SecretName {
 pub enum OutputKind {
     Loki {
         url: reqwest::Url,
-        labels: BTreeMap<String, String>,
+        /// Label name and its parsed value template, in label-name order.
+        labels: Vec<(String, crate::agent::record::Template)>,
         tenant_id: Option<String>,
         encoding: LokiEncoding,
         secret: Option<SecretName>,
@@ -721,13 +722,18 @@ fn output_kind(o: &Output, secret: Option<SecretName>) -> Result<OutputKind, Bad
         ));
     }
     if let Some(l) = &o.loki {
-        for (k, v) in &l.labels {
-            crate::agent::record::Template::parse(v)
-                .map_err(|e| (format!(".loki.labels.{k}"), e))?;
-        }
+        let labels = l
+            .labels
+            .iter()
+            .map(|(k, v)| {
+                crate::agent::record::Template::parse(v)
+                    .map(|t| (k.clone(), t))
+                    .map_err(|e| (format!(".loki.labels.{k}"), e))
+            })
+            .collect::<Result<_, _>>()?;
         return Ok(OutputKind::Loki {
             url: parse_url(&l.url, ".loki.url")?,
-            labels: l.labels.clone(),
+            labels,
             tenant_id: l.tenant_id.clone(),
             encoding: l.encoding,
             secret,

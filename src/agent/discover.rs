@@ -397,15 +397,6 @@ fn recently_modified(file: &File) -> bool {
         .is_some_and(|age| age < SETTLE)
 }
 
-/// The offset a truncated original reached, if `file` starts with what it had read.
-fn take_truncated(shared: &InputShared, file: &File) -> Option<u64> {
-    let mut m = shared.truncated.lock().ok()?;
-    let i = m
-        .iter()
-        .position(|(fp, _, _)| fp.matches(file).unwrap_or(false))?;
-    Some(m.remove(i).1)
-}
-
 /// The file a checkpoint entry names, looked for by device+inode in the directory it was
 /// read in, when it is no longer at a matched name. Only files this input was already
 /// reading are followed this way, and only through the confinement (beneath an allowed
@@ -470,7 +461,7 @@ fn open(
     let offset = if let Some(entry) = saved.remove(&key) {
         let matches = entry.saved.fingerprint.matches(&file).unwrap_or(false);
         resume_offset(Some(&entry.saved), matches, size)
-    } else if let Some(off) = take_truncated(shared, &file) {
+    } else if let Some(off) = shared.truncated.take(&file) {
         // The copy of a file that was truncated: continue where the original stopped.
         off.min(size)
     } else if tailers.values().any(|t| {

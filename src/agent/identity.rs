@@ -2,7 +2,7 @@
 //!
 //! The inode alone follows a rename-rotated file; the fingerprint catches an inode that
 //! was freed and reused by a new file (same number, different content) and a file that
-//! was truncated and rewritten (copytruncate) between two looks.
+//! was truncated and rewritten (copytruncate) between two looks (see [`super::truncate`]).
 
 use std::fs::File;
 use std::io;
@@ -123,25 +123,6 @@ pub fn resume_offset(saved: Option<&Saved>, fingerprint_matches: bool, size: u64
     }
 }
 
-/// What a look at an open file found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Change {
-    /// Nothing suspicious: keep reading from the current offset.
-    Same,
-    /// Shorter than what was read, or the first bytes changed: copytruncate (or a rewrite).
-    Truncated,
-}
-
-/// Detects copytruncate: the size shrank below the read offset, or the first bytes differ
-/// from what was read before (truncated and rewritten past the old offset between looks).
-pub fn check(file: &File, offset: u64, fp: &Fingerprint) -> io::Result<Change> {
-    let size = file.metadata()?.len();
-    if size < offset || !fp.matches(file)? {
-        return Ok(Change::Truncated);
-    }
-    Ok(Change::Same)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,29 +166,6 @@ mod tests {
         // Shorter than the checkpoint: truncated while the agent was away.
         assert_eq!(resume_offset(Some(&saved), true, 50), 0);
         assert_eq!(resume_offset(None, true, 500), 0);
-    }
-
-    #[test]
-    fn copytruncate_is_detected_by_size_and_by_rewritten_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("app.log");
-        write(&a, "0001 first line\n0002 second line\n");
-        let f = File::open(&a).unwrap();
-        let fp = Fingerprint::of_file(&f).unwrap();
-        let offset = f.metadata().unwrap().len();
-        assert_eq!(check(&f, offset, &fp).unwrap(), Change::Same);
-        // Truncated: shorter than what was read.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&a)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
-        assert_eq!(check(&f, offset, &fp).unwrap(), Change::Truncated);
-        // Truncated and rewritten beyond the old offset before the next look.
-        write(&a, "0003 third line that is longer than before\n");
-        assert!(f.metadata().unwrap().len() > offset);
-        assert_eq!(check(&f, offset, &fp).unwrap(), Change::Truncated);
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! The node log agent: discover files, tail them, parse and enrich lines into records,
 //! batch, ship to the outputs, and move checkpoints only when the outputs acknowledged.
 //!
-//! Data flows one way: [`discover`] → [`tail`] (with [`reader`], [`multiline`],
-//! [`parse`], [`record`], [`filter`]) → [`buffer`] → [`batch`] → [`sink`] →
-//! [`checkpoint`]; [`pipeline`] wires one pipeline, [`run`] the whole agent. [`confine`]
-//! keeps every read beneath the admin's allowed roots.
+//! Data flows one way: [`discover`] → [`tail`] (with [`truncate`], and [`assemble`] over
+//! [`reader`], [`multiline`], [`parse`], [`record`], [`filter`]) → [`buffer`] → [`ship`]
+//! (with [`batch`]; or [`spool_write`] → [`spool`] → [`spool_ship`]) → [`sink`] →
+//! [`checkpoint`] (written by [`checkpoint_writer`]); [`pipeline`] wires one pipeline,
+//! [`run`] the whole agent. [`confine`] keeps every read beneath the admin's allowed roots.
 
+pub mod assemble;
 pub mod batch;
 pub mod buffer;
 pub mod checkpoint;
+pub mod checkpoint_writer;
 pub mod config;
 pub mod confine;
 pub mod discover;
@@ -22,9 +25,13 @@ pub mod reader;
 pub mod record;
 pub mod report;
 pub mod run;
+pub mod ship;
 pub mod sink;
 pub mod spool;
+pub mod spool_ship;
+pub mod spool_write;
 pub mod tail;
+pub mod truncate;
 
 /// Why the agent (or one pipeline) could not start.
 #[derive(Debug, thiserror::Error)]

@@ -29,19 +29,15 @@ pub struct LokiSink {
 }
 
 impl LokiSink {
-    /// Label templates were validated with the config; one that fails here is dropped.
+    /// `labels` are the templates the config parsed (and refused when bad).
     /// A protobuf body is snappy-compressed already: it is never gzipped on top.
     pub fn new(
         base: reqwest::Url,
-        labels: &BTreeMap<String, String>,
+        labels: Vec<(String, Template)>,
         tenant: Option<String>,
         encoding: LokiEncoding,
         mut opts: HttpOptions,
     ) -> Self {
-        let labels = labels
-            .iter()
-            .filter_map(|(k, v)| Template::parse(v).ok().map(|t| (k.clone(), t)))
-            .collect();
         if encoding == LokiEncoding::Protobuf {
             opts.gzip = false;
         }
@@ -291,6 +287,54 @@ mod tests {
             assert_eq!(only.get(f), full.get(f), "{f}");
         }
         assert_eq!(only.len(), 3, "{only:?}");
+    }
+
+    /// The label templates of a Loki output as the agent's config validates them.
+    fn validated_labels(labels: &str) -> Result<Vec<(String, Template)>, String> {
+        use crate::agent::config::{ClusterPipelineEntry, OutputKind, Sources, validate_cluster};
+        let yaml = format!(
+            r#"
+inputs: [{{name: app, paths: ["/var/log/app/*.log"]}}]
+outputs: [{{name: l, loki: {{url: "http://127.0.0.1:9", labels: {labels}}}}}]
+"#
+        );
+        let p = validate_cluster(
+            ClusterPipelineEntry {
+                name: "shop".into(),
+                spec: serde_yaml::from_str(&yaml).unwrap(),
+            },
+            &Sources::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        match &p.outputs[0].kind {
+            OutputKind::Loki { labels, .. } => Ok(labels.clone()),
+            other => panic!("not a Loki output: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_sink_renders_the_templates_the_config_parsed_and_a_bad_one_never_gets_there() {
+        let labels = validated_labels(r#"{svc: "{{service}}-x", job: fixed}"#).unwrap();
+        assert_eq!(
+            labels,
+            [
+                ("job".to_string(), Template::parse("fixed").unwrap()),
+                ("svc".to_string(), Template::parse("{{service}}-x").unwrap()),
+            ],
+            "parsed once, in label-name order"
+        );
+        let r = Encoded {
+            json: br#"{"service":"shop","message":"m"}"#.to_vec().into(),
+            id: "".into(),
+            ts_nanos: 1,
+        };
+        let body: Value = serde_json::from_slice(&push_body(&labels, &[&r])).unwrap();
+        assert_eq!(
+            body["streams"][0]["stream"],
+            serde_json::json!({"job": "fixed", "svc": "shop-x"})
+        );
+        let err = validated_labels(r#"{ok: "{{service}}", bad: "{{oops"}"#).unwrap_err();
+        assert!(err.contains("spec.outputs[0].loki.labels.bad"), "{err}");
     }
 
     #[test]
