@@ -115,7 +115,7 @@ fn kill_9_after_the_sink_acknowledged_everything_resends_nothing() {
             && agent::metric_sum(&m, "outrider_agent_checkpoint_lag_bytes", &[]) == 0.0
             && agent::metric_sum(&m, "outrider_agent_records_shipped_total", &[]) == 4000.0
             // The checkpoint is written beside the shipper, right after the acknowledgement.
-            && checkpointed_offsets(dir.path(), "test_acked") == [size]
+            && checkpointed_offsets(dir.path(), "acked") == [size]
     });
     agent.kill9();
     append_numbered(&file, "seq", 4000..5000);
@@ -427,7 +427,7 @@ fn disk_buffer_reads_ahead_while_the_sink_is_down_and_survives_kill_9_and_delete
     let mut agent = start(dir.path(), &agent_args(dir.path(), &lp));
     // Unlike the memory buffer, the spool lets reading run ahead of a dead sink, and the
     // file is checkpointed once its records are durable in the spool.
-    let checkpoint = dir.path().join("state/checkpoints/test_disk.json");
+    let checkpoint = dir.path().join("state/checkpoints/disk.json");
     wait_for("the whole file spooled and checkpointed", LONG, || {
         let Ok(text) = std::fs::read_to_string(&checkpoint) else {
             return false;
@@ -483,7 +483,7 @@ fn a_full_disk_buffer_pauses_reading_and_resumes_when_the_sink_is_back() {
         read < len / 2.0,
         "read {read} of {len} bytes with a full spool"
     );
-    let spool_bytes: u64 = std::fs::read_dir(dir.path().join("state/spool/test_diskfull"))
+    let spool_bytes: u64 = std::fs::read_dir(dir.path().join("state/spool/diskfull"))
         .unwrap()
         .flatten()
         .map(|e| e.metadata().unwrap().len())
@@ -534,7 +534,7 @@ fn switching_from_disk_to_memory_buffer_still_ships_the_spooled_records() {
             "1s",
         ],
     );
-    let checkpoint = state.join("checkpoints/test_switch.json");
+    let checkpoint = state.join("checkpoints/switch.json");
     wait_for("the file checkpointed into the spool", LONG, || {
         std::fs::read_to_string(&checkpoint)
             .is_ok_and(|t| t.contains(&format!("\"offset\": {len}")))
@@ -559,7 +559,7 @@ fn a_failing_checkpoint_write_is_retried_with_the_next_batch_not_in_a_loop() {
     let rx = Receiver::start();
     let lp = http_pipeline(dir.path(), "cpfail", "*.log", &rx, FAST_BATCH);
     // A directory where the checkpoint's temp file goes: every write fails, even as root.
-    let blocker = dir.path().join("state/checkpoints/.test_cpfail.json.tmp");
+    let blocker = dir.path().join("state/checkpoints/.cpfail.json.tmp");
     std::fs::create_dir_all(&blocker).unwrap();
     let file = dir.path().join("logs").join("app.log");
     append_numbered(&file, "seq", 0..2000);
@@ -575,14 +575,14 @@ fn a_failing_checkpoint_write_is_retried_with_the_next_batch_not_in_a_loop() {
         (1..=8).contains(&failures),
         "{failures} failed checkpoint writes for 4 batches"
     );
-    assert!(checkpointed_offsets(dir.path(), "test_cpfail").is_empty());
+    assert!(checkpointed_offsets(dir.path(), "cpfail").is_empty());
     // Writable again: the next acknowledged batch writes the checkpoint, so a kill -9 after
     // it re-sends nothing.
     std::fs::remove_dir(&blocker).unwrap();
     append_numbered(&file, "seq", 2000..2100);
     let size = std::fs::metadata(&file).unwrap().len();
     wait_for("the next batch checkpointed", LONG, || {
-        rx.record_count() >= 2100 && checkpointed_offsets(dir.path(), "test_cpfail") == [size]
+        rx.record_count() >= 2100 && checkpointed_offsets(dir.path(), "cpfail") == [size]
     });
     agent.kill9();
     agent.restart();

@@ -514,8 +514,8 @@ fn a_sink_always_answering_400_stops_the_dead_letter_file_at_its_cap_and_counts_
     wait_for("every record rejected", LONG, || {
         agent.metric("outrider_agent_records_dead_lettered_total", &[]) >= N as f64
     });
-    let file = dir.path().join("state/dead-letter/test_sinks_rx.ndjson");
-    let rotated = dir.path().join("state/dead-letter/test_sinks_rx.ndjson.1");
+    let file = dir.path().join("state/dead-letter/sinks_rx.ndjson");
+    let rotated = dir.path().join("state/dead-letter/sinks_rx.ndjson.1");
     let lines = |p: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(p)
             .unwrap()
@@ -537,7 +537,7 @@ fn a_sink_always_answering_400_stops_the_dead_letter_file_at_its_cap_and_counts_
     let kept = (lines(&file).len() + lines(&rotated).len()) as f64;
     let dropped = agent.metric(
         "outrider_agent_dead_letter_dropped_total",
-        &["file=\"test_sinks_rx.ndjson\""],
+        &["file=\"sinks_rx.ndjson\""],
     );
     assert!(dropped > 0.0);
     assert_eq!(

@@ -34,7 +34,7 @@ fn disk_pipeline(dir: &Path, name: &str, rx: &Receiver) -> PathBuf {
 
 /// Checkpointed offsets of the pipeline's files, as written to disk.
 fn checkpointed(dir: &Path, name: &str) -> Vec<u64> {
-    let path = dir.join(format!("state/checkpoints/test_{name}.json"));
+    let path = dir.join(format!("state/checkpoints/{name}.json"));
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
@@ -81,7 +81,7 @@ fn a_spool_with_a_flipped_byte_reports_and_skips_the_bad_frame_and_every_other_l
     assert_eq!(rx.record_count(), 0);
 
     // One byte inside one frame in the middle of the segment goes bad on disk.
-    let spool = dir.path().join("state/spool/test_flip");
+    let spool = dir.path().join("state/spool/flip");
     let segs: Vec<PathBuf> = std::fs::read_dir(&spool)
         .unwrap()
         .flatten()
@@ -118,7 +118,7 @@ fn a_spool_with_a_flipped_byte_reports_and_skips_the_bad_frame_and_every_other_l
         agent.metric("outrider_agent_spool_bad_bytes_total", &[]),
         (8 + n) as f64
     );
-    let dead = std::fs::read_to_string(dir.path().join("state/dead-letter/test_flip.spool.ndjson"))
+    let dead = std::fs::read_to_string(dir.path().join("state/dead-letter/flip.spool.ndjson"))
         .unwrap();
     let dead: Vec<serde_json::Value> = dead
         .lines()
