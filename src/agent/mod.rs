@@ -14,6 +14,7 @@ pub mod confine;
 pub mod discover;
 pub mod filter;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod multiline;
 pub mod parse;
@@ -47,6 +48,13 @@ pub enum AgentError {
         pipeline: String,
         field: String,
         refusal: confine::Refusal,
+    },
+    /// The pipeline asks for more than the admin's caps allow ([`limits`]).
+    #[error("pipeline {pipeline}: {field}: {message}")]
+    LimitExceeded {
+        pipeline: String,
+        field: String,
+        message: String,
     },
     #[error("state directory {path}: {source}")]
     StateDir {

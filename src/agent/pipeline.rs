@@ -54,6 +54,8 @@ pub struct AgentEnv {
     pub batches_in_flight: usize,
     /// Size cap of each dead-letter file (one rotation to `.1`, then drops are counted).
     pub dead_letter_max_bytes: u64,
+    /// The admin's caps on buffer and batch sizes; a pipeline over one is refused.
+    pub limits: super::limits::Limits,
 }
 
 /// A started pipeline.
@@ -73,6 +75,7 @@ impl RunningPipeline {
         metrics: &AgentMetrics,
     ) -> Result<Self, AgentError> {
         check_paths(&pipeline, env)?;
+        super::limits::refuse_over_limits(&pipeline, &env.limits)?;
         let key: Arc<str> = Arc::from(pipeline.key.as_str());
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
         let (checkpoints, set_aside) = Checkpoints::load_or_set_aside(cp_path)?;

@@ -110,6 +110,8 @@ pub struct Context {
 pub struct AgentPaths {
     pub confine: crate::agent::confine::Confinement,
     pub file_output_dir: Option<std::path::PathBuf>,
+    /// The agents' caps on buffer and batch sizes (`--agent-max-*`, chart `agent.limits`).
+    pub limits: crate::agent::limits::Limits,
 }
 
 impl Context {

@@ -35,6 +35,7 @@ use super::runtime::{self, Obj, Shared, Stores};
 use super::{AgentPaths, At, Context, Error, Stage, Tenants, WatchNamespace};
 use crate::agent::config::{AgentConfigFile, PipelineEntry, validate};
 use crate::agent::confine::check_pipeline;
+use crate::agent::limits::check_limits;
 use crate::agent::report::{CONFIG_HASH_ANNOTATION, config_hash};
 use crate::api::FIELD_MANAGER;
 use crate::api::log_pipeline::{LogPipeline, LogPipelineSpec, LogPipelineStatus, NodeCounts};
@@ -255,6 +256,14 @@ fn problem(
             false,
             "PathNotAllowed",
             format!("{field}: {why} (the node agents' agent.logRoots / agent.fileOutputDir)"),
+        ));
+    }
+    if let Err((field, why)) = check_limits(&pipeline, &paths.limits) {
+        return Some(Desired::new(
+            READY,
+            false,
+            "LimitExceeded",
+            format!("{field}: {why}"),
         ));
     }
     for (output, secret) in secret_refs(&lp.spec) {
