@@ -114,6 +114,8 @@ pub struct OutputConfig {
     pub kind: OutputKind,
     /// `insecureAllowHttpCredentials`: a Secret's credentials may go over plain `http://`.
     pub insecure_http_credentials: bool,
+    /// `tls.replaceRoots`: trust only the Secret's `ca.crt` (checked to name a Secret).
+    pub replace_roots: bool,
 }
 
 /// Where an output ships to; URLs are parsed.
@@ -331,10 +333,13 @@ pub fn validate(entry: PipelineEntry) -> Result<Pipeline, ConfigError> {
             })
             .or_else(|| o.http.as_ref().map(|x| x.insecure_allow_http_credentials))
             .unwrap_or(false);
+        let replace_roots = super::tls_roots::replace_roots(o)
+            .map_err(|(field, msg)| bad(format!("{at}{field}"), msg))?;
         outputs.push(OutputConfig {
             name: o.name.clone(),
             kind,
             insecure_http_credentials,
+            replace_roots,
         });
     }
     let b = &spec.delivery.batch;

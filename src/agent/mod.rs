@@ -26,6 +26,7 @@ pub mod run;
 pub mod sink;
 pub mod spool;
 pub mod tail;
+pub mod tls_roots;
 
 /// Why the agent (or one pipeline) could not start.
 #[derive(Debug, thiserror::Error)]

@@ -340,10 +340,22 @@ fn build_outputs(
                         ),
                     });
                 }
-                let own = m
-                    .client(&secret, &client, env.request_timeout)
-                    .map_err(bad)?;
+                let own = super::tls_roots::output_client(
+                    &m,
+                    o.replace_roots,
+                    &secret,
+                    &client,
+                    env.request_timeout,
+                )
+                .map_err(bad)?;
                 (own, m.auth)
+            }
+            (Some(_), None) if o.replace_roots => {
+                return Err(AgentError::Secret {
+                    pipeline: p.key.clone(),
+                    field: format!("spec.outputs[{i}].secretRef"),
+                    message: "no --secret-dir to read ca.crt from, and tls.replaceRoots trusts only its CAs".into(),
+                });
             }
             (Some(name), None) => {
                 tracing::warn!(pipeline = %p.key, output = %o.name, secret = %name, "no --secret-dir: sending without the Secret's credentials and CA");
