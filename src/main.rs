@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use outrider::agent::limits;
 use outrider::controller::{self, Context, WatchNamespace, leader};
 use outrider::telemetry::{self, LogFormat, Metrics, Readiness};
 use prometheus_client::registry::Registry;
@@ -104,6 +105,19 @@ struct ControllerArgs {
     /// (`--watch-namespace`) renders ClusterLogPipelines only when this is given.
     #[arg(long, env = "OUTRIDER_CLUSTER_PIPELINE_SELECTOR")]
     cluster_pipeline_selector: Option<String>,
+    /// The node agents' `--max-memory-buffer` (chart `agent.limits.memoryBuffer`): a
+    /// LogPipeline asking for more is `Ready=False/LimitExceeded` and not rendered.
+    #[arg(long, default_value = limits::DEFAULT_MAX_MEMORY_BUFFER, value_parser = limits::parse_cap)]
+    agent_max_memory_buffer: usize,
+    /// The node agents' `--max-disk-buffer` (chart `agent.limits.diskBuffer`).
+    #[arg(long, default_value = limits::DEFAULT_MAX_DISK_BUFFER, value_parser = limits::parse_cap)]
+    agent_max_disk_buffer: usize,
+    /// The node agents' `--max-batch-bytes` (chart `agent.limits.batchBytes`).
+    #[arg(long, default_value = limits::DEFAULT_MAX_BATCH_BYTES, value_parser = limits::parse_cap)]
+    agent_max_batch_bytes: usize,
+    /// The node agents' `--max-batch-events` (chart `agent.limits.batchEvents`).
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_BATCH_EVENTS, value_parser = limits::parse_event_cap)]
+    agent_max_batch_events: usize,
 }
 
 /// A namespace name (DNS-1123 label): it becomes part of API paths.
@@ -264,6 +278,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         confine: outrider::agent::confine::Confinement::new(args.agent_allowed_roots, Vec::new()),
         file_output_dir: args.agent_file_output_dir,
         cluster_pipeline_selector: args.cluster_pipeline_selector,
+        limits: limits::Limits {
+            max_memory_buffer_bytes: args.agent_max_memory_buffer,
+            max_disk_buffer_bytes: args.agent_max_disk_buffer,
+            max_batch_bytes: args.agent_max_batch_bytes,
+            max_batch_events: args.agent_max_batch_events,
+        },
     };
     let ctx = Arc::new(ctx);
 

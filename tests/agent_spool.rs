@@ -118,8 +118,8 @@ fn a_spool_with_a_flipped_byte_reports_and_skips_the_bad_frame_and_every_other_l
         agent.metric("outrider_agent_spool_bad_bytes_total", &[]),
         (8 + n) as f64
     );
-    let dead = std::fs::read_to_string(dir.path().join("state/dead-letter/flip.spool.ndjson"))
-        .unwrap();
+    let dead =
+        std::fs::read_to_string(dir.path().join("state/dead-letter/flip.spool.ndjson")).unwrap();
     let dead: Vec<serde_json::Value> = dead
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

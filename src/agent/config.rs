@@ -134,6 +134,14 @@ impl Pipeline {
     pub fn is_tenant(&self) -> bool {
         matches!(self.source, Source::Pods(_))
     }
+
+    /// The delivery settings as written (sizes unparsed), for messages.
+    pub fn delivery(&self) -> &Delivery {
+        match &self.source {
+            Source::Pods(e) => &e.spec.delivery,
+            Source::Node(e) => &e.spec.delivery,
+        }
+    }
 }
 
 /// A validated input.
@@ -182,6 +190,8 @@ pub struct OutputConfig {
     pub kind: OutputKind,
     /// `insecureAllowHttpCredentials`: a Secret's credentials may go over plain `http://`.
     pub insecure_http_credentials: bool,
+    /// `tls.replaceRoots`: trust only the Secret's `ca.crt` (checked to name a Secret).
+    pub replace_roots: bool,
 }
 
 /// A Secret as the agent finds it: `<secret dir>/<namespace>/<name>/`.
@@ -574,6 +584,8 @@ fn output_config(
         return Err((format!("{at}.name"), format!("duplicate name {:?}", o.name)));
     }
     let kind = output_kind(o, secret).map_err(|(field, msg)| (format!("{at}{field}"), msg))?;
+    let replace_roots =
+        super::tls_roots::replace_roots(o).map_err(|(field, msg)| (format!("{at}{field}"), msg))?;
     let insecure_http_credentials = o
         .loki
         .as_ref()
@@ -589,6 +601,7 @@ fn output_config(
         name: o.name.clone(),
         kind,
         insecure_http_credentials,
+        replace_roots,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod confine;
 pub mod discover;
 pub mod filter;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod multiline;
 pub mod parse;
@@ -31,6 +32,7 @@ pub mod spool;
 pub mod spool_ship;
 pub mod spool_write;
 pub mod tail;
+pub mod tls_roots;
 pub mod truncate;
 
 /// Why the agent (or one pipeline) could not start.
@@ -54,6 +56,13 @@ pub enum AgentError {
         pipeline: String,
         field: String,
         refusal: confine::Refusal,
+    },
+    /// The pipeline asks for more than the admin's caps allow ([`limits`]).
+    #[error("pipeline {pipeline}: {field}: {message}")]
+    LimitExceeded {
+        pipeline: String,
+        field: String,
+        message: String,
     },
     #[error("state directory {path}: {source}")]
     StateDir {

@@ -59,6 +59,8 @@ pub struct AgentEnv {
     pub batches_in_flight: usize,
     /// Size cap of each dead-letter file (one rotation to `.1`, then drops are counted).
     pub dead_letter_max_bytes: u64,
+    /// The admin's caps on buffer and batch sizes; a pipeline over one is refused.
+    pub limits: super::limits::Limits,
 }
 
 /// A started pipeline.
@@ -78,6 +80,7 @@ impl RunningPipeline {
         metrics: &AgentMetrics,
     ) -> Result<Self, AgentError> {
         check_paths(&pipeline, env)?;
+        super::limits::refuse_over_limits(&pipeline, &env.limits)?;
         let key: Arc<str> = Arc::from(pipeline.key.as_str());
         let cp_path = Checkpoints::path_for(&env.state_dir, &pipeline.key);
         let (checkpoints, set_aside) = Checkpoints::load_or_set_aside(cp_path)?;
@@ -338,10 +341,22 @@ fn build_outputs(
                         ),
                     });
                 }
-                let own = m
-                    .client(&secret, &client, env.request_timeout)
-                    .map_err(bad)?;
+                let own = super::tls_roots::output_client(
+                    &m,
+                    o.replace_roots,
+                    &secret,
+                    &client,
+                    env.request_timeout,
+                )
+                .map_err(bad)?;
                 (own, m.auth)
+            }
+            (Some(_), None) if o.replace_roots => {
+                return Err(AgentError::Secret {
+                    pipeline: p.key.clone(),
+                    field: format!("spec.outputs[{i}].secretRef"),
+                    message: "no --secret-dir to read ca.crt from, and tls.replaceRoots trusts only its CAs".into(),
+                });
             }
             (Some(secret), None) => {
                 tracing::warn!(pipeline = %p.key, output = %o.name, %secret, "no --secret-dir: sending without the Secret's credentials and CA");

@@ -206,8 +206,8 @@ async fn swap(
 
 /// Pipelines that could not start for a reason that may pass (a Secret not mounted yet,
 /// the state directory), retried with backoff (the reload interval doubling, at most 5
-/// minutes). A pipeline refused for what it asks (a path it may not read) is not retried:
-/// only a new configuration changes that.
+/// minutes). A pipeline refused for what it asks (a path it may not read, a size over a
+/// cap) is not retried: only a new configuration changes that.
 #[derive(Default)]
 struct Failed(BTreeMap<String, (Pipeline, u32, std::time::Instant)>);
 
@@ -250,11 +250,15 @@ fn start(
             Some(r)
         }
         Err(e) => {
-            if !matches!(e, AgentError::Refused { .. }) {
+            if !matches!(
+                e,
+                AgentError::Refused { .. } | AgentError::LimitExceeded { .. }
+            ) {
                 failed.record(p);
             }
             let reason = match &e {
                 AgentError::Refused { refusal, .. } => refusal.reason(),
+                AgentError::LimitExceeded { .. } => "limit_exceeded",
                 AgentError::Secret { .. } => "secret",
                 AgentError::Checkpoint(_) => "checkpoint",
                 AgentError::StateDir { .. } => "state_dir",

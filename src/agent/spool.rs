@@ -10,8 +10,15 @@
 //! - *cursor*: everything before it is acknowledged by every output. It is written
 //!   atomically to `cursor.json`; segments wholly before it are deleted.
 //!
-//! The spool holds at most `max` bytes between cursor and durable; the writer waits for room
-//! (and so do the readers behind it: backpressure). A torn frame at the end of the last
+//! The spool holds at most `max` bytes *on disk*: the writer waits for room (and so do the
+//! readers behind it: backpressure) until the frames from the oldest segment still on disk
+//! to the end, plus the group it is about to write, fit in `max`. Acknowledged bytes count
+//! until their segment is deleted, which is why segments are at most an eighth of `max`
+//! ([`segment_bytes_for`]): with one fixed 32 MiB segment a 1 MiB cap let 32 MiB of
+//! acknowledged records sit on the node's disk. The one exception: a spool holding nothing
+//! unacknowledged always takes the next group, or a group larger than the room left beside
+//! the current segment's acknowledged bytes would wait forever. Segment headers (8 bytes a
+//! segment) are not counted. A torn frame at the end of the last
 //! segment (a crash mid-write) is cut off on open; it was never durable, so its source
 //! lines were never checkpointed and are read again.
 //!
@@ -60,8 +67,19 @@ use bytes::Bytes;
 
 use super::record::{Encoded, RecordId};
 
-/// A new segment is started once the current one is this large.
+/// A new segment is started once the current one is this large (at most; see
+/// [`segment_bytes_for`]).
 pub const SEGMENT_BYTES: u64 = 32 << 20;
+/// The smallest segment [`segment_bytes_for`] picks: tiny caps would otherwise mean a file
+/// (and an fsync of the directory) per few records.
+pub const MIN_SEGMENT_BYTES: u64 = 4 << 10;
+
+/// The segment size for a spool capped at `max` bytes: an eighth of the cap (between
+/// [`MIN_SEGMENT_BYTES`] and [`SEGMENT_BYTES`]), so the acknowledged bytes a segment keeps
+/// on disk until it is wholly acknowledged and deleted take at most an eighth of the cap.
+pub fn segment_bytes_for(max: u64) -> u64 {
+    (max / 8).clamp(MIN_SEGMENT_BYTES, SEGMENT_BYTES)
+}
 /// The segment header's magic.
 const MAGIC: [u8; 4] = *b"OSPL";
 /// The format this agent writes.
@@ -205,6 +223,8 @@ impl Report {
 #[derive(Debug)]
 struct Shared {
     max: u64,
+    /// Global offset of the oldest segment still on disk: what is on disk is `retained..end`.
+    retained: AtomicU64,
     cursor: AtomicU64,
     durable: AtomicU64,
     room: Notify,
@@ -447,9 +467,9 @@ fn new_segment(dir: &Path, start: u64) -> io::Result<File> {
     Ok(file)
 }
 
-/// Opens (or creates) the spool in `dir` holding at most `max` unacknowledged bytes.
+/// Opens (or creates) the spool in `dir` holding at most `max` bytes on disk.
 pub fn open(dir: &Path, max: u64) -> io::Result<(SpoolWriter, SpoolReader)> {
-    open_with(dir, max, SEGMENT_BYTES)
+    open_with(dir, max, segment_bytes_for(max))
 }
 
 /// [`open`] with a chosen segment size.
@@ -529,6 +549,7 @@ pub fn open_with(
     io::Seek::seek(&mut out, io::SeekFrom::End(0))?;
     let shared = Arc::new(Shared {
         max: max.max(1),
+        retained: AtomicU64::new(segs.first().copied().unwrap_or(start).min(start)),
         cursor: AtomicU64::new(cursor.min(durable)),
         durable: AtomicU64::new(durable),
         room: Notify::new(),
@@ -553,6 +574,21 @@ pub fn open_with(
             shared,
         },
     ))
+}
+
+/// The bytes [`SpoolWriter::append`] writes for `rec` (0 for a record too large to spool),
+/// so a writer can wait for room for a whole group first.
+pub fn frame_len(rec: &Encoded) -> u64 {
+    let payload = 8 + 2 + rec.id.as_bytes().len() as u64 + rec.json.len() as u64;
+    if payload > MAX_FRAME {
+        return 0;
+    }
+    FRAME_HEADER + payload
+}
+
+/// [`frame_len`] of every record.
+pub fn frames_len<'a>(recs: impl IntoIterator<Item = &'a Encoded>) -> u64 {
+    recs.into_iter().map(frame_len).sum()
 }
 
 /// A version-1 frame for the record; `None` when it would be larger than [`MAX_FRAME`].
@@ -654,16 +690,34 @@ impl SpoolWriter {
             .saturating_sub(self.shared.cursor.load(Ordering::Acquire))
     }
 
+    /// Frame bytes on disk: from the oldest segment not yet deleted (acknowledged bytes
+    /// included) to the last appended frame.
+    pub fn on_disk(&self) -> u64 {
+        self.end
+            .saturating_sub(self.shared.retained.load(Ordering::Acquire))
+    }
+
+    /// Whether `bytes` more fit beneath the size limit (always, when nothing is
+    /// unacknowledged: see the module documentation).
+    pub fn has_room_for(&self, bytes: u64) -> bool {
+        self.used() == 0 || self.on_disk().saturating_add(bytes) <= self.shared.max
+    }
+
     /// Whether the spool is at its size limit.
     pub fn is_full(&self) -> bool {
-        self.used() >= self.shared.max
+        !self.has_room_for(1)
     }
 
     /// Waits until the spool is below its size limit.
     pub async fn wait_room(&self) {
+        self.wait_room_for(1).await
+    }
+
+    /// Waits until `bytes` more fit ([`SpoolWriter::has_room_for`]).
+    pub async fn wait_room_for(&self, bytes: u64) {
         loop {
             let notified = self.shared.room.notified();
-            if self.used() < self.shared.max {
+            if self.has_room_for(bytes) {
                 return;
             }
             notified.await;
@@ -851,6 +905,7 @@ impl SpoolReader {
         for pair in segs.windows(2) {
             if pair[1] <= upto {
                 std::fs::remove_file(segment_path(&self.dir, pair[0]))?;
+                self.shared.retained.fetch_max(pair[1], Ordering::AcqRel);
             }
         }
         self.shared.room.notify_waiters();
@@ -953,6 +1008,71 @@ mod tests {
             .await
             .expect("room after the ack");
         assert_eq!(r.used(), 0);
+    }
+
+    /// Frame bytes of the segment files in `dir` (their headers left out, as the cap does).
+    fn frames_on_disk(dir: &Path) -> u64 {
+        segments(dir)
+            .unwrap()
+            .iter()
+            .map(|s| std::fs::metadata(segment_path(dir, *s)).unwrap().len() - SEGMENT_HEADER)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn the_files_on_disk_stay_within_the_cap_while_the_reader_acknowledges_behind() {
+        // A reader that keeps up (acknowledging all but the newest group) kept the
+        // unacknowledged bytes low while one 32 MiB segment of acknowledged records grew on
+        // disk: the cap counted only what was unacknowledged. Phases where the reader
+        // stalls fill the spool to its cap.
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 << 10;
+        let (mut w, mut r) = open(dir.path(), max).unwrap();
+        let group: Vec<Encoded> = (0..100).map(rec).collect();
+        let need = frames_len(&group);
+        let (mut written, mut waited) = (0u64, 0);
+        for i in 0..400 {
+            let stalled = (i / 25) % 2 == 1;
+            if !stalled {
+                // acknowledges what it read before, then reads what is new
+                let upto = r.pos;
+                if upto > r.shared.cursor.load(Ordering::Acquire) {
+                    r.ack(upto).unwrap();
+                }
+                while r.pos < w.end {
+                    r.next().await.unwrap().unwrap();
+                }
+            }
+            if w.has_room_for(need) {
+                for rec in &group {
+                    w.append(rec).unwrap();
+                }
+                w.commit().unwrap();
+                written += need;
+            } else {
+                // (the first step after a stall only acknowledges what came before it)
+                assert!(
+                    stalled || i % 25 == 0,
+                    "no room at step {i} though the reader keeps up"
+                );
+                waited += 1;
+            }
+            let on_disk = frames_on_disk(dir.path());
+            assert!(
+                on_disk <= max,
+                "{on_disk} bytes on disk over a cap of {max}"
+            );
+            assert_eq!(on_disk, w.on_disk());
+        }
+        assert!(written > 10 * max, "the spool kept going ({written} bytes)");
+        assert!(waited > 0, "the cap was reached");
+    }
+
+    #[test]
+    fn segments_are_an_eighth_of_the_cap_within_bounds() {
+        assert_eq!(segment_bytes_for(1 << 30), SEGMENT_BYTES);
+        assert_eq!(segment_bytes_for(16 << 20), 2 << 20);
+        assert_eq!(segment_bytes_for(1000), MIN_SEGMENT_BYTES);
     }
 
     #[tokio::test]

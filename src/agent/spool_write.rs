@@ -11,7 +11,7 @@ use super::checkpoint_writer::CheckpointWriter;
 use super::metrics::AgentMetrics;
 use super::record::Item;
 use super::sink;
-use super::spool::SpoolWriter;
+use super::spool::{self, SpoolWriter};
 
 /// Moves items from memory to the disk spool. Source checkpoints move as soon as the
 /// records are durable in the spool: from then on the spool owns them.
@@ -32,13 +32,6 @@ const SPOOL_GROUP: usize = 64;
 /// Spools items until the buffer closes (or stopping finds the spool full).
 pub async fn spool_write_loop(mut w: SpoolWriteTask) {
     loop {
-        // A full spool stops taking items: memory fills and the readers pause. When
-        // stopping, nothing frees room any more: leave the rest unspooled (and
-        // unchecked), to be read again from the files next time.
-        tokio::select! {
-            _ = w.writer.wait_room() => {}
-            _ = w.stop.cancelled(), if w.writer.is_full() => break,
-        }
         let Some(first) = w.rx.recv().await else {
             break;
         };
@@ -48,6 +41,18 @@ pub async fn spool_write_loop(mut w: SpoolWriteTask) {
                 Some(t) => taken.push(t),
                 None => break,
             }
+        }
+        // A full spool stops taking items: memory fills and the readers pause. Waiting
+        // for room for the whole group keeps the spool at its cap. When stopping, nothing
+        // frees room any more: leave the rest unspooled (and unchecked), to be read again
+        // from the files next time.
+        let need = spool::frames_len(taken.iter().flat_map(|t| match &t.item {
+            Item::Event(e) => e.records.as_slice(),
+            Item::Forget(_) => &[],
+        }));
+        tokio::select! {
+            _ = w.writer.wait_room_for(need) => {}
+            _ = w.stop.cancelled(), if !w.writer.has_room_for(need) => break,
         }
         if !spool_group(&mut w, &taken).await {
             // Stopping while the disk fails: these records are neither spooled nor

@@ -603,3 +603,48 @@ fn security_policy_durations_past_their_bounds_or_overflowing_are_rejected_at_th
         ],
     );
 }
+
+#[test]
+fn replace_roots_needs_a_secret_ref_on_every_http_based_output() {
+    let pipeline = |kind: &str, sink: Value| {
+        object(
+            "LogPipeline",
+            json!({"inputs": [{"name": "app", "paths": ["/var/log/a.log"]}],
+                   "outputs": [{"name": "o", kind: sink}]}),
+        )
+    };
+    for (kind, base) in [
+        ("loki", json!({"url": "https://loki:3100"})),
+        (
+            "elasticsearch",
+            json!({"url": "https://es:9200", "index": "logs"}),
+        ),
+        ("http", json!({"url": "https://rx/ingest"})),
+    ] {
+        let with = |extra: Value| {
+            let mut s = base.clone();
+            s.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            pipeline(kind, s)
+        };
+        let field = format!("spec.outputs[0].{kind}.tls.replaceRoots");
+        let errors = cel_errors(&with(json!({"tls": {"replaceRoots": true}})));
+        assert!(
+            errors.len() == 1 && errors[0].starts_with(&format!("{field}: ")),
+            "{kind}: expected one failure at {field}, got {errors:?}"
+        );
+        for ok in [
+            json!({"tls": {"replaceRoots": true}, "secretRef": {"name": "ca"}}),
+            json!({"tls": {"replaceRoots": false}}),
+            json!({"tls": {}}),
+            json!({}),
+        ] {
+            assert_eq!(
+                cel_errors(&with(ok.clone())),
+                Vec::<String>::new(),
+                "{kind}: {ok}"
+            );
+        }
+    }
+}

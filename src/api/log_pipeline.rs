@@ -243,6 +243,7 @@ pub struct RecordMatch {
 
 /// Loki sink.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = super::output_tls::replace_roots_needs_secret())]
 #[serde(rename_all = "camelCase")]
 pub struct LokiSink {
     /// Base URL (`/loki/api/v1/push` is appended).
@@ -273,6 +274,9 @@ pub struct LokiSink {
     /// output whose Secret holds credentials must use `https://`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_allow_http_credentials: bool,
+    /// Server certificate verification (`replaceRoots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::output_tls::TlsSettings>,
 }
 
 /// How the Loki push request is encoded.
@@ -288,7 +292,8 @@ pub enum LokiEncoding {
 }
 
 /// Elasticsearch sink.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = super::output_tls::replace_roots_needs_secret())]
 #[serde(rename_all = "camelCase")]
 pub struct ElasticsearchSink {
     /// Base URL (`/_bulk` is appended).
@@ -309,10 +314,14 @@ pub struct ElasticsearchSink {
     /// output whose Secret holds credentials must use `https://`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_allow_http_credentials: bool,
+    /// Server certificate verification (`replaceRoots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::output_tls::TlsSettings>,
 }
 
 /// Generic HTTP sink.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = super::output_tls::replace_roots_needs_secret())]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSink {
     /// URL that receives each batch as a POST of `application/x-ndjson`.
@@ -327,6 +336,9 @@ pub struct HttpSink {
     /// output whose Secret holds credentials must use `https://`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_allow_http_credentials: bool,
+    /// Server certificate verification (`replaceRoots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::output_tls::TlsSettings>,
 }
 
 /// Batching and buffering.

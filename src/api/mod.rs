@@ -10,6 +10,7 @@ pub mod deployment_plan;
 pub mod health_check;
 pub mod inventory;
 pub mod log_pipeline;
+pub mod output_tls;
 pub mod security_policy;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{

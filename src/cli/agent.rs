@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use outrider::agent::config::{self, parse_byte_size};
 use outrider::agent::confine::Confinement;
+use outrider::agent::limits::{self, Limits};
 use outrider::agent::metrics::AgentMetrics;
 use outrider::agent::pipeline::AgentEnv;
 use outrider::agent::report::PodRef;
@@ -109,6 +110,19 @@ pub struct AgentArgs {
     /// (`outrider_agent_dead_letter_dropped_total`).
     #[arg(long, env = "OUTRIDER_DEAD_LETTER_MAX_BYTES", default_value = "64Mi", value_parser = size)]
     dead_letter_max_bytes: usize,
+    /// Largest `buffer.maxSize` of a memory buffer a pipeline may ask for (chart
+    /// `agent.limits.memoryBuffer`); a pipeline over it is refused, the others run.
+    #[arg(long, env = "OUTRIDER_AGENT_MAX_MEMORY_BUFFER", default_value = limits::DEFAULT_MAX_MEMORY_BUFFER, value_parser = limits::parse_cap)]
+    max_memory_buffer: usize,
+    /// Largest `buffer.maxSize` of a disk buffer (chart `agent.limits.diskBuffer`).
+    #[arg(long, env = "OUTRIDER_AGENT_MAX_DISK_BUFFER", default_value = limits::DEFAULT_MAX_DISK_BUFFER, value_parser = limits::parse_cap)]
+    max_disk_buffer: usize,
+    /// Largest `batch.maxBytes` (chart `agent.limits.batchBytes`).
+    #[arg(long, env = "OUTRIDER_AGENT_MAX_BATCH_BYTES", default_value = limits::DEFAULT_MAX_BATCH_BYTES, value_parser = limits::parse_cap)]
+    max_batch_bytes: usize,
+    /// Largest `batch.maxEvents` (chart `agent.limits.batchEvents`).
+    #[arg(long, env = "OUTRIDER_AGENT_MAX_BATCH_EVENTS", default_value_t = limits::DEFAULT_MAX_BATCH_EVENTS, value_parser = limits::parse_event_cap)]
+    max_batch_events: usize,
 }
 
 /// A `1m30s`-style duration flag.
@@ -196,6 +210,12 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
             batches_in_flight: usize::from(args.batches_in_flight),
             backoff: Backoff::new(args.retry_initial, args.retry_max),
             dead_letter_max_bytes: args.dead_letter_max_bytes as u64,
+            limits: Limits {
+                max_memory_buffer_bytes: args.max_memory_buffer,
+                max_disk_buffer_bytes: args.max_disk_buffer,
+                max_batch_bytes: args.max_batch_bytes,
+                max_batch_events: args.max_batch_events,
+            },
         },
         reload_interval: args.reload_interval,
         shutdown_grace: args.shutdown_grace,

@@ -112,6 +112,8 @@ pub struct AgentPaths {
     pub file_output_dir: Option<std::path::PathBuf>,
     /// Labels selecting the ClusterLogPipelines this controller renders (see `main`).
     pub cluster_pipeline_selector: Option<String>,
+    /// The agents' caps on buffer and batch sizes (`--agent-max-*`, chart `agent.limits`).
+    pub limits: crate::agent::limits::Limits,
 }
 
 impl Context {

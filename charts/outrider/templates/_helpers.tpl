@@ -92,3 +92,14 @@ the "<fullname>-tenant" ClusterRole, bound in each of them.
   resources: [secrets]
   verbs: [get, list, watch]
 {{- end }}
+
+{{/*
+The agent's caps (agent.limits) as flags: `--max-*` for the agent, `--agent-max-*` for the
+controller (prefix "agent-"), so both enforce the same values.
+*/}}
+{{- define "outrider.agentLimitArgs" -}}
+- --{{ .prefix }}max-memory-buffer={{ .limits.memoryBuffer }}
+- --{{ .prefix }}max-disk-buffer={{ .limits.diskBuffer }}
+- --{{ .prefix }}max-batch-bytes={{ .limits.batchBytes }}
+- --{{ .prefix }}max-batch-events={{ int64 .limits.batchEvents }}
+{{- end }}

@@ -24,6 +24,7 @@ pub use crate::backoff::Backoff;
 pub use dead_letter::DeadLetter;
 pub use retry::{Delivered, Output, SINK_BACKOFF, deliver};
 pub use secret::{Auth, SecretError, SecretMaterial, TlsMaterial};
+pub(crate) use transport::client_builder;
 pub use transport::{HttpOptions, MAX_RESPONSE_BYTES, Payload, classify, error_chain, http_client};
 
 /// What happened to one attempt, per record (indices into the slice sent).

@@ -44,7 +44,7 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
 /// agent's memory.
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
-pub(super) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         // a redirect is an answer, not a delivery: following a 302 to some 200 page would
         // count records as delivered that no sink stored

@@ -18,6 +18,7 @@ use crate::agent::config::{
     self, AgentConfigFile, ClusterPipelineEntry, Pipeline, PipelineEntry, PodLogs, Sources,
 };
 use crate::agent::confine::check_pipeline;
+use crate::agent::limits::check_limits;
 use crate::agent::report::config_hash;
 use crate::api::cluster_log_pipeline::{ClusterLogPipeline, Output};
 use crate::api::log_pipeline::{LogPipeline, SecretRef};
@@ -196,7 +197,7 @@ fn secret_ref_mut(o: &mut Output) -> Option<&mut SecretRef> {
     }
 }
 
-/// The same path check the agents make, so a refusal shows on the resource.
+/// The same path and size checks the agents make, so a refusal shows on the resource.
 fn confined(pipeline: &Pipeline, world: &World<'_>) -> Result<(), Desired> {
     check_pipeline(
         pipeline,
@@ -210,6 +211,9 @@ fn confined(pipeline: &Pipeline, world: &World<'_>) -> Result<(), Desired> {
             "PathNotAllowed",
             format!("{field}: {why} (the node agents' agent.logRoots / agent.fileOutputDir)"),
         )
+    })?;
+    check_limits(pipeline, &world.paths.limits).map_err(|(field, why)| {
+        Desired::new(READY, false, "LimitExceeded", format!("{field}: {why}"))
     })
 }
 
