@@ -66,7 +66,7 @@ COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 NODES=(kwok-node-0 kwok-node-1)
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_IP=10.96.0.1   # first IP of SERVICE_CIDR: the `kubernetes` Service
-POD_CIDR=10.244.0.0/16 # fake pod IPs handed out by kwok (not the host's 192.0.2.0/24 nor its DNS)
+POD_CIDR=127.244.0.0/16 # fake pod IPs handed out by kwok: on loopback, so the controller may scrape agents that tests run on them
 
 log() { printf '[cluster %3ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }

@@ -191,7 +191,15 @@ start_controller() {
 }
 
 # The agent's Pod: kwok keeps it Running on the node; the local agent process reports on it
+# The agent's metrics port, kept in $STATE/agent.port (a Pod's ports cannot change)
+agent_port() {
+  [ -s "$STATE/agent.port" ] || free_port >"$STATE/agent.port"
+  cat "$STATE/agent.port"
+}
+
 agent_pod() {
+  local port
+  port=$(agent_port)
   kubectl apply -n "$NS" -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Pod
@@ -202,12 +210,24 @@ metadata:
     outrider.dev/demo: "stands in for the outrider agent that e2e/demo.sh runs as a local process"
 spec:
   nodeName: $AGENT_NODE
-  containers: [{name: agent, image: "outrider:demo"}]
+  containers: [{name: agent, image: "outrider:demo", ports: [{name: metrics, containerPort: $port}]}]
 EOF
 }
 
+# The agent Pod's IP (kwok hands out loopback addresses in the test cluster): the agent serves
+# /metrics there, where the controller reads which configuration it runs
+agent_ip() {
+  local i ip
+  for i in $(seq 100); do
+    ip=$(kubectl get pod "$AGENT_POD" -n "$NS" -o jsonpath='{.status.podIP}' 2>/dev/null)
+    [ -n "$ip" ] && { echo "$ip"; return; }
+    sleep 0.3
+  done
+  die "Pod $AGENT_POD got no IP from kwok"
+}
+
 # Writes the ConfigMap's agent.yaml to $STATE/agent/agent.yaml when it changed (byte for byte: the
-# agent reports the sha256 of what it loaded, the controller compares it with what it rendered).
+# agent exports the sha256 of what it loaded, the controller compares it with what it rendered).
 # Returns 1 while there is no ConfigMap yet.
 sync_agent_config() {
   local out="$STATE/agent/agent.yaml"
@@ -229,9 +249,9 @@ start_agent() {
     # no LogPipeline yet, so maybe no ConfigMap: the agent waits for its file, agent-sync writes it
     sync_agent_config || true
   fi
-  start_daemon agent "KUBECONFIG=$KC" "POD_NAME=$AGENT_POD" "POD_NAMESPACE=$NS" "RUST_LOG=${RUST_LOG:-info}" -- \
+  start_daemon agent "RUST_LOG=${RUST_LOG:-info}" -- \
     "$BIN" agent --config "$STATE/agent/agent.yaml" --state-dir "$STATE/agent/state" \
-    --node-name "$AGENT_NODE" --metrics-addr 127.0.0.1:0
+    --node-name "$AGENT_NODE" --metrics-addr "$(agent_ip):$(agent_port)"
   # a kubelet keeps a mounted ConfigMap in sync; here this loop does, every 2 s
   start_daemon agent-sync -- bash "$repo/e2e/demo.sh" sync-loop
   log "agent for node $AGENT_NODE running (pid $(cat "$PIDS/agent.pid"), log $LOGS/agent.log; config $STATE/agent/agent.yaml)"

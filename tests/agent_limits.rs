@@ -101,10 +101,7 @@ fn pipelines_over_the_caps_are_refused_by_name_and_the_one_within_ships_every_li
     for (name, _, says) in &greedy {
         let n = agent.metric(
             "outrider_agent_pipelines_refused_total",
-            &[
-                &format!("pipeline=\"{name}\""),
-                "reason=\"limit_exceeded\"",
-            ],
+            &[&format!("pipeline=\"{name}\""), "reason=\"limit_exceeded\""],
         );
         assert_eq!(n, 1.0, "pipeline {name} refused:\n{}", agent.metrics());
         assert!(

@@ -1426,38 +1426,6 @@ impl Drop for AppGuard<'_> {
     }
 }
 
-/// `outrider agent` standing in for the agent of Pod `pod` (POD_NAME/POD_NAMESPACE as the
-/// downward API sets them): it reports the configuration it runs, which makes a LogPipeline Ready.
-struct Agent(std::process::Child);
-
-impl Agent {
-    fn start(kc: &Path, ns: &str, pod: &str, config: &Path, dir: &Path) -> Self {
-        let log = std::fs::File::create(dir.join(format!("{pod}.log"))).expect("agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_outrider"))
-            .arg("agent")
-            .arg("--config")
-            .arg(config)
-            .arg("--state-dir")
-            .arg(dir.join(format!("state-{pod}")))
-            .args(["--node-name", pod, "--metrics-addr", "127.0.0.1:0"])
-            .env("KUBECONFIG", kc)
-            .env("POD_NAME", pod)
-            .env("POD_NAMESPACE", ns)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start outrider agent");
-        Self(child)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn argocd_syncs_every_kind_and_reports_each_ones_health_without_drift() {
     gitops(Mode::ClientSide, "argocd-csa").await;
@@ -1487,12 +1455,12 @@ async fn gitops(mode: Mode, prefix: &str) {
     fw_host.sshd.authorize(FW_USER, &fw_public);
     apply(&kc, &fw_secret_yaml(&ns, &fw_host, &fw_key));
     // The node agent runs from the chart's DaemonSet in a real install: here one agent Pod on a
-    // kwok node (kwok makes it Ready) and the agent process reporting for it.
+    // kwok node (kwok makes it Ready) and the agent process serving its IP (scraped by the
+    // controller for the configuration it runs).
+    let agent_port = free_port();
     apply(
         &kc,
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: agent-0, namespace: {ns}, labels: {{app.kubernetes.io/name: outrider-agent}}}}\nspec:\n  nodeName: kwok-node-0\n  containers: [{{name: agent, image: example.com/outrider:test}}]\n"
-        ),
+        &agent_pod_yaml("agent-0", &ns, "kwok-node-0", agent_port),
     );
 
     let git_repo = GitRepo::new();
@@ -1539,7 +1507,13 @@ async fn gitops(mode: Mode, prefix: &str) {
     })
     .await;
     std::fs::write(&config, rendered).expect("write agent.yaml");
-    let _agent = Agent::start(&kc, &ns, "agent-0", &config, agent_dir.path());
+    let agent_ip = pod_ip(&ns, "agent-0").await;
+    let _agent = AgentProcess::start(
+        &config,
+        agent_dir.path(),
+        "kwok-node-0",
+        &format!("{agent_ip}:{agent_port}"),
+    );
 
     let all_healthy: Vec<(&str, &str, &str)> = vec![
         ("Inventory", "fleet", "Healthy"),

@@ -699,16 +699,14 @@ fn chart_renders_a_cluster_role_or_namespaced_roles_for_the_install_mode() {
     assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
     let lease = find(&docs, "Role", "outrider-leader-election").expect("Lease Role");
     assert_eq!(lease["metadata"]["namespace"].as_str(), Some("ops"));
-    // the node agent's own account: annotate its Pod with the config hash, nothing else
-    let agent = find(&docs, "Role", "outrider-agent").expect("the agent's Role");
-    assert_eq!(
-        core_rules(agent),
-        vec![(vec!["pods".into()], vec![], vec!["patch".into()])]
+    // the node agent has no rights at all (the controller scrapes its config hash)
+    assert!(
+        find(&docs, "Role", "outrider-agent").is_none(),
+        "an agent Role"
     );
-    let binding = find(&docs, "RoleBinding", "outrider-agent").expect("agent RoleBinding");
-    assert_eq!(
-        binding["subjects"][0]["name"].as_str(),
-        Some("outrider-agent")
+    assert!(
+        find(&docs, "RoleBinding", "outrider-agent").is_none(),
+        "an agent RoleBinding"
     );
 }
 
@@ -868,16 +866,16 @@ fn chart_lints_clean_and_every_optional_object_renders_valid_for_the_api_server(
     assert!(out.status.success(), "server dry run: {}", stderr(&out));
 
     // hardening every pod of the chart keeps
-    for (kind, name) in [
-        ("Deployment", "render-outrider"),
-        ("DaemonSet", "render-outrider-agent"),
+    for (kind, name, token) in [
+        ("Deployment", "render-outrider", true),
+        ("DaemonSet", "render-outrider-agent", false),
     ] {
         let pod = &find(&docs, kind, name).unwrap_or_else(|| panic!("{kind} {name}"))["spec"]["template"]
             ["spec"];
         assert_eq!(
             pod["automountServiceAccountToken"].as_bool(),
-            Some(true),
-            "{kind}"
+            Some(token),
+            "{kind}: a Kubernetes token only for the controller"
         );
         let c = &pod["containers"][0];
         let sc = &c["securityContext"];

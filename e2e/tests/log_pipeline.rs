@@ -1,6 +1,7 @@
 //! The LogPipeline and ClusterLogPipeline controllers against the real API server: the
 //! rendered agent ConfigMap, broken pipelines kept out of it and reported, rollout counts
-//! from agent Pods (kwok runs them; real agents report the config hash they run), and a
+//! from agent Pods (kwok runs them; the controller scrapes real agents on their Pod IPs for
+//! the config hash they run), and a
 //! tenant's LogPipeline shipping only its own namespace's selected pods into a real store.
 
 use std::time::Duration;
@@ -21,12 +22,6 @@ mod victorialogs;
 fn pipeline(name: &str, ns: &str, extra_input: &str, output: &str) -> String {
     format!(
         "apiVersion: outrider.dev/v1alpha1\nkind: ClusterLogPipeline\nmetadata: {{name: {ns}-{name}, labels: {{outrider.dev/e2e: {ns}}}}}\nspec:\n  nodeSelector: {{matchLabels: {{kubernetes.io/os: linux}}}}\n  inputs:\n    - {{name: app, paths: [\"/var/log/app/*.log\"]{extra_input}}}\n  fields: {{service: shop}}\n  outputs:\n    - {output}\n"
-    )
-}
-
-fn agent_pod(name: &str, ns: &str, node: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app.kubernetes.io/name: outrider-agent}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: agent, image: example.com/outrider:test}}]\n"
     )
 }
 
@@ -178,8 +173,15 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     );
 
     // two agents come up (kwok makes them Ready) but run no config yet
-    apply(&kc, &agent_pod("agent-0", &ns, "kwok-node-0"));
-    apply(&kc, &agent_pod("agent-1", &ns, "kwok-node-1"));
+    let ports = [free_port(), free_port()];
+    apply(
+        &kc,
+        &agent_pod_yaml("agent-0", &ns, "kwok-node-0", ports[0]),
+    );
+    apply(
+        &kc,
+        &agent_pod_yaml("agent-1", &ns, "kwok-node-1", ports[1]),
+    );
     let lp = eventually(
         Duration::from_secs(60),
         "2 ready agents, 0 updated",
@@ -193,14 +195,21 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
     let nodes = lp.status.as_ref().and_then(|s| s.nodes).expect("nodes");
     assert_eq!(nodes.updated, 0);
     assert_eq!(ready(&lp).map(|r| r.1), Some("RollingOut".into()));
-    // the real agent, given the rendered agent.yaml and its Pod's name, reports what it runs
+    // the real agents, given the rendered agent.yaml and serving /metrics on their Pods' IPs
+    // (loopback in the test cluster), are scraped for the configuration they run
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("agent.yaml");
     std::fs::write(&config, &text).expect("write agent.yaml");
-    let _agents: Vec<AgentProcess> = ["agent-0", "agent-1"]
-        .iter()
-        .map(|pod| AgentProcess::start(&kc, &ns, pod, &config, dir.path()))
-        .collect();
+    let mut agents = Vec::new();
+    for (pod, port) in ["agent-0", "agent-1"].into_iter().zip(ports) {
+        let ip = pod_ip(&ns, pod).await;
+        agents.push(AgentProcess::start(
+            &config,
+            dir.path(),
+            pod,
+            &format!("{ip}:{port}"),
+        ));
+    }
     let lp = wait_reason(&api, &name("shop"), "AllNodesShipping").await;
     let nodes = lp.status.as_ref().and_then(|s| s.nodes).expect("nodes");
     assert_eq!((nodes.desired, nodes.ready, nodes.updated), (2, 2, 2));
@@ -220,45 +229,6 @@ async fn pipelines_render_into_one_configmap_and_report_agent_rollout() {
         },
     )
     .await;
-}
-
-/// `outrider agent --config FILE` standing in for the agent in Pod `pod` (POD_NAME and
-/// POD_NAMESPACE as the downward API sets them), talking to the test API server.
-struct AgentProcess(std::process::Child);
-
-impl AgentProcess {
-    fn start(
-        kc: &std::path::Path,
-        ns: &str,
-        pod: &str,
-        config: &std::path::Path,
-        dir: &std::path::Path,
-    ) -> Self {
-        let state = dir.join(format!("state-{pod}"));
-        let log = std::fs::File::create(dir.join(format!("{pod}.log"))).expect("agent log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
-            .arg("agent")
-            .arg("--config")
-            .arg(config)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--node-name", pod, "--metrics-addr", "127.0.0.1:0"])
-            .env("KUBECONFIG", kc)
-            .env("POD_NAME", pod)
-            .env("POD_NAMESPACE", ns)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start outrider agent");
-        Self(child)
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `<root>/<ns>_<pod>_<uid>/app/0.log` of a pod: `n` CRI lines whose JSON message names the

@@ -420,3 +420,57 @@ pub fn assert_attempts_never_overlap(host: &str, log: &[String]) {
         );
     }
 }
+
+/// A node agent's Pod (kwok runs it on `node`) that declares its metrics port `port`, the
+/// port the controller scrapes for the configuration the agent runs.
+pub fn agent_pod_yaml(name: &str, ns: &str, node: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app.kubernetes.io/name: outrider-agent}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: agent, image: example.com/outrider:test, ports: [{{name: metrics, containerPort: {port}}}]}}]\n"
+    )
+}
+
+/// The IP kwok gave Pod `name` (on loopback: the test cluster's pod CIDR is 127.244.0.0/16).
+pub async fn pod_ip(ns: &str, name: &str) -> String {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client().await, ns);
+    eventually(
+        Duration::from_secs(60),
+        &format!("an IP for Pod {ns}/{name}"),
+        || async {
+            let ip = pods.get_opt(name).await.ok().flatten()?.status?.pod_ip?;
+            assert!(ip.starts_with("127."), "pod IP {ip} is not on loopback");
+            Some(ip)
+        },
+    )
+    .await
+}
+
+/// `outrider agent --config FILE` standing in for the agent of a Pod: it serves `/metrics`
+/// on the Pod's IP and metrics port, where the controller reads the configuration it runs.
+pub struct AgentProcess(std::process::Child);
+
+impl AgentProcess {
+    pub fn start(config: &Path, dir: &Path, node: &str, metrics_addr: &str) -> Self {
+        let log = std::fs::File::create(dir.join(format!("agent-{metrics_addr}.log")))
+            .expect("agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_outrider"))
+            .arg("agent")
+            .arg("--config")
+            .arg(config)
+            .arg("--state-dir")
+            .arg(dir.join(format!("state-{metrics_addr}")))
+            .args(["--node-name", node, "--metrics-addr", metrics_addr])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start outrider agent");
+        Self(child)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -60,6 +60,12 @@ pub struct SpoolTaskLabels {
     pub task: String,
 }
 
+/// Label of the configuration an agent runs: `sha256:<hex>` of its `agent.yaml`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabel {
+    pub hash: String,
+}
+
 /// Label of config reload results (`ok`, `invalid`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -88,6 +94,7 @@ pub struct AgentMetrics {
     pub buffer_bytes: Family<PipelineLabels, Gauge>,
     pub buffer_capacity_bytes: Family<PipelineLabels, Gauge>,
     pub config_reloads: Family<ResultLabel, Counter>,
+    pub config_info: Family<ConfigLabel, Gauge>,
     pub dead_letter_dropped: Family<DeadLetterLabels, Counter>,
     pub spool_bad_frames: Family<SpoolFrameLabels, Counter>,
     pub spool_bad_bytes: Family<PipelineLabels, Counter>,
@@ -100,6 +107,11 @@ impl AgentMetrics {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("outrider_agent");
         r.register("lines_read", "Lines read, per input", m.lines_read.clone());
+        r.register(
+            "config_info",
+            "1 for the hash of the agent.yaml this agent runs (what the controller scrapes for rollout status)",
+            m.config_info.clone(),
+        );
         r.register(
             "files_refused",
             "Paths an input matched but may not read (symlink, outside the allowed roots, not a regular file), each counted once",

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::AgentError;
 use super::config::{self, Pipeline};
-use super::metrics::{AgentMetrics, RefusedLabels, ResultLabel};
+use super::metrics::{AgentMetrics, ConfigLabel, RefusedLabels, ResultLabel};
 use super::pipeline::{AgentEnv, RunningPipeline};
-use super::report::{PodRef, config_hash};
+use super::report::config_hash;
 use crate::telemetry::Readiness;
 
 /// Where the pipelines come from.
@@ -54,20 +54,23 @@ pub struct AgentOptions {
     pub reload_interval: Duration,
     /// How long shutdown waits for the outputs to acknowledge what is buffered.
     pub shutdown_grace: Duration,
-    /// The agent's own Pod, annotated with the hash of the `agent.yaml` it runs.
-    pub pod: Option<PodRef>,
 }
 
 impl AgentOptions {
-    /// Reports the running configuration (only for a controller-rendered `agent.yaml`).
-    fn report(&self, snapshot: &[Option<Vec<u8>>]) {
-        let (Some(pod), ConfigSource::File(_), [Some(bytes)]) = (&self.pod, &self.source, snapshot)
-        else {
+    /// Reports the running configuration (only for a controller-rendered `agent.yaml`) as
+    /// `outrider_agent_config_info{hash}`: the controller scrapes it, so the agent needs no
+    /// Kubernetes token.
+    fn report(&self, snapshot: &[Option<Vec<u8>>], metrics: &AgentMetrics) {
+        let (ConfigSource::File(_), [Some(bytes)]) = (&self.source, snapshot) else {
             return;
         };
-        let pod = pod.clone();
         let hash = config_hash(bytes);
-        tokio::spawn(async move { pod.report(&hash).await });
+        metrics.config_info.clear();
+        metrics
+            .config_info
+            .get_or_create(&ConfigLabel { hash: hash.clone() })
+            .set(1);
+        tracing::info!(%hash, "running configuration");
     }
 }
 
@@ -102,7 +105,7 @@ pub async fn run(
         }
     }
     ready.set(true);
-    opts.report(&snapshot);
+    opts.report(&snapshot, &metrics);
     tracing::info!(pipelines = running.len(), node = %opts.env.node_name, "agent running");
     loop {
         tokio::select! {
@@ -125,7 +128,7 @@ pub async fn run(
             Ok(new) => {
                 failed = Failed::default();
                 running = swap(running, new, &opts, &metrics, &mut failed).await;
-                opts.report(&snapshot);
+                opts.report(&snapshot, &metrics);
                 metrics
                     .config_reloads
                     .get_or_create(&ResultLabel {

@@ -14,7 +14,6 @@ use outrider::agent::confine::Confinement;
 use outrider::agent::limits::{self, Limits};
 use outrider::agent::metrics::AgentMetrics;
 use outrider::agent::pipeline::AgentEnv;
-use outrider::agent::report::PodRef;
 use outrider::agent::run::{self, AgentOptions, ConfigSource};
 use outrider::agent::sink::Backoff;
 use outrider::agent::tail::TailOptions;
@@ -186,7 +185,6 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result
         .collect();
     let confine = Arc::new(Confinement::new(args.allowed_roots, never_read));
     let opts = AgentOptions {
-        pod: PodRef::from_env(),
         source,
         sources: config::Sources {
             pod_log_root: args.pod_log_root,

@@ -12,9 +12,10 @@
 //! the cached agent Pods and Nodes, so a DaemonSet rollout costs no API reads.
 //!
 //! A broken pipeline is left out of the rendered config and reported on its own status, so it
-//! never takes the others down. Agents report the hash of the config they run as the
-//! annotation `outrider.dev/config-hash` on their own Pod.
+//! never takes the others down. Agents export the hash of the config they run on their
+//! `/metrics`, which the controller scrapes ([`agents`]): they hold no Kubernetes token.
 
+mod agents;
 mod render;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +42,7 @@ use crate::agent::report::CONFIG_HASH_ANNOTATION;
 use crate::api::FIELD_MANAGER;
 use crate::api::cluster_log_pipeline::ClusterLogPipeline;
 use crate::api::log_pipeline::{LogPipeline, LogPipelineStatus, NodeCounts};
+use agents::AgentHashes;
 use render::{Rendered, World};
 
 /// The agent configuration: this ConfigMap, this key, in the operator's namespace.
@@ -77,6 +79,8 @@ struct PipelineState {
     /// once per [`PROGRESS_WRITE_INTERVAL`]).
     written: Mutex<HashMap<String, std::time::Instant>>,
     agents: Store<Pod>,
+    /// The configuration each agent Pod runs, as scraped.
+    hashes: Arc<AgentHashes>,
     /// Node labels; absent when the install cannot read Nodes (namespace-scoped).
     nodes: Option<Store<PartialObjectMeta<Node>>>,
 }
@@ -131,6 +135,9 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     .reflect(agent_writer)
     .touched_objects()
     .map(|_| ());
+    let pods_changed = Arc::new(Notify::new());
+    let notify = pods_changed.clone();
+    let agent_changes = agent_changes.inspect(move |()| notify.notify_one());
     // Nodes and ClusterLogPipelines are cluster-scoped: only a cluster-wide install reads
     // them, or (ClusterLogPipelines) one told which to render by a label selector
     let cluster_wide = ctx.scope == WatchNamespace::All;
@@ -174,9 +181,18 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
     let state = Arc::new(PipelineState {
         rendered: rendered.clone(),
         written: Mutex::new(HashMap::new()),
-        agents,
+        agents: agents.clone(),
+        hashes: Arc::new(AgentHashes::default()),
         nodes,
     });
+    let (scraped_tx, scraped) = watch::channel(0u64);
+    let scraper = agents::scrape_loop(
+        agents,
+        state.hashes.clone(),
+        pods_changed,
+        scraped_tx,
+        stop.clone(),
+    );
     let renderer = render_loop(
         ctx.clone(),
         Sources {
@@ -195,8 +211,13 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
         tick_tx.send_modify(|n| *n = n.wrapping_add(1));
         futures::future::ready(())
     });
-    let rollout_changes =
-        || futures::stream::select(changes_of(tick.clone()), changes_of(rendered.clone()));
+    let rollout_changes = || {
+        futures::stream::select_all([
+            changes_of(tick.clone()).boxed(),
+            changes_of(scraped.clone()).boxed(),
+            changes_of(rendered.clone()).boxed(),
+        ])
+    };
     let (controller, queue) = runtime::controller::<LogPipeline>(&ctx, trigger, pipelines);
     let controller = controller.reconcile_all_on(rollout_changes());
     let tenant_state = state.clone();
@@ -240,6 +261,7 @@ pub async fn run(ctx: Arc<Context>, shared: &Shared, stop: CancellationToken) {
         () = secret_changes => {}
         () = pod_changes => {}
         () = ticker => {}
+        () = scraper => {}
         _ = futures::future::join_all(pod_drivers) => {}
     }
 }
@@ -404,19 +426,10 @@ fn rollout(state: &PipelineState, node_selector: Option<&LabelSelector>, hash: &
             }
         }
         counts.desired += 1;
-        let ready = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if ready {
+        if agents::is_ready(&pod) {
             counts.ready += 1;
-            if pod
-                .annotations()
-                .get(CONFIG_HASH_ANNOTATION)
-                .map(String::as_str)
-                == Some(hash)
-            {
+            let runs = pod.uid().and_then(|uid| state.hashes.get(&uid));
+            if runs.as_deref() == Some(hash) {
                 counts.updated += 1;
             }
         }
