@@ -18,8 +18,9 @@
 #   4. $PIPELINES LogPipelines (an `http` output, no secretRef) are applied in the tenant namespace
 #      (one `kubectl apply` of a List).
 #   5. Once the ConfigMap outrider-agent (operator namespace) renders all of them, the run plays the
-#      agents: it annotates each Pod with outrider.dev/config-hash=<the ConfigMap's hash>, one by
-#      one, like a DaemonSet rollout.
+#      agents: one python3 process serves /metrics on every Pod's IP (the test cluster's pod CIDR
+#      is on loopback) and port, and the run switches each to outrider_agent_config_info{hash=
+#      <the ConfigMap's hash>} one by one, like a DaemonSet rollout; the controller scrapes them.
 #   6. It waits until every LogPipeline has Ready=True reason AllNodesShipping, waits $SETTLE s more,
 #      scrapes the controller's /metrics, stops it (TERM) and counts the ServiceAccount's requests
 #      in the audit log (total and by verb+resource) with e2e/bench/api-requests.sh.
@@ -62,6 +63,7 @@ PODS=${PODS:-50}
 PIPELINES=${PIPELINES:-20}
 SETTLE=${SETTLE:-5}
 PACE=${PACE:-0}
+AGENT_PORT=${AGENT_PORT:-9464} # the agents' metrics port on their (loopback) Pod IPs
 TIMEOUT=${TIMEOUT:-300}
 state=${OUTRIDER_CLUSTER_DIR:-$repo/e2e/.cluster}
 state=${state%/}
@@ -83,7 +85,9 @@ crb=apiload-$id
 out=${OUT:-$repo/target/bench/api-load/$id}
 mkdir -p "$out"
 ctl_pid=
+agents_pid=
 cleanup() {
+  [ -z "$agents_pid" ] || kill "$agents_pid" 2>/dev/null || true
   if [ -n "$ctl_pid" ] && kill -0 "$ctl_pid" 2>/dev/null; then
     kill -TERM "$ctl_pid" 2>/dev/null || true
     sleep 2
@@ -156,7 +160,7 @@ umask 022
   metadata: {name: agent-$i, namespace: $opns, labels: {app.kubernetes.io/name: outrider-agent}}
   spec:
     nodeSelector: {type: kwok}
-    containers: [{name: agent, image: example.com/outrider-agent:bench}]
+    containers: [{name: agent, image: example.com/outrider-agent:bench, ports: [{name: metrics, containerPort: $AGENT_PORT}]}]
 EOF
   done
 } > "$out/pods.yaml"
@@ -169,6 +173,28 @@ pods_ready() {
 }
 wait_for "$PODS agent Pods Ready" pods_ready
 log "$PODS agent Pods Ready"
+# the agents' /metrics: <ip>:$AGENT_PORT answers with the hash in $out/agents/<ip> (none yet)
+mkdir -p "$out/agents"
+k get pods -n "$opns" -l app.kubernetes.io/name=outrider-agent -o json \
+  | jq -r '.items[] | "\(.metadata.name) \(.status.podIP)"' >"$out/agent-ips.txt"
+python3 - "$out/agents" "$AGENT_PORT" $(awk '{print $2}' "$out/agent-ips.txt") <<'PY' &
+import http.server, os, socketserver, sys, threading
+folder, port, ips = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+class Agent(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path = os.path.join(folder, self.server.server_address[0])
+        body = b""
+        if os.path.exists(path):
+            body = ('outrider_agent_config_info{hash="%s"} 1\n' % open(path).read().strip()).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer): daemon_threads = True
+for ip in ips:
+    threading.Thread(target=Server((ip, port), Agent).serve_forever, daemon=True).start()
+threading.Event().wait()
+PY
+agents_pid=$!
 
 # 3. the controller
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -194,9 +220,8 @@ log "controller pid $ctl_pid ready after ${t_ready}s (metrics 127.0.0.1:$port)"
   kind: LogPipeline
   metadata: {name: lp-$i, namespace: $tns}
   spec:
-    nodeSelector: {matchLabels: {kubernetes.io/os: linux}}
-    inputs:
-      - {name: app, paths: ["/var/log/app-$i/*.log"], parser: json}
+    pods: {selector: {matchLabels: {app: svc-$i}}}
+    parser: json
     fields: {service: svc-$i}
     outputs:
       - {name: out, http: {url: "http://127.0.0.1:9/ingest/$i"}}
@@ -221,12 +246,12 @@ wait_for "ConfigMap outrider-agent rendering all $PIPELINES pipelines" config_co
 t_rendered=$(secs_since "$t_apply")
 log "ConfigMap rendered all pipelines ${t_rendered}s after the apply: hash $hash"
 t_roll=$(now_ms)
-for i in $(seq 0 $((PODS - 1))); do
-  k annotate pod "agent-$i" -n "$opns" --overwrite "outrider.dev/config-hash=$hash" >/dev/null
+while read -r _ ip; do
+  echo "$hash" >"$out/agents/$ip"
   [ "$PACE" = 0 ] || sleep "$PACE"
-done
+done <"$out/agent-ips.txt"
 t_annotated=$(secs_since "$t_roll")
-log "annotated $PODS Pods in ${t_annotated}s"
+log "switched $PODS agents to the new hash in ${t_annotated}s"
 
 # 6. every pipeline Ready=True AllNodesShipping, then $SETTLE s, then stop and count
 all_shipping() {

@@ -33,8 +33,7 @@ use sha2::{Digest, Sha256};
 
 use crate::support::*;
 
-#[path = "../../tests/support/victorialogs.rs"]
-mod victorialogs;
+use crate::victorialogs;
 
 /// The image's user and group (distroless `nonroot`).
 const NONROOT: u32 = 65532;

@@ -14,8 +14,7 @@ use outrider::api::log_pipeline::{LogPipeline, LogPipelineStatus};
 
 use crate::support::*;
 
-#[path = "../../tests/support/victorialogs.rs"]
-mod victorialogs;
+use crate::victorialogs;
 
 /// A ClusterLogPipeline `<ns>-<name>`, labelled for the controller of namespace `ns` (its
 /// `--cluster-pipeline-selector`): cluster-scoped names are shared by every test.

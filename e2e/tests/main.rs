@@ -17,3 +17,5 @@ mod security_policy;
 #[path = "../../tests/support/sshd.rs"]
 mod sshd;
 mod support;
+#[path = "../../tests/support/victorialogs.rs"]
+mod victorialogs;

@@ -306,10 +306,10 @@ async fn render_loop(
         if sources.pipelines.wait_until_ready().await.is_err() {
             return;
         }
-        if let Some(c) = &sources.cluster {
-            if c.wait_until_ready().await.is_err() {
-                return;
-            }
+        if let Some(c) = &sources.cluster
+            && c.wait_until_ready().await.is_err()
+        {
+            return;
         }
         let world = World {
             secrets: &secrets,
