@@ -263,8 +263,8 @@ apply_objects() {
   health=$("$BIN/helm" template outrider "$repo/charts/outrider" --namespace "$NS" --kube-version 1.37.2 \
     --set argocd.healthChecks=true --show-only templates/argocd-health.yaml |
     kc create --dry-run=client -o json -f -) || die "rendering charts/outrider templates/argocd-health.yaml failed"
-  echo "$health" | jq -e '.data | keys | length == 5' >/dev/null ||
-    die "the chart's argocd-health ConfigMap does not hold 5 health checks"
+  echo "$health" | jq -e '.data | keys | length == 6' >/dev/null ||
+    die "the chart's argocd-health ConfigMap does not hold 6 health checks (one per kind)"
   echo "$health" | jq --arg ns "$NS" '{
       apiVersion: "v1", kind: "ConfigMap",
       metadata: {name: "argocd-cm", namespace: $ns,

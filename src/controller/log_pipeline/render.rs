@@ -248,3 +248,104 @@ fn secrets_exist<'a>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher;
+
+    fn store<K>(objects: Vec<K>) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let mut w: Writer<K> = Writer::default();
+        for o in objects {
+            w.apply_watcher_event(&watcher::Event::Apply(o));
+        }
+        w.as_reader()
+    }
+
+    fn pod(ns: &str, name: &str, uid: &str, app: &str) -> PartialObjectMeta<Pod> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": {"app": app}}
+        }))
+        .unwrap()
+    }
+
+    fn lp(ns: &str, name: &str) -> DeserializeGuard<LogPipeline> {
+        DeserializeGuard(Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "outrider.dev/v1alpha1", "kind": "LogPipeline",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"pods": {"selector": {"matchLabels": {"app": "shop"}}},
+                "outputs": [{"name": "o", "http": {"url": "https://rx/ingest"}}]}
+        }))
+        .unwrap()))
+    }
+
+    fn clp(name: &str, secret: &str) -> DeserializeGuard<ClusterLogPipeline> {
+        DeserializeGuard(Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "outrider.dev/v1alpha1", "kind": "ClusterLogPipeline",
+            "metadata": {"name": name},
+            "spec": {"inputs": [{"name": "app", "paths": ["/var/log/app/*.log"]}],
+                "outputs": [{"name": "o", "http": {"url": "https://rx/ingest",
+                    "secretRef": {"name": secret}}}]}
+        }))
+        .unwrap()))
+    }
+
+    fn secret(ns: &str, name: &str) -> PartialObjectMeta<Secret> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_tenant_pipeline_gets_only_its_own_namespaces_matching_pods() {
+        // a cluster-wide view: the same pod name and labels in another namespace
+        let pods = Stores::new(vec![store(vec![
+            pod("a", "shop-1", "uid-a1", "shop"),
+            pod("a", "web-1", "uid-a2", "web"),
+            pod("b", "shop-1", "uid-b1", "shop"),
+            pod("a", "shop-0", "uid-a0", "shop"),
+        ])]);
+        let secrets = Stores::new(vec![store(vec![secret("outrider", "creds")])]);
+        let paths = AgentPaths::default();
+        let world = World {
+            secrets: &secrets,
+            pods: &pods,
+            tenants: &Tenants::All,
+            paths: &paths,
+            operator_namespace: "outrider",
+        };
+        let pipelines = store(vec![lp("a", "shop")]);
+        let cluster = store(vec![clp("node", "creds"), clp("other", "missing")]);
+        let (rendered, text) = render(&pipelines, Some(&cluster), &world);
+        let file: AgentConfigFile = serde_yaml::from_str(&text).unwrap();
+        let pods: Vec<(&str, &str)> = file.pipelines[0]
+            .pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.uid.as_str()))
+            .collect();
+        assert_eq!(pods, [("shop-0", "uid-a0"), ("shop-1", "uid-a1")]);
+        // a ClusterLogPipeline's Secret is the operator namespace's, filled in for the agents
+        let names: Vec<&str> = file
+            .cluster_pipelines
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["node"]);
+        let r = file.cluster_pipelines[0].spec.outputs[0].secret_ref().unwrap();
+        assert_eq!(r.namespace.as_deref(), Some("outrider"));
+        let missing = &rendered.problems["other"];
+        assert_eq!(missing.reason, "SecretNotFound");
+        assert!(
+            missing.message.contains("namespace outrider"),
+            "{}",
+            missing.message
+        );
+    }
+}
