@@ -32,7 +32,7 @@
 #                         other outrider controller watches LogPipelines in all namespaces, and where no
 #                         other run of this script is going on (the controller watches every namespace)
 #   PODS (50)  PIPELINES (20)  SETTLE (5)  TIMEOUT (300, seconds for each wait)
-#   PACE (0)   seconds to sleep after each Pod's annotation (0: as fast as kubectl goes). The
+#   PACE (0)   seconds to sleep after each agent's switch to the new hash (0: at once). The
 #              request count of a controller that coalesces reconciles depends on the pace: with
 #              PACE=1 every Pod change is seen on its own
 #   OUT        output dir (default target/bench/api-load/<label>-<id>): controller.log,
@@ -262,7 +262,7 @@ all_shipping() {
 }
 wait_for "all $PIPELINES LogPipelines Ready=True AllNodesShipping" all_shipping
 t_shipping=$(secs_since "$t_roll")
-log "all $PIPELINES LogPipelines AllNodesShipping ${t_shipping}s after the first annotation"
+log "all $PIPELINES LogPipelines AllNodesShipping ${t_shipping}s after the first agent switched"
 sleep "$SETTLE"
 curl -sf "http://127.0.0.1:$port/metrics" > "$out/controller-metrics.txt" || true
 rss=$(awk '/^VmHWM/ { print $2 }' "/proc/$ctl_pid/status" 2>/dev/null || echo 0)
@@ -285,8 +285,8 @@ sleep 3 # the audit log is written asynchronously (--audit-log-mode=batch)
   echo "pods:          $PODS, pipelines: $PIPELINES, settle: ${SETTLE}s, pace: ${PACE}s"
   echo "ready after:   ${t_ready}s (controller start to /readyz)"
   echo "rendered:      ${t_rendered}s (apply of the pipelines to a ConfigMap holding all of them)"
-  echo "annotating:    ${t_annotated}s ($PODS Pods, one kubectl annotate each, then ${PACE}s)"
-  echo "shipping:      ${t_shipping}s (first annotation to all pipelines AllNodesShipping)"
+  echo "switching:     ${t_annotated}s ($PODS agents, one after the other, then ${PACE}s; the controller scrapes every 5 s)"
+  echo "shipping:      ${t_shipping}s (first agent switched to all pipelines AllNodesShipping)"
   echo "controller up: ${t_total}s in all; peak RSS $((rss / 1024)) MiB"
 } > "$out/timings.txt"
 cat "$out/timings.txt"
