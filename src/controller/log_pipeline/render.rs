@@ -338,7 +338,9 @@ mod tests {
             .map(|c| c.name.as_str())
             .collect();
         assert_eq!(names, ["node"]);
-        let r = file.cluster_pipelines[0].spec.outputs[0].secret_ref().unwrap();
+        let r = file.cluster_pipelines[0].spec.outputs[0]
+            .secret_ref()
+            .unwrap();
         assert_eq!(r.namespace.as_deref(), Some("outrider"));
         let missing = &rendered.problems["other"];
         assert_eq!(missing.reason, "SecretNotFound");
