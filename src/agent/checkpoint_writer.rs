@@ -3,6 +3,11 @@
 //! acknowledged batches whose checkpoint is not written yet count against the batches in
 //! flight, so a kill -9 still re-sends at most that many. A failed write is not retried in
 //! a loop (a full disk): everything is written again with the next acknowledgement.
+//!
+//! A released file (its `Forget` acknowledged) leaves the checkpoints in three steps, so that
+//! after a kill -9 at any point its checkpoint entry or its record of opened files still
+//! knows it: its entry, at the last offset, is written; then it leaves the input's record of
+//! opened files; then its entry is forgotten and written.
 
 use std::sync::Arc;
 
@@ -10,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::buffer::Taken;
 use super::checkpoint::{Checkpoints, write_atomic};
+use super::discover::OpenedRecords;
 use super::record::Item;
 
 /// A checkpoint write in progress, and whether it fsyncs.
@@ -28,6 +34,12 @@ pub struct CheckpointWriter {
     unwritten: usize,
     /// Of those, the ones the running write covers.
     covered: usize,
+    /// Files whose `Forget` was acknowledged, kept in the checkpoints until a write holding
+    /// their last offset is done; `released_covered`: those the running write covers.
+    released: Vec<Arc<str>>,
+    released_covered: Vec<Arc<str>>,
+    /// The inputs' records of opened files, which a released file leaves after that write.
+    opened: OpenedRecords,
 }
 
 impl CheckpointWriter {
@@ -39,7 +51,16 @@ impl CheckpointWriter {
             writing: None,
             unwritten: 0,
             covered: 0,
+            released: Vec::new(),
+            released_covered: Vec::new(),
+            opened: OpenedRecords::default(),
         }
+    }
+
+    /// The inputs' records of opened files that released files are dropped from.
+    pub fn with_opened(mut self, opened: OpenedRecords) -> Self {
+        self.opened = opened;
+        self
     }
 
     /// The checkpoints as they are in memory.
@@ -57,7 +78,12 @@ impl CheckpointWriter {
     /// events from one file only the last is applied: it is the furthest, and the others
     /// would be overwritten by it.
     pub fn advance(&mut self, items: &[Taken]) -> (u64, u64) {
-        advance(&mut self.checkpoints, items)
+        advance(
+            &mut self.checkpoints,
+            items,
+            &mut self.released,
+            &mut self.released_covered,
+        )
     }
 
     /// A batch every output has: the checkpoints move over it ([`CheckpointWriter::advance`]),
@@ -82,6 +108,7 @@ impl CheckpointWriter {
         if let Some(Writing(_, sync)) = self.writing.take() {
             written(&mut self.checkpoints, &self.key, r, sync);
         }
+        self.covered_write_done(ok);
         if ok {
             self.unwritten = self.unwritten.saturating_sub(self.covered);
             self.covered = 0;
@@ -96,7 +123,10 @@ impl CheckpointWriter {
     /// the last thing a shipper does.
     pub async fn close(&mut self) {
         if let Some(Writing(handle, sync)) = self.writing.take() {
-            written(&mut self.checkpoints, &self.key, handle.await, sync);
+            let r = handle.await;
+            let ok = matches!(r, Ok(Ok(())));
+            written(&mut self.checkpoints, &self.key, r, sync);
+            self.covered_write_done(ok);
         }
         // Whatever was written since the last fsync reaches the disk before the pipeline ends.
         self.persist(true).await;
@@ -104,21 +134,67 @@ impl CheckpointWriter {
 
     /// Writes the checkpoints if they changed and waits for it (fsynced once per
     /// [`super::checkpoint::SYNC_INTERVAL`] while shipping, and always when `final_write`).
+    /// Released files are forgotten by a second write once the first holds their offsets.
     pub async fn persist(&mut self, final_write: bool) {
-        if let Some(Writing(handle, sync)) = spawn_write(&mut self.checkpoints, final_write) {
-            written(&mut self.checkpoints, &self.key, handle.await, sync);
+        let released = std::mem::take(&mut self.released);
+        if !self.write_and_wait(final_write).await {
+            self.released.extend(released);
+            return;
         }
+        if !released.is_empty() {
+            self.forget_released(released);
+            self.write_and_wait(final_write).await;
+        }
+    }
+
+    /// Writes the checkpoints if they changed and waits; false when the write failed.
+    async fn write_and_wait(&mut self, final_write: bool) -> bool {
+        let Some(Writing(handle, sync)) = spawn_write(&mut self.checkpoints, final_write) else {
+            return true;
+        };
+        let r = handle.await;
+        let ok = matches!(r, Ok(Ok(())));
+        written(&mut self.checkpoints, &self.key, r, sync);
+        ok
     }
 
     /// Starts writing the checkpoints if they changed and no write is running.
     fn start_write(&mut self) {
-        if self.writing.is_none() {
+        if self.writing.is_some() {
+            return;
+        }
+        self.writing = spawn_write(&mut self.checkpoints, false);
+        self.covered = self.unwritten;
+        if self.writing.is_some() {
+            self.released_covered.append(&mut self.released);
+            return;
+        }
+        // Nothing changed: what was acknowledged is on disk already.
+        self.unwritten = 0;
+        if !self.released.is_empty() {
+            let released = std::mem::take(&mut self.released);
+            self.forget_released(released);
             self.writing = spawn_write(&mut self.checkpoints, false);
-            self.covered = self.unwritten;
-            if self.writing.is_none() {
-                // Nothing changed: what was acknowledged is on disk already.
-                self.unwritten = 0;
-            }
+        }
+    }
+
+    /// The running write is done: the released files it covered go on to their next step
+    /// when it reached the disk, and wait for the next write when it did not.
+    fn covered_write_done(&mut self, ok: bool) {
+        let covered = std::mem::take(&mut self.released_covered);
+        if ok {
+            self.forget_released(covered);
+        } else {
+            self.released.extend(covered);
+        }
+    }
+
+    /// Released files whose last offset is on disk: out of the opened records first, then
+    /// out of the checkpoints (written next).
+    fn forget_released(&mut self, keys: Vec<Arc<str>>) {
+        for k in keys {
+            self.opened.drop_released(&k);
+            self.checkpoints.forget(&k);
         }
     }
 }
@@ -131,7 +207,15 @@ fn spawn_write(c: &mut Checkpoints, final_write: bool) -> Option<Writing> {
     Some(Writing(handle, sync))
 }
 
-fn advance(checkpoints: &mut Checkpoints, items: &[Taken]) -> (u64, u64) {
+/// `released` collects the files whose `Forget` is among `items`; a file read again after
+/// its `Forget` (opened anew under the same identity) is taken out of `released` and
+/// `released_covered` again.
+fn advance(
+    checkpoints: &mut Checkpoints,
+    items: &[Taken],
+    released: &mut Vec<Arc<str>>,
+    released_covered: &mut Vec<Arc<str>>,
+) -> (u64, u64) {
     let mut weight = 0u64;
     let mut consumed = 0u64;
     for (i, t) in items.iter().enumerate() {
@@ -147,8 +231,10 @@ fn advance(checkpoints: &mut Checkpoints, items: &[Taken]) -> (u64, u64) {
                 if !superseded {
                     checkpoints.set(&e.pos.file, &e.pos.path, e.pos.offset, &e.pos.fingerprint);
                 }
+                released.retain(|k| *k != e.pos.file);
+                released_covered.retain(|k| *k != e.pos.file);
             }
-            Item::Forget(k) => checkpoints.forget(k),
+            Item::Forget(k) => released.push(k.clone()),
         }
     }
     (weight, consumed)
@@ -249,7 +335,91 @@ mod tests {
             item: Item::Forget(b.clone()),
             weight: 1,
         }]);
-        assert_eq!(w.checkpoints().entries().len(), 1, "forget drops the entry");
+        assert_eq!(
+            w.checkpoints().entries().len(),
+            2,
+            "a forgotten entry stays until its last offset is written"
+        );
+    }
+
+    #[tokio::test]
+    async fn persist_writes_a_released_files_last_offset_then_forgets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        let cp = Checkpoints::load(path.clone()).unwrap();
+        let mut w = CheckpointWriter::new(key("ns/p"), cp);
+        let fp = Arc::new(Fingerprint::of_bytes(b"a"));
+        let a = key("app/1:1");
+        w.advance(&[
+            event(&a, &fp, 10, 10),
+            Taken {
+                item: Item::Forget(a.clone()),
+                weight: 1,
+            },
+        ]);
+        w.persist(false).await;
+        assert_eq!(on_disk(&path), [], "written, then forgotten and written");
+    }
+
+    /// A file read whole and released before any of it was acknowledged: at every step of
+    /// its acknowledgement, what a kill -9 leaves on disk (checkpoint or record of opened
+    /// files) still knows it, at its last offset once that is checkpointed.
+    #[tokio::test]
+    async fn a_released_file_leaves_the_opened_record_only_once_its_last_offset_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp_path = dir.path().join("c.json");
+        let (records, _) = OpenedRecords::load(dir.path(), "ns/p", ["app"]);
+        let record = records.get("app").unwrap();
+        let fp = Arc::new(Fingerprint::of_bytes(b"a"));
+        let a = key("app/1:1");
+        let entry = crate::agent::checkpoint::Entry {
+            path: "/var/log/a.log".into(),
+            saved: crate::agent::identity::Saved {
+                offset: 0,
+                fingerprint: (*fp).clone(),
+            },
+        };
+        record.add(&a, entry);
+        record.release(&a);
+        let mut w = CheckpointWriter::new(key("ns/p"), Checkpoints::load(cp_path.clone()).unwrap())
+            .with_opened(records.clone());
+        // (checkpoint on disk, record of opened files on disk) after a kill -9 now
+        let after_kill = || {
+            let (_, before) = OpenedRecords::load(dir.path(), "ns/p", ["app"]);
+            let opened: Vec<(String, u64)> = before["app"]
+                .iter()
+                .map(|(k, e)| (k.clone(), e.saved.offset))
+                .collect();
+            (on_disk(&cp_path), opened)
+        };
+        let known = [("app/1:1".to_string(), 0)];
+        let done = [("app/1:1".to_string(), 30)];
+        assert_eq!(
+            after_kill(),
+            (vec![], known.to_vec()),
+            "released, nothing acknowledged"
+        );
+        w.acknowledge(&[
+            event(&a, &fp, 30, 30),
+            Taken {
+                item: Item::Forget(a.clone()),
+                weight: 1,
+            },
+        ]);
+        assert_eq!(
+            after_kill().1,
+            known,
+            "acknowledged, checkpoint not written yet: still recorded"
+        );
+        w.write_finished().await;
+        assert_eq!(
+            after_kill(),
+            (done.to_vec(), vec![]),
+            "the last offset written, then out of the record"
+        );
+        w.write_finished().await;
+        assert_eq!(after_kill(), (vec![], vec![]), "then forgotten");
+        assert_eq!(w.unwritten(), 0);
     }
 
     #[tokio::test]

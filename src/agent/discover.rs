@@ -4,7 +4,7 @@
 //! Linux) on the directories the globs start from trigger a scan at once; the interval
 //! scan stays as the fallback for when events are unavailable or overflow.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -168,12 +168,21 @@ struct Running {
 /// The identity and start offset of every file an input is reading, on disk before any of
 /// it is read. A checkpoint names a file only once a batch of it was acknowledged; a file
 /// opened just before a kill -9 and renamed out of the glob while the agent was down is still
-/// found again through this record. A file leaves it when its tailer releases it, before its
-/// `Forget` can reach the checkpoint, so a released file is never read again from its start.
+/// found again through this record. A released file stays in it until its checkpoint entry,
+/// at the last offset, is on disk ([`OpenedRecords::drop_released`]): dropped at release, a
+/// file read whole but not yet acknowledged would be known to neither after a kill -9.
 #[derive(Debug, Default)]
 pub struct OpenedFiles {
     path: Option<PathBuf>,
-    files: std::sync::Mutex<BTreeMap<String, Entry>>,
+    files: std::sync::Mutex<Recorded>,
+}
+
+#[derive(Debug, Default)]
+struct Recorded {
+    /// What is on disk.
+    entries: BTreeMap<String, Entry>,
+    /// Of those, the files their tailers released (in memory only).
+    released: BTreeSet<String>,
 }
 
 impl OpenedFiles {
@@ -185,7 +194,7 @@ impl OpenedFiles {
             .unwrap_or_default();
         let record = Self {
             path: Some(path),
-            files: std::sync::Mutex::new(BTreeMap::new()),
+            files: Default::default(),
         };
         (record, before)
     }
@@ -193,28 +202,87 @@ impl OpenedFiles {
     /// Records a file about to be read (written before this returns).
     pub fn add(&self, key: &str, entry: Entry) {
         self.change(|files| {
-            files.insert(key.to_owned(), entry);
+            files.released.remove(key);
+            files.entries.insert(key.to_owned(), entry);
+            true
         });
     }
 
-    /// Drops a released file from the record.
-    pub fn remove(&self, key: &str) {
-        self.change(|files| {
-            files.remove(key);
-        });
+    /// A tailer released the file: it leaves the record once its last offset is
+    /// checkpointed ([`OpenedFiles::drop_released`]), not before.
+    pub fn release(&self, key: &str) {
+        if let Ok(mut files) = self.files.lock()
+            && files.entries.contains_key(key)
+        {
+            files.released.insert(key.to_owned());
+        }
     }
 
-    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, Entry>)) {
+    /// Drops a released file (not one opened again since) from the record.
+    pub fn drop_released(&self, key: &str) {
+        self.change(|files| files.released.remove(key) && files.entries.remove(key).is_some());
+    }
+
+    /// Applies `f` and writes the record when `f` says it changed.
+    fn change(&self, f: impl FnOnce(&mut Recorded) -> bool) {
         let Ok(mut files) = self.files.lock() else {
             return;
         };
-        f(&mut files);
+        if !f(&mut files) {
+            return;
+        }
         let Some(path) = &self.path else { return };
-        let written = serde_json::to_vec(&*files)
+        let written = serde_json::to_vec(&files.entries)
             .map_err(std::io::Error::other)
             .and_then(|body| write_atomic(path, &body, false));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot record the files being read");
+        }
+    }
+}
+
+/// The [`OpenedFiles`] of every input of one pipeline, by input name. The checkpoint writer
+/// holds them too: it drops a released file from its input's record once the file's
+/// checkpoint entry is on disk.
+#[derive(Clone, Debug, Default)]
+pub struct OpenedRecords(Arc<BTreeMap<String, Arc<OpenedFiles>>>);
+
+/// What each input's record held when the agent last stopped, by input name.
+pub type OpenedBefore = BTreeMap<String, BTreeMap<String, Entry>>;
+
+impl OpenedRecords {
+    /// The records of the named inputs of pipeline `key` under `<state_dir>/opened/`.
+    pub fn load<'a>(
+        state_dir: &Path,
+        key: &str,
+        inputs: impl IntoIterator<Item = &'a str>,
+    ) -> (Self, OpenedBefore) {
+        let safe = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+        let mut records = BTreeMap::new();
+        let mut before = BTreeMap::new();
+        for input in inputs {
+            let path = state_dir
+                .join("opened")
+                .join(format!("{}_{}.json", safe(key), safe(input)));
+            let (record, held) = OpenedFiles::load(path);
+            records.insert(input.to_owned(), Arc::new(record));
+            before.insert(input.to_owned(), held);
+        }
+        (Self(Arc::new(records)), before)
+    }
+
+    /// One input's record.
+    pub fn get(&self, input: &str) -> Option<Arc<OpenedFiles>> {
+        self.0.get(input).cloned()
+    }
+
+    /// Drops a released file from its input's record (the key is `<input>/<dev>:<ino>`).
+    pub fn drop_released(&self, key: &str) {
+        let Some((input, _)) = key.split_once('/') else {
+            return;
+        };
+        if let Some(record) = self.0.get(input) {
+            record.drop_released(key);
         }
     }
 }
@@ -230,17 +298,16 @@ fn entry_of(opened: &Opened) -> Entry {
 }
 
 /// Runs discovery for one input until `stop`, then waits for its tailers.
-/// `saved` holds this input's checkpoint entries at pipeline start.
+/// `saved` holds this input's checkpoint entries at pipeline start, `before` what its
+/// record of opened files held ([`OpenedFiles::load`]).
 pub async fn run_input(
     shared: Arc<InputShared>,
     mut saved: BTreeMap<String, Entry>,
+    before: BTreeMap<String, Entry>,
     scan_interval: Duration,
-    opened_file: PathBuf,
     stop: CancellationToken,
 ) {
     // files opened last time but not acknowledged yet: known, from where they started
-    let (record, before) = OpenedFiles::load(opened_file);
-    let _ = shared.opened.set(record);
     for (key, entry) in before {
         saved.entry(key).or_insert(entry);
     }

@@ -28,7 +28,7 @@ use super::checkpoint::Checkpoints;
 use super::checkpoint_writer::CheckpointWriter;
 use super::config::{OutputKind, Pipeline};
 use super::confine::{self, Confinement};
-use super::discover;
+use super::discover::{self, OpenedRecords};
 use super::metrics::AgentMetrics;
 use super::record::RecordContext;
 use super::ship::{Shipper, ship_loop};
@@ -92,6 +92,12 @@ impl RunningPipeline {
                 .inc();
         }
         let saved_all = checkpoints.entries().clone();
+        // Each input's record of the files it opens, and what it held when the agent stopped.
+        let (opened, mut opened_before) = OpenedRecords::load(
+            &env.state_dir,
+            &pipeline.key,
+            pipeline.inputs.iter().map(|i| i.name.as_str()),
+        );
         let outputs = build_outputs(&pipeline, env, metrics)?;
         // With a disk buffer, memory only holds what waits to be spooled.
         let memory_bytes = if pipeline.disk_buffer {
@@ -124,7 +130,8 @@ impl RunningPipeline {
                 key: key.clone(),
                 rx,
                 writer,
-                checkpoints: CheckpointWriter::new(key.clone(), checkpoints),
+                checkpoints: CheckpointWriter::new(key.clone(), checkpoints)
+                    .with_opened(opened.clone()),
                 metrics: metrics.clone(),
                 lag: lag.clone(),
                 stop: stop.clone(),
@@ -177,7 +184,8 @@ impl RunningPipeline {
                 } else {
                     env.batches_in_flight.max(1)
                 },
-                checkpoints: CheckpointWriter::new(key.clone(), checkpoints),
+                checkpoints: CheckpointWriter::new(key.clone(), checkpoints)
+                    .with_opened(opened.clone()),
                 metrics: metrics.clone(),
                 lag: lag.clone(),
                 abort: abort.clone(),
@@ -220,19 +228,14 @@ impl RunningPipeline {
                     .iter()
                     .any(|o| matches!(o.kind, OutputKind::Elasticsearch { .. })),
                 confine: env.confine.clone(),
-                opened: Default::default(),
+                opened: opened.get(&input.name),
             });
-            let safe = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
-            let opened_file = env.state_dir.join("opened").join(format!(
-                "{}_{}.json",
-                safe(&key),
-                safe(&input.name)
-            ));
+            let before = opened_before.remove(&input.name).unwrap_or_default();
             inputs.push(tokio::spawn(discover::run_input(
                 shared,
                 saved,
+                before,
                 env.scan_interval,
-                opened_file,
                 stop.clone(),
             )));
         }

@@ -57,13 +57,13 @@ pub struct InputShared {
     /// Where this input may open files.
     pub confine: Arc<Confinement>,
     /// The files being read, on disk (set once by discovery; unset in unit tests).
-    pub opened: std::sync::OnceLock<super::discover::OpenedFiles>,
+    pub opened: Option<Arc<super::discover::OpenedFiles>>,
 }
 
 impl InputShared {
     /// Records a file about to be read (see [`super::discover::OpenedFiles`]).
     pub fn record_opened(&self, key: &str, entry: super::checkpoint::Entry) {
-        if let Some(o) = self.opened.get() {
+        if let Some(o) = &self.opened {
             o.add(key, entry);
         }
     }
@@ -202,9 +202,9 @@ pub async fn tail(
             let since = *eof_since.get_or_insert(now);
             if ctl.gone.load(Ordering::Acquire) && since.elapsed() >= shared.opts.release_after {
                 t.finish(&mut items);
-                // out of the record before its Forget can reach the checkpoint
-                if let Some(o) = shared.opened.get() {
-                    o.remove(t.key());
+                // stays recorded until the checkpoint has its last offset (see OpenedFiles)
+                if let Some(o) = &shared.opened {
+                    o.release(t.key());
                 }
                 items.push(Item::Forget(t.key().clone()));
                 shared.tx.send_all(items, &stop).await;
@@ -517,6 +517,50 @@ mod tests {
             .await
             .expect("tailer exits after release")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_released_file_stays_in_the_opened_record_until_its_lines_are_acknowledged() {
+        // The file is read whole, rotated out of the glob and released while nothing of it
+        // is acknowledged yet (a slow sink): a kill -9 now leaves no checkpoint entry, so
+        // the record of opened files is the only thing that can find it again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        append(&path, "one\n");
+        let (s, mut rx) = shared(ParserConfig::None, None, vec![]);
+        let mut s = Arc::into_inner(s).unwrap();
+        let record_path = dir.path().join("opened.json");
+        let (record, _) = super::super::discover::OpenedFiles::load(record_path.clone());
+        s.opened = Some(Arc::new(record));
+        let s = Arc::new(s);
+        let opened = open(&path, 0);
+        let key = opened.id.key("app");
+        s.record_opened(
+            &key,
+            super::super::checkpoint::Entry {
+                path: opened.path.clone(),
+                saved: super::super::identity::Saved {
+                    offset: 0,
+                    fingerprint: opened.fingerprint.clone(),
+                },
+            },
+        );
+        let ctl = Arc::new(TailerControl::default());
+        ctl.gone.store(true, Ordering::Release);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tail(s.clone(), ctl, opened, stop.clone()));
+        assert_eq!(next(&mut rx).await.0.unwrap()["message"], "one");
+        assert_eq!(next(&mut rx).await.1, u64::MAX, "released");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("tailer exits after release")
+            .unwrap();
+        // killed here: what the next start finds
+        let (_, before) = super::super::discover::OpenedFiles::load(record_path);
+        assert!(
+            before.contains_key(&key),
+            "a released file whose lines are not acknowledged is still recorded: {before:?}"
+        );
     }
 
     #[tokio::test]
