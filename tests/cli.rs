@@ -10,7 +10,7 @@ fn outrider(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn crd_subcommand_prints_all_five_crds_matching_both_checked_in_copies() {
+fn crd_subcommand_prints_all_six_crds_matching_both_checked_in_copies() {
     let out = outrider(&["crd"]);
     assert!(
         out.status.success(),
@@ -29,6 +29,7 @@ fn crd_subcommand_prints_all_five_crds_matching_both_checked_in_copies() {
     assert_eq!(
         names,
         [
+            "clusterlogpipelines.outrider.dev",
             "deploymentplans.outrider.dev",
             "healthchecks.outrider.dev",
             "inventories.outrider.dev",
