@@ -573,9 +573,9 @@ fn sshd_children(listener: u32) -> usize {
 async fn dropping_a_fan_out_closes_every_connection() {
     let addrs: Vec<String> = (0..10).map(fleet_addr).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let s = setup("root", &refs);
+    let s = setup("outrider-nosudo", &refs);
     let fleet = Fleet::new(
-        ClientConfig::new("root"),
+        ClientConfig::new("outrider-nosudo"),
         Credentials::new(&s.private_key, None, &s.known_hosts).expect("creds"),
     );
     let endpoints: Vec<Endpoint> = addrs
@@ -628,16 +628,16 @@ async fn connections_end_with_a_disconnect_message_not_a_bare_tcp_close() {
     // CPU per connection than SSH_MSG_DISCONNECT (see ssh::client::Session).
     let addrs: Vec<String> = (0..4).map(fleet_addr).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let s = setup("root", &refs);
+    let s = setup("outrider-nosudo", &refs);
     let fleet = Fleet::new(
-        ClientConfig::new("root"),
+        ClientConfig::new("outrider-nosudo"),
         Credentials::new(&s.private_key, None, &s.known_hosts).expect("creds"),
     );
     // a fan-out closes each session once its action is done
     let failures = run_true(&fleet, &addrs[..3], s.server.port).await;
     assert!(failures.is_empty(), "{failures:?}");
     // a session dropped without close() says goodbye too
-    let session = s.session("root", &addrs[3]).await.expect("connect");
+    let session = s.session("outrider-nosudo", &addrs[3]).await.expect("connect");
     session
         .exec(&Command::argv(["true"]))
         .await
