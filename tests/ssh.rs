@@ -637,7 +637,10 @@ async fn connections_end_with_a_disconnect_message_not_a_bare_tcp_close() {
     let failures = run_true(&fleet, &addrs[..3], s.server.port).await;
     assert!(failures.is_empty(), "{failures:?}");
     // a session dropped without close() says goodbye too
-    let session = s.session("outrider-nosudo", &addrs[3]).await.expect("connect");
+    let session = s
+        .session("outrider-nosudo", &addrs[3])
+        .await
+        .expect("connect");
     session
         .exec(&Command::argv(["true"]))
         .await

@@ -130,11 +130,6 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A tenant's LogPipeline (as opposed to an admin's ClusterLogPipeline).
-    pub fn is_tenant(&self) -> bool {
-        matches!(self.source, Source::Pods(_))
-    }
-
     /// The delivery settings as written (sizes unparsed), for messages.
     pub fn delivery(&self) -> &Delivery {
         match &self.source {
@@ -777,6 +772,16 @@ fn output_kind(o: &Output, secret: Option<SecretName>) -> Result<OutputKind, Bad
 }
 
 impl OutputKind {
+    /// The Secret an HTTP-based output names, its namespace resolved.
+    pub fn secret(&self) -> Option<&SecretName> {
+        match self {
+            OutputKind::Loki { secret, .. }
+            | OutputKind::Elasticsearch { secret, .. }
+            | OutputKind::Http { secret, .. } => secret.as_ref(),
+            OutputKind::File { .. } | OutputKind::Stdout => None,
+        }
+    }
+
     /// An HTTP-based output whose URL is `http://` (credentials would travel in clear).
     pub fn is_plain_http(&self) -> bool {
         match self {
@@ -869,7 +874,7 @@ outputs: [{name: out, http: {url: "http://127.0.0.1:9/ingest", secretRef: {name:
         )
         .unwrap();
         assert_eq!(p.key, "prod/shop");
-        assert!(p.is_tenant());
+        assert!(matches!(p.source, Source::Pods(_)));
         let input = &p.inputs[0];
         assert_eq!(
             input.paths,
@@ -934,7 +939,7 @@ outputs: [{name: out, http: {url: "http://127.0.0.1:9/ingest", secretRef: {name:
             panic!("not http")
         };
         assert_eq!(secret.as_ref().unwrap().to_string(), "outrider/creds");
-        assert!(!p.is_tenant());
+        assert!(!matches!(p.source, Source::Pods(_)));
     }
 
     const OK: &str = r#"

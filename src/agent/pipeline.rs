@@ -319,13 +319,7 @@ fn build_outputs(
     let client = sink::http_client(env.request_timeout).map_err(AgentError::HttpClient)?;
     let mut out = Vec::new();
     for (i, o) in p.outputs.iter().enumerate() {
-        let secret = match &o.kind {
-            OutputKind::Loki { secret, .. }
-            | OutputKind::Elasticsearch { secret, .. }
-            | OutputKind::Http { secret, .. } => secret.clone(),
-            _ => None,
-        };
-        let (output_client, auth) = match (&secret, &env.secret_dir) {
+        let (output_client, auth) = match (o.kind.secret(), &env.secret_dir) {
             (None, _) => (client.clone(), None),
             (Some(secret), Some(dir)) => {
                 let bad = |e: sink::SecretError| AgentError::Secret {

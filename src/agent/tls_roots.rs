@@ -75,19 +75,7 @@ pub fn output_client(
 /// A root store holding exactly the certificates of the PEM bundle; an error names the
 /// first one that is not a usable trust anchor.
 pub fn only_these_roots(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
-    let ders = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
-    if ders.is_empty() {
-        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
-    }
-    let mut store = rustls::RootCertStore::empty();
-    for (n, der) in ders.into_iter().enumerate() {
-        store
-            .add(der)
-            .map_err(|e| format!("certificate {}: {e}", n + 1))?;
-    }
-    Ok(store)
+    super::sink::secret::trust_anchors(pem).map(|(_, store)| store)
 }
 
 /// The rustls configuration of a `replaceRoots` output: roots from `ca.crt` only, the client

@@ -209,6 +209,27 @@ impl TlsMaterial {
 
 /// Parses a PEM bundle into certificates, each checked to be a usable trust anchor.
 fn ca_certificates(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
+    let (ders, _) = trust_anchors(pem)?;
+    ders.iter()
+        .enumerate()
+        .map(|(n, der)| {
+            reqwest::Certificate::from_der(der)
+                .map_err(|e| format!("certificate {}: {}", n + 1, error_chain(&e)))
+        })
+        .collect()
+}
+
+/// The certificates of a PEM bundle and a root store holding exactly them; an error names
+/// the first one that is not a usable trust anchor, or says the bundle holds none.
+pub(crate) fn trust_anchors(
+    pem: &[u8],
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::RootCertStore,
+    ),
+    String,
+> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let ders = CertificateDer::pem_slice_iter(pem)
@@ -218,16 +239,12 @@ fn ca_certificates(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
         return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
     }
     let mut store = rustls::RootCertStore::empty();
-    ders.iter()
-        .enumerate()
-        .map(|(n, der)| {
-            store
-                .add(der.clone())
-                .map_err(|e| format!("certificate {}: {e}", n + 1))?;
-            reqwest::Certificate::from_der(der)
-                .map_err(|e| format!("certificate {}: {}", n + 1, error_chain(&e)))
-        })
-        .collect()
+    for (n, der) in ders.iter().enumerate() {
+        store
+            .add(der.clone())
+            .map_err(|e| format!("certificate {}: {e}", n + 1))?;
+    }
+    Ok((ders, store))
 }
 
 #[cfg(test)]

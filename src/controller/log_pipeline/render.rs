@@ -139,15 +139,7 @@ fn tenant_entry(
         spec: lp.spec.clone(),
         pods: selected,
     };
-    let pipeline = config::validate(entry.clone(), &sources(world))
-        .map_err(|e| Desired::new(READY, false, "InvalidSpec", e.to_string()))?;
-    confined(&pipeline, world)?;
-    let outputs = lp
-        .spec
-        .outputs
-        .iter()
-        .map(|o| (o.name.as_str(), o.secret_ref()));
-    secrets_exist(outputs, &ns, world)?;
+    admitted(config::validate(entry.clone(), &sources(world)), world)?;
     Ok(entry)
 }
 
@@ -168,15 +160,10 @@ fn cluster_entry(
         name: clp.name_any(),
         spec,
     };
-    let pipeline = config::validate_cluster(entry.clone(), &sources(world))
-        .map_err(|e| Desired::new(READY, false, "InvalidSpec", e.to_string()))?;
-    confined(&pipeline, world)?;
-    let outputs = entry
-        .spec
-        .outputs
-        .iter()
-        .map(|o| (o.name.as_str(), o.secret_ref()));
-    secrets_exist(outputs, world.operator_namespace, world)?;
+    admitted(
+        config::validate_cluster(entry.clone(), &sources(world)),
+        world,
+    )?;
     Ok(entry)
 }
 
@@ -195,6 +182,18 @@ fn secret_ref_mut(o: &mut Output) -> Option<&mut SecretRef> {
     } else {
         o.http.as_mut().and_then(|h| h.secret_ref.as_mut())
     }
+}
+
+/// Whether the agents will run a pipeline as validated: what they would refuse (the spec,
+/// paths, sizes) or could not find (a Secret) shows on the resource instead.
+fn admitted(
+    validated: Result<Pipeline, config::ConfigError>,
+    world: &World<'_>,
+) -> Result<(), Desired> {
+    let pipeline =
+        validated.map_err(|e| Desired::new(READY, false, "InvalidSpec", e.to_string()))?;
+    confined(&pipeline, world)?;
+    secrets_exist(&pipeline, world)
 }
 
 /// The same path and size checks the agents make, so a refusal shows on the resource.
@@ -219,14 +218,10 @@ fn confined(pipeline: &Pipeline, world: &World<'_>) -> Result<(), Desired> {
 
 /// Every named Secret exists (checked from the shared metadata cache; the values are the
 /// agents'). A namespace the controller does not watch cannot be checked and is let pass.
-fn secrets_exist<'a>(
-    outputs: impl Iterator<Item = (&'a str, Option<&'a SecretRef>)>,
-    default_namespace: &str,
-    world: &World<'_>,
-) -> Result<(), Desired> {
-    for (output, r) in outputs {
-        let Some(r) = r else { continue };
-        let ns = r.namespace.as_deref().unwrap_or(default_namespace);
+fn secrets_exist(pipeline: &Pipeline, world: &World<'_>) -> Result<(), Desired> {
+    for o in &pipeline.outputs {
+        let Some(r) = o.kind.secret() else { continue };
+        let (output, ns) = (&o.name, r.namespace.as_str());
         if world.tenants.refusal(ns).is_some() {
             continue;
         }
