@@ -57,15 +57,25 @@ impl Default for Limits {
 /// the value asked for, the cap, and where the admin sets it.
 pub fn check_limits(p: &Pipeline, l: &Limits) -> Result<(), (String, String)> {
     let delivery = p.delivery();
-    let (cap, kind, value) = if p.disk_buffer {
-        (l.max_disk_buffer_bytes, "disk", "diskBuffer")
+    let (cap, kind, value, flag) = if p.disk_buffer {
+        (
+            l.max_disk_buffer_bytes,
+            "disk",
+            "diskBuffer",
+            "max-disk-buffer",
+        )
     } else {
-        (l.max_memory_buffer_bytes, "memory", "memoryBuffer")
+        (
+            l.max_memory_buffer_bytes,
+            "memory",
+            "memoryBuffer",
+            "max-memory-buffer",
+        )
     };
     if p.buffer_bytes > cap {
         return Err((
             "spec.delivery.buffer.maxSize".into(),
-            over(&delivery.buffer.max_size, &size(cap), kind, value, "buffer"),
+            over(&delivery.buffer.max_size, &size(cap), kind, value, flag),
         ));
     }
     if p.batch.max_bytes > l.max_batch_bytes {
@@ -76,7 +86,7 @@ pub fn check_limits(p: &Pipeline, l: &Limits) -> Result<(), (String, String)> {
                 &size(l.max_batch_bytes),
                 "batch",
                 "batchBytes",
-                "batch-bytes",
+                "max-batch-bytes",
             ),
         ));
     }
@@ -88,18 +98,15 @@ pub fn check_limits(p: &Pipeline, l: &Limits) -> Result<(), (String, String)> {
                 &l.max_batch_events.to_string(),
                 "batch",
                 "batchEvents",
-                "batch-events",
+                "max-batch-events",
             ),
         ));
     }
     Ok(())
 }
 
+/// The refusal message: what was asked, the cap, and the chart value and agent flag that set it.
 fn over(asked: &str, cap: &str, kind: &str, value: &str, flag: &str) -> String {
-    let flag = match flag {
-        "buffer" => format!("max-{kind}-buffer"),
-        f => format!("max-{f}"),
-    };
     format!(
         "{asked} is over the node agents' {kind} cap of {cap} (set by the cluster admin: chart agent.limits.{value}, agent flag --{flag})"
     )
